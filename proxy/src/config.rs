@@ -1,0 +1,360 @@
+//! Every setting of weft-proxy, read from the environment in one place.
+//!
+//! Names are `WEFT_*`; docs/config.md documents each one. Parsing goes through the
+//! [`Env`] trait so tests hand in a map instead of mutating the process environment.
+//! A bad value fails startup with an error naming the variable and what it expects.
+
+use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use ipnet::IpNet;
+
+/// Where configuration values come from.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for std::collections::HashMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        std::collections::HashMap::get(self, name).map(|v| v.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {name}={value:?}: expected {expected}")]
+pub struct Error {
+    name: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+// === names ===
+
+pub const INBOUND_ADDR: &str = "WEFT_INBOUND_ADDR";
+pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
+pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
+pub const APP_ADDR: &str = "WEFT_APP_ADDR";
+pub const CONTROL_ADDR: &str = "WEFT_CONTROL_ADDR";
+pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
+pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
+pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
+pub const CONNECT_TIMEOUT: &str = "WEFT_CONNECT_TIMEOUT";
+pub const TCP_IDLE_TIMEOUT: &str = "WEFT_TCP_IDLE_TIMEOUT";
+pub const MAX_HEADER_BYTES: &str = "WEFT_MAX_HEADER_BYTES";
+pub const HEADER_READ_TIMEOUT: &str = "WEFT_HEADER_READ_TIMEOUT";
+pub const POOL_IDLE_TIMEOUT: &str = "WEFT_POOL_IDLE_TIMEOUT";
+pub const POOL_MAX_IDLE: &str = "WEFT_POOL_MAX_IDLE_PER_HOST";
+pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
+pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
+pub const LOG: &str = "WEFT_LOG";
+pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
+pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
+pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
+pub const PROXY_UID: &str = "WEFT_PROXY_UID";
+pub const INIT_SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
+pub const INIT_SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
+
+/// Ports whose protocols are known to be server-speaks-first or otherwise not worth
+/// detecting (SMTP, MySQL, Postgres, Redis, Memcached, …): the same set Linkerd ships.
+const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+
+/// Settings of the running proxy.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Inbound destination for connections that were not redirected (explicit mode).
+    pub app_addr: Option<SocketAddr>,
+    /// The control plane (`host:port`); `None` runs standalone.
+    pub control_addr: Option<String>,
+    /// How long to wait for a client's first bytes before treating the connection as
+    /// opaque TCP (server-speaks-first protocols must not stall).
+    pub detect_timeout: Duration,
+    pub opaque_ports: BTreeSet<u16>,
+    /// Networks whose pods run a weft-proxy inbound: HTTP/1 to them is carried over
+    /// HTTP/2 between the proxies and restored by the peer.
+    pub mesh_networks: Vec<IpNet>,
+    pub connect_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub http: HttpConfig,
+    pub drain_grace: Duration,
+    pub log: LogConfig,
+    pub worker_threads: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Largest request head (request line plus headers) accepted from a client.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub h2_max_concurrent_streams: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// A `tracing` filter directive, e.g. `info` or `weft_proxy=debug`.
+    pub filter: String,
+    pub json: bool,
+    pub access_log: bool,
+}
+
+/// Settings of `weft-proxy init`, the iptables installer.
+#[derive(Clone, Debug)]
+pub struct InitConfig {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub admin_port: u16,
+    pub proxy_uid: u32,
+    pub skip_inbound_ports: BTreeSet<u16>,
+    pub skip_outbound_ports: BTreeSet<u16>,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn Env) -> Result<Self, Error> {
+        Ok(Config {
+            inbound_addr: parse(env, INBOUND_ADDR, "0.0.0.0:4143", "an address like 0.0.0.0:4143")?,
+            outbound_addr: parse(env, OUTBOUND_ADDR, "127.0.0.1:4140", "an address like 127.0.0.1:4140")?,
+            admin_addr: parse(env, ADMIN_ADDR, "0.0.0.0:4191", "an address like 0.0.0.0:4191")?,
+            app_addr: parse_opt(env, APP_ADDR, "an address like 127.0.0.1:8080")?,
+            control_addr: parse_opt::<HostPort>(env, CONTROL_ADDR, "host:port, e.g. weft-control.weft:8090")?
+                .map(|hp| hp.0),
+            detect_timeout: duration(env, DETECT_TIMEOUT, "100ms")?,
+            opaque_ports: ports(env, OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS)?,
+            mesh_networks: list(env, MESH_NETWORKS, "", "comma-separated CIDRs like 10.0.0.0/8")?,
+            connect_timeout: duration(env, CONNECT_TIMEOUT, "1s")?,
+            tcp_idle_timeout: duration(env, TCP_IDLE_TIMEOUT, "1h")?,
+            http: HttpConfig {
+                max_header_bytes: parse(env, MAX_HEADER_BYTES, "65536", "a byte count like 65536")?,
+                header_read_timeout: duration(env, HEADER_READ_TIMEOUT, "10s")?,
+                pool_idle_timeout: duration(env, POOL_IDLE_TIMEOUT, "60s")?,
+                pool_max_idle_per_host: parse(env, POOL_MAX_IDLE, "256", "a count like 256")?,
+                h2_max_concurrent_streams: parse(env, H2_MAX_CONCURRENT_STREAMS, "250", "a count like 250")?,
+            },
+            drain_grace: duration(env, DRAIN_GRACE, "30s")?,
+            log: LogConfig {
+                filter: env.get(LOG).unwrap_or_else(|| "info".into()),
+                json: match env.get(LOG_FORMAT).as_deref().unwrap_or("plain") {
+                    "plain" => false,
+                    "json" => true,
+                    other => return Err(err(LOG_FORMAT, other, "plain or json")),
+                },
+                access_log: flag(env, ACCESS_LOG)?,
+            },
+            worker_threads: parse(env, WORKER_THREADS, "2", "a thread count like 2")?,
+        })
+    }
+}
+
+impl InitConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, Error> {
+        let port_of = |name, default| -> Result<u16, Error> {
+            let addr: SocketAddr = parse(env, name, default, "an address like 0.0.0.0:4143")?;
+            Ok(addr.port())
+        };
+        Ok(InitConfig {
+            inbound_port: port_of(INBOUND_ADDR, "0.0.0.0:4143")?,
+            outbound_port: port_of(OUTBOUND_ADDR, "127.0.0.1:4140")?,
+            admin_port: port_of(ADMIN_ADDR, "0.0.0.0:4191")?,
+            proxy_uid: parse(env, PROXY_UID, "2102", "a numeric uid like 2102")?,
+            skip_inbound_ports: ports(env, INIT_SKIP_INBOUND_PORTS, "")?,
+            skip_outbound_ports: ports(env, INIT_SKIP_OUTBOUND_PORTS, "")?,
+        })
+    }
+}
+
+// === parsing helpers ===
+
+fn err(name: &'static str, value: &str, expected: &'static str) -> Error {
+    Error { name, value: value.to_string(), expected }
+}
+
+fn parse<T: FromStr>(
+    env: &dyn Env,
+    name: &'static str,
+    default: &str,
+    expected: &'static str,
+) -> Result<T, Error> {
+    let value = env.get(name).unwrap_or_else(|| default.to_string());
+    value.trim().parse().map_err(|_| err(name, &value, expected))
+}
+
+fn parse_opt<T: FromStr>(
+    env: &dyn Env,
+    name: &'static str,
+    expected: &'static str,
+) -> Result<Option<T>, Error> {
+    match env.get(name) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| err(name, &v, expected)),
+    }
+}
+
+fn list<T: FromStr>(
+    env: &dyn Env,
+    name: &'static str,
+    default: &str,
+    expected: &'static str,
+) -> Result<Vec<T>, Error> {
+    let value = env.get(name).unwrap_or_else(|| default.to_string());
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| err(name, &value, expected)))
+        .collect()
+}
+
+/// Ports as a comma-separated list of numbers and inclusive ranges: `25,3306,8000-8010`.
+fn ports(env: &dyn Env, name: &'static str, default: &str) -> Result<BTreeSet<u16>, Error> {
+    const EXPECTED: &str = "comma-separated ports or ranges like 25,3306,8000-8010";
+    let value = env.get(name).unwrap_or_else(|| default.to_string());
+    let mut out = BTreeSet::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (lo, hi) = item.split_once('-').unwrap_or((item, item));
+        let lo: u16 = lo.trim().parse().map_err(|_| err(name, &value, EXPECTED))?;
+        let hi: u16 = hi.trim().parse().map_err(|_| err(name, &value, EXPECTED))?;
+        if lo == 0 || lo > hi {
+            return Err(err(name, &value, EXPECTED));
+        }
+        out.extend(lo..=hi);
+    }
+    Ok(out)
+}
+
+fn flag(env: &dyn Env, name: &'static str) -> Result<bool, Error> {
+    match env.get(name).as_deref().map(str::trim) {
+        None | Some("") | Some("0") | Some("false") | Some("off") => Ok(false),
+        Some("1") | Some("true") | Some("on") => Ok(true),
+        Some(other) => Err(err(name, other, "true or false")),
+    }
+}
+
+fn duration(env: &dyn Env, name: &'static str, default: &str) -> Result<Duration, Error> {
+    let value = env.get(name).unwrap_or_else(|| default.to_string());
+    parse_duration(value.trim()).ok_or_else(|| err(name, &value, "a duration like 100ms, 10s, 5m or 1h"))
+}
+
+/// `100ms`, `10s`, `5m`, `1h`; a unit is required so `100` is never misread.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+struct HostPort(String);
+
+impl FromStr for HostPort {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (host, port) = s.rsplit_once(':').ok_or(())?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(());
+        }
+        Ok(HostPort(s.to_string()))
+    }
+}
+
+impl fmt::Display for Config {
+    /// One line per setting, logged at startup so an operator sees what the proxy believes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&'static str, &'static str)]) -> Result<Config, Error> {
+        let env: HashMap<&str, &str> = pairs.iter().copied().collect();
+        Config::from_env(&env)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.inbound_addr, "0.0.0.0:4143".parse().unwrap());
+        assert_eq!(c.outbound_addr, "127.0.0.1:4140".parse().unwrap());
+        assert_eq!(c.admin_addr, "0.0.0.0:4191".parse().unwrap());
+        assert_eq!(c.app_addr, None);
+        assert_eq!(c.control_addr, None);
+        assert_eq!(c.detect_timeout, Duration::from_millis(100));
+        assert!(c.opaque_ports.contains(&3306));
+        assert!(!c.log.json);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = cfg(&[(INBOUND_ADDR, "nope")]).unwrap_err().to_string();
+        assert!(e.contains("WEFT_INBOUND_ADDR") && e.contains("0.0.0.0:4143"), "{e}");
+        let e = cfg(&[(DETECT_TIMEOUT, "100")]).unwrap_err().to_string();
+        assert!(e.contains("WEFT_DETECT_TIMEOUT") && e.contains("100ms"), "{e}");
+        let e = cfg(&[(CONTROL_ADDR, "no-port")]).unwrap_err().to_string();
+        assert!(e.contains("WEFT_CONTROL_ADDR"), "{e}");
+        let e = cfg(&[(OPAQUE_PORTS, "10-5")]).unwrap_err().to_string();
+        assert!(e.contains("WEFT_OPAQUE_PORTS"), "{e}");
+        assert!(cfg(&[(LOG_FORMAT, "xml")]).is_err());
+        assert!(cfg(&[(ACCESS_LOG, "maybe")]).is_err());
+        assert!(cfg(&[(MESH_NETWORKS, "10.0.0.0/99")]).is_err());
+    }
+
+    #[test]
+    fn lists_and_ranges() {
+        let c = cfg(&[
+            (OPAQUE_PORTS, "25, 8000-8002"),
+            (MESH_NETWORKS, "10.77.0.0/24,fd00::/64"),
+            (APP_ADDR, "127.0.0.1:8080"),
+            (CONTROL_ADDR, "weft-control.weft:8090"),
+            (ACCESS_LOG, "on"),
+        ])
+        .unwrap();
+        assert_eq!(c.opaque_ports.iter().copied().collect::<Vec<_>>(), vec![25, 8000, 8001, 8002]);
+        assert_eq!(c.mesh_networks.len(), 2);
+        assert_eq!(c.app_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.control_addr.as_deref(), Some("weft-control.weft:8090"));
+        assert!(c.log.access_log);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5d"), None);
+    }
+
+    #[test]
+    fn init_ports_follow_listener_addrs() {
+        let env: HashMap<&str, &str> =
+            [(INBOUND_ADDR, "0.0.0.0:5143"), (INIT_SKIP_OUTBOUND_PORTS, "443")].into_iter().collect();
+        let c = InitConfig::from_env(&env).unwrap();
+        assert_eq!(c.inbound_port, 5143);
+        assert_eq!(c.outbound_port, 4140);
+        assert_eq!(c.proxy_uid, 2102);
+        assert!(c.skip_outbound_ports.contains(&443));
+    }
+}

@@ -1,0 +1,109 @@
+//! From an accepted socket to a proxied connection: accept loop, then detect the
+//! protocol and hand the connection to the HTTP server or the opaque TCP forwarder.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    config::Config,
+    detect::{self, Outcome, Protocol},
+    drain,
+    errors::Cause,
+    http::{
+        self,
+        proxy::{ConnCtx, HttpProxy},
+    },
+    io::PrefixedIo,
+    tcp,
+};
+
+/// Where a connection's traffic goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Dest {
+    /// A fixed address: the original destination, or the app in explicit inbound mode.
+    Fixed(SocketAddr),
+    /// Each HTTP request names its destination (explicit outbound proxy mode).
+    PerRequest,
+}
+
+/// Accepts connections until draining starts; each runs in its own task holding a
+/// drain watch, so the drain waits for it.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, drain: drain::Watch, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr, drain::Watch) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = drain.signaled() => return,
+            res = listener.accept() => match res {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(handle(stream, crate::orig_dst::canonical(peer), drain.clone()));
+    }
+}
+
+/// Detects the protocol of one connection and proxies it to `dest`.
+pub async fn serve(
+    stream: TcpStream,
+    client: SocketAddr,
+    dest: Dest,
+    proxy: Arc<HttpProxy>,
+    cfg: Arc<Config>,
+    drain: drain::Watch,
+) {
+    let dir = proxy.dir;
+    let metrics = proxy.metrics.clone();
+    let _open = metrics.conn_open(dir);
+    let forward_tcp =
+        |io, target| tcp::forward(io, target, dir, &metrics, cfg.connect_timeout, cfg.tcp_idle_timeout);
+
+    if let Dest::Fixed(target) = dest {
+        if cfg.opaque_ports.contains(&target.port()) {
+            metrics.detected(dir, Outcome::OpaquePort);
+            return forward_tcp(PrefixedIo::new(Default::default(), stream), target).await;
+        }
+    }
+    let mut stream = stream;
+    let detected = match detect::detect(&mut stream, cfg.detect_timeout, cfg.http.header_read_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%client, "connection failed during detection: {e}");
+            return;
+        }
+    };
+    metrics.detected(dir, detected.outcome);
+    let io = PrefixedIo::new(detected.buffered, stream);
+    let fixed = match dest {
+        Dest::Fixed(t) => Some(t),
+        Dest::PerRequest => None,
+    };
+    match (detected.protocol, fixed) {
+        (Protocol::Http1, _) | (Protocol::Http2, _) => {
+            let protocol = if detected.outcome == Outcome::Http2 { "h2" } else { "http1" };
+            let ctx = ConnCtx { client, target: fixed, protocol };
+            http::server::serve(io, ctx, proxy, &cfg.http, drain).await
+        }
+        (Protocol::Tls { sni }, Some(target)) => {
+            tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");
+            forward_tcp(io, target).await
+        }
+        (Protocol::Opaque, Some(target)) => forward_tcp(io, target).await,
+        (_, None) => {
+            tracing::info!(
+                direction = dir.as_str(), %client, cause = Cause::ProtocolUnknown.as_str(),
+                "closing connection: not HTTP and not redirected, so it has no destination"
+            );
+            metrics.tcp_error(dir, Cause::ProtocolUnknown);
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Protocol detection on an accepted connection.
+//!
+//! The first bytes a client sends decide how the connection is proxied: HTTP/1, HTTP/2
+//! with prior knowledge (h2c and gRPC), a TLS ClientHello (forwarded opaque, SNI kept for
+//! logs), or anything else as opaque TCP. A client that sends nothing within the detect
+//! window is probably waiting for a server that speaks first (MySQL, SMTP, Redis
+//! replies…), so the connection becomes opaque at once instead of stalling.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Enough for any real request line; a longer first line is not treated as HTTP.
+const MAX_REQUEST_LINE: usize = 16 * 1024;
+/// A ClientHello fits in one TLS record of at most 16 KiB plus its header.
+const MAX_CLIENT_HELLO: usize = 16 * 1024 + 5;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tls { sni: Option<String> },
+    Opaque,
+}
+
+/// Why detection ended where it did; each value is a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Http1,
+    Http2,
+    Tls,
+    /// Bytes arrived but matched no known protocol.
+    Opaque,
+    /// The client sent nothing within the detect window (server-speaks-first).
+    Silent,
+    /// The port is configured as opaque; no bytes were read.
+    OpaquePort,
+    /// The client stopped part-way through a recognisable prefix.
+    Incomplete,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Http1 => "http1",
+            Outcome::Http2 => "h2",
+            Outcome::Tls => "tls",
+            Outcome::Opaque => "opaque",
+            Outcome::Silent => "silent",
+            Outcome::OpaquePort => "opaque-port",
+            Outcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Detected {
+    pub protocol: Protocol,
+    pub outcome: Outcome,
+    /// Bytes read during detection; they must be replayed before the rest of the stream.
+    pub buffered: BytesMut,
+}
+
+/// Reads from `io` until the protocol is known.
+///
+/// `first_byte_timeout` bounds the wait for the client's first bytes; `complete_timeout`
+/// bounds how long a client may dribble a recognisable prefix before we give up and
+/// forward what we have as opaque.
+pub async fn detect<I: AsyncRead + Unpin>(
+    io: &mut I,
+    first_byte_timeout: Duration,
+    complete_timeout: Duration,
+) -> std::io::Result<Detected> {
+    let mut buf = BytesMut::with_capacity(1024);
+    match tokio::time::timeout(first_byte_timeout, io.read_buf(&mut buf)).await {
+        Err(_) => return Ok(done(Protocol::Opaque, Outcome::Silent, buf)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(0)) => return Ok(done(Protocol::Opaque, Outcome::Opaque, buf)),
+        Ok(Ok(_)) => {}
+    }
+    let deadline = tokio::time::Instant::now() + complete_timeout;
+    loop {
+        match classify(&buf) {
+            Verdict::Known(protocol, outcome) => return Ok(done(protocol, outcome, buf)),
+            Verdict::NeedMore => {}
+        }
+        if buf.len() >= MAX_CLIENT_HELLO.max(MAX_REQUEST_LINE) {
+            return Ok(done(Protocol::Opaque, Outcome::Opaque, buf));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(done(Protocol::Opaque, Outcome::Incomplete, buf)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn done(protocol: Protocol, outcome: Outcome, buffered: BytesMut) -> Detected {
+    Detected { protocol, outcome, buffered }
+}
+
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Known(Protocol, Outcome),
+    NeedMore,
+}
+
+/// Decides on what has been read so far.
+fn classify(buf: &[u8]) -> Verdict {
+    use Verdict::*;
+    // HTTP/2 prior knowledge: the full preface, byte for byte.
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() { Known(Protocol::Http2, Outcome::Http2) } else { NeedMore };
+    }
+    // TLS handshake record carrying a ClientHello.
+    if buf[0] == 0x16 {
+        return classify_tls(buf);
+    }
+    classify_http1(buf)
+}
+
+fn classify_tls(buf: &[u8]) -> Verdict {
+    if buf.len() < 6 {
+        return Verdict::NeedMore;
+    }
+    // Record version 3.x and handshake type client_hello (1).
+    if buf[1] != 0x03 || buf[5] != 0x01 {
+        return Verdict::Known(Protocol::Opaque, Outcome::Opaque);
+    }
+    // rustls parses the ClientHello: untrusted bytes go through a well-tested parser.
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = buf;
+    while !rd.is_empty() {
+        if acceptor.read_tls(&mut rd).is_err() {
+            return Verdict::Known(Protocol::Opaque, Outcome::Opaque);
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let sni = accepted.client_hello().server_name().map(str::to_string);
+            Verdict::Known(Protocol::Tls { sni }, Outcome::Tls)
+        }
+        Ok(None) => Verdict::NeedMore,
+        // Malformed hello: still TLS-looking bytes, forward them untouched.
+        Err(_) => Verdict::Known(Protocol::Tls { sni: None }, Outcome::Tls),
+    }
+}
+
+/// HTTP/1 is recognised by its request line: `METHOD SP target SP HTTP/1.x CRLF`.
+fn classify_http1(buf: &[u8]) -> Verdict {
+    use Verdict::*;
+    let opaque = Known(Protocol::Opaque, Outcome::Opaque);
+    // The method is a token: visible ASCII without separators.
+    let method_len = buf.iter().take_while(|b| b.is_ascii_alphabetic() && b.is_ascii_uppercase()).count();
+    if method_len == buf.len() {
+        return if method_len < 20 { NeedMore } else { opaque };
+    }
+    if method_len == 0 || buf[method_len] != b' ' {
+        return opaque;
+    }
+    let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() < MAX_REQUEST_LINE { NeedMore } else { opaque };
+    };
+    let line = buf[..eol].strip_suffix(b"\r").unwrap_or(&buf[..eol]);
+    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+        Known(Protocol::Http1, Outcome::Http1)
+    } else {
+        opaque
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(buf: &[u8]) -> Protocol {
+        match classify(buf) {
+            Verdict::Known(p, _) => p,
+            Verdict::NeedMore => panic!("needs more: {buf:?}"),
+        }
+    }
+
+    #[test]
+    fn http1_request_lines() {
+        assert_eq!(known(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Protocol::Http1);
+        assert_eq!(known(b"POST /x?y=1 HTTP/1.0\r\n"), Protocol::Http1);
+        assert_eq!(known(b"CONNECT a:443 HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(classify(b"GE"), Verdict::NeedMore);
+        assert_eq!(classify(b"GET /long-path-still-arriving"), Verdict::NeedMore);
+    }
+
+    #[test]
+    fn not_http1() {
+        assert_eq!(known(b"get / HTTP/1.1\r\n"), Protocol::Opaque);
+        assert_eq!(known(b"GET / HTTP/2.0\r\n"), Protocol::Opaque);
+        assert_eq!(known(b"PING\r\n"), Protocol::Opaque);
+        assert_eq!(known(b"*1\r\n$4\r\nPING\r\n"), Protocol::Opaque);
+        assert_eq!(known(b"\x00\x01binary"), Protocol::Opaque);
+        assert_eq!(known(b"SSH-2.0-OpenSSH_9.2\r\n"), Protocol::Opaque);
+    }
+
+    #[test]
+    fn h2_preface() {
+        assert_eq!(known(H2_PREFACE), Protocol::Http2);
+        assert_eq!(classify(&H2_PREFACE[..10]), Verdict::NeedMore);
+        // `PRI` alone could still become the preface.
+        assert_eq!(classify(b"PRI"), Verdict::NeedMore);
+        assert_eq!(known(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"), Protocol::Opaque);
+    }
+
+    fn client_hello(sni: &str) -> Vec<u8> {
+        use std::sync::Arc;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn tls_client_hello_with_sni() {
+        let hello = client_hello("backend.example.svc");
+        assert_eq!(known(&hello), Protocol::Tls { sni: Some("backend.example.svc".into()) });
+        // Part of a ClientHello asks for more rather than guessing.
+        assert_eq!(classify(&hello[..40]), Verdict::NeedMore);
+    }
+
+    #[test]
+    fn malformed_tls_is_not_a_crash() {
+        assert_eq!(known(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"), Protocol::Opaque);
+        // A ClientHello record whose body is garbage.
+        let mut bad = vec![0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(classify(&bad), Verdict::Known(_, _)));
+        bad.truncate(7);
+        assert_eq!(classify(&bad), Verdict::NeedMore);
+    }
+
+    #[tokio::test]
+    async fn silent_client_is_opaque_at_once() {
+        let (mut client, _server) = tokio::io::duplex(64);
+        let t = std::time::Instant::now();
+        let d = detect(&mut client, Duration::from_millis(50), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.outcome, Outcome::Silent);
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn slow_prefix_gives_up_as_incomplete_keeping_bytes() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"GET /").await.unwrap();
+        let d = detect(&mut a, Duration::from_millis(50), Duration::from_millis(100)).await.unwrap();
+        assert_eq!((d.protocol, d.outcome), (Protocol::Opaque, Outcome::Incomplete));
+        assert_eq!(&d.buffered[..], b"GET /");
+    }
+}

@@ -1,0 +1,141 @@
+//! Why the proxy, not the application, answered or closed a connection.
+//!
+//! Every proxy-made HTTP response carries `weft-error: <cause>`; the same word is the
+//! `cause` label of the request and TCP error metrics and appears in the log line. This
+//! is the one place that turns a cause into the status a client sees.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::http::Body;
+
+pub const WEFT_ERROR: &str = "weft-error";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// The upstream refused the connection (nothing listens there).
+    UpstreamRefused,
+    /// The upstream did not accept the connection within the connect timeout.
+    ConnectTimeout,
+    /// The upstream connection failed after it was established.
+    UpstreamReset,
+    /// A name in the request could not be resolved.
+    ResolveFailed,
+    /// The request does not say where it should go.
+    NoRoute,
+    /// The request would come back to this proxy.
+    LoopDetected,
+    /// A malformed request, rejected before it was forwarded.
+    BadRequest,
+    /// The request head is larger than the configured limit.
+    HeaderTooLarge,
+    /// The client did not send a complete request head in time.
+    HeaderTimeout,
+    /// The request target is longer than the codec accepts.
+    UriTooLong,
+    /// A connection that must be HTTP (explicit proxy mode) was something else.
+    ProtocolUnknown,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::UpstreamRefused => "upstream-refused",
+            Cause::ConnectTimeout => "connect-timeout",
+            Cause::UpstreamReset => "upstream-reset",
+            Cause::ResolveFailed => "resolve-failed",
+            Cause::NoRoute => "no-route",
+            Cause::LoopDetected => "loop-detected",
+            Cause::BadRequest => "bad-request",
+            Cause::HeaderTooLarge => "header-too-large",
+            Cause::HeaderTimeout => "header-timeout",
+            Cause::UriTooLong => "uri-too-long",
+            Cause::ProtocolUnknown => "protocol-unknown",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Cause::UpstreamRefused | Cause::UpstreamReset | Cause::ResolveFailed | Cause::LoopDetected => {
+                StatusCode::BAD_GATEWAY
+            }
+            Cause::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::NoRoute | Cause::BadRequest | Cause::ProtocolUnknown => StatusCode::BAD_REQUEST,
+            Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            Cause::UriTooLong => StatusCode::URI_TOO_LONG,
+        }
+    }
+
+    /// Classifies an IO error from connecting to or talking with an upstream.
+    pub fn from_io(e: &std::io::Error) -> Cause {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Cause::UpstreamRefused,
+            std::io::ErrorKind::TimedOut => Cause::ConnectTimeout,
+            _ => Cause::UpstreamReset,
+        }
+    }
+
+    /// Finds the most specific cause in an error's source chain.
+    pub fn classify(e: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(c) = err.downcast_ref::<CauseError>() {
+                return c.cause;
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return Cause::from_io(io);
+            }
+            cur = err.source();
+        }
+        Cause::UpstreamReset
+    }
+}
+
+/// An error that already knows its cause, with a message for the log and the client.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CauseError {
+    pub cause: Cause,
+    pub message: String,
+}
+
+impl CauseError {
+    pub fn new(cause: Cause, message: impl Into<String>) -> Self {
+        Self { cause, message: message.into() }
+    }
+}
+
+/// The response the proxy sends when it cannot forward a request.
+pub fn respond(cause: Cause, message: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("weft-proxy: {}: {message}\n", cause.as_str())))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut rsp = Response::new(body);
+    *rsp.status_mut() = cause.status();
+    let headers = rsp.headers_mut();
+    headers.insert(WEFT_ERROR, HeaderValue::from_static(cause.as_str()));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_causes() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Cause::classify(&refused), Cause::UpstreamRefused);
+        let wrapped = std::io::Error::other(CauseError::new(Cause::ConnectTimeout, "slow"));
+        assert_eq!(Cause::classify(wrapped.get_ref().unwrap()), Cause::ConnectTimeout);
+    }
+
+    #[test]
+    fn response_carries_the_cause() {
+        let rsp = respond(Cause::UpstreamRefused, "connection refused by 127.0.0.1:1");
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(rsp.headers()[WEFT_ERROR], "upstream-refused");
+    }
+}

@@ -1,0 +1,12 @@
+//! HTTP proxying: the server side facing clients, the forwarding service, the pooled
+//! client facing upstreams, and the header rules between them.
+
+pub mod client;
+pub mod headers;
+pub mod proxy;
+pub mod server;
+pub mod upgrade;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body type on both sides of the proxy: streamed from hyper or made by the proxy.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;

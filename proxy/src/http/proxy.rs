@@ -1,0 +1,194 @@
+//! The HTTP forwarding service: one request from a client to its upstream.
+//!
+//! Order of work per request: strict checks → pick the destination → rewrite headers
+//! for the next hop (hop-by-hop removal, HTTP/1 ↔ HTTP/2 between proxies) → send →
+//! hand back the response, or a proxy-made error with `weft-error`.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use super::{client::Client, headers, upgrade, Body};
+use crate::{
+    errors::{respond, Cause, CauseError},
+    metrics::{Direction, Metrics},
+    resolve::Resolver,
+};
+
+/// What a connection knows before its first request.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub client: SocketAddr,
+    /// Where every request goes, when the connection has a fixed destination
+    /// (transparent mode, or inbound to the app). `None`: route each request by its
+    /// authority (explicit proxy mode).
+    pub target: Option<SocketAddr>,
+    /// `http1` or `h2`, as the client speaks it.
+    pub protocol: &'static str,
+}
+
+pub struct HttpProxy {
+    pub dir: Direction,
+    pub client: Client,
+    pub resolver: Resolver,
+    pub metrics: Arc<Metrics>,
+    pub max_header_bytes: usize,
+    pub tcp_idle_timeout: std::time::Duration,
+    pub connect_timeout: std::time::Duration,
+    pub mesh_networks: Vec<IpNet>,
+    /// This proxy's own listeners, to refuse requests that would loop back to it.
+    pub own_addrs: Vec<SocketAddr>,
+    pub access_log: bool,
+}
+
+impl HttpProxy {
+    /// The hyper service entry point: never fails, errors become responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnCtx>,
+    ) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let authority = headers::authority(&req).map(|a| a.to_string()).unwrap_or_default();
+        let path = req.uri().path().to_string();
+        let req = req.map(|b| b.map_err(Into::into).boxed());
+
+        let (rsp, cause) = match self.forward(req, &conn).await {
+            Ok(rsp) => (rsp, None),
+            Err(e) => {
+                tracing::info!(
+                    direction = self.dir.as_str(), cause = e.cause.as_str(), client = %conn.client,
+                    %method, %authority, %path, "proxy error: {}", e.message
+                );
+                (respond(e.cause, &e.message), Some(e.cause))
+            }
+        };
+        let elapsed = start.elapsed();
+        self.metrics.response(self.dir, conn.protocol, rsp.status().as_u16(), cause, elapsed.as_secs_f64());
+        if self.access_log {
+            let bytes =
+                rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info!(
+                target: "weft::access",
+                direction = self.dir.as_str(), client = %conn.client, %method, %authority, %path,
+                status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
+                bytes, cause = cause.map(Cause::as_str).unwrap_or("-"),
+            );
+        }
+        Ok(rsp)
+    }
+
+    async fn forward(&self, mut req: Request<Body>, conn: &ConnCtx) -> Result<Response<Body>, CauseError> {
+        if headers::head_size(&req) > self.max_header_bytes {
+            return Err(CauseError::new(
+                Cause::HeaderTooLarge,
+                format!(
+                    "request head is larger than {} bytes (WEFT_MAX_HEADER_BYTES)",
+                    self.max_header_bytes
+                ),
+            ));
+        }
+        let target = match conn.target {
+            Some(t) => t,
+            None => self.route(&req).await?,
+        };
+        if req.method() == Method::CONNECT && conn.target.is_none() {
+            return upgrade::tunnel(req, target, self.connect_timeout, self.tcp_idle_timeout).await;
+        }
+
+        let is_connect = req.method() == Method::CONNECT;
+        let is_upgrade = headers::wants_upgrade(&req) || is_connect;
+        // A peer proxy carried this HTTP/1 request over HTTP/2: restore HTTP/1 for the app.
+        let downgrade = self.dir == Direction::Inbound
+            && req.version() == Version::HTTP_2
+            && req.headers().get(headers::ORIG_PROTO).is_some_and(|v| v == "HTTP/1.1");
+        // Between proxies, HTTP/1 rides on multiplexed HTTP/2 (upgrades cannot).
+        let upgrade_h2 = self.dir == Direction::Outbound
+            && req.version() != Version::HTTP_2
+            && !is_upgrade
+            && self.mesh_networks.iter().any(|n| n.contains(&target.ip()));
+        req.headers_mut().remove(headers::ORIG_PROTO);
+        headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
+        let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let rsp = if req.version() == Version::HTTP_2 && !downgrade {
+            self.client.send_h2(target, req).await?
+        } else if upgrade_h2 {
+            let authority =
+                headers::authority(&req).map(|a| a.to_string()).unwrap_or_else(|| target.to_string());
+            req.headers_mut().remove(header::HOST);
+            req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+            let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
+            self.client.send_h2(target, req).await?
+        } else {
+            if !req.headers().contains_key(header::HOST) {
+                let authority =
+                    headers::authority(&req).map(|a| a.to_string()).unwrap_or_else(|| target.to_string());
+                let host = HeaderValue::try_from(authority).map_err(|_| {
+                    CauseError::new(Cause::BadRequest, "request authority is not a valid Host")
+                })?;
+                req.headers_mut().insert(header::HOST, host);
+            }
+            self.client.send_h1(target, req).await?
+        };
+
+        let (mut parts, body) = rsp.into_parts();
+        let switched =
+            parts.status == StatusCode::SWITCHING_PROTOCOLS || (is_connect && parts.status.is_success());
+        if let (Some(client_upgrade), true) = (client_upgrade, switched) {
+            let mut upstream_rsp = Response::from_parts(parts.clone(), body);
+            let upstream_upgrade = hyper::upgrade::on(&mut upstream_rsp);
+            upgrade::splice(client_upgrade, upstream_upgrade, self.tcp_idle_timeout);
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Ok(Response::from_parts(
+                parts,
+                http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+            ));
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+    }
+
+    /// Explicit mode: the destination comes from the request itself.
+    async fn route(&self, req: &Request<Body>) -> Result<SocketAddr, CauseError> {
+        let authority = headers::authority(req).ok_or_else(|| {
+            CauseError::new(
+                Cause::NoRoute,
+                "the request names no destination: send an absolute URI (curl -x http://127.0.0.1:4140 \
+                 http://host:port/) or a Host header",
+            )
+        })?;
+        let default_port =
+            if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) || req.method() == Method::CONNECT {
+                443
+            } else {
+                80
+            };
+        let target =
+            self.resolver.resolve(authority.host(), authority.port_u16().unwrap_or(default_port)).await?;
+        if self.is_own_addr(target) {
+            return Err(CauseError::new(
+                Cause::LoopDetected,
+                format!("{authority} is this proxy's own listener; name the application instead"),
+            ));
+        }
+        Ok(target)
+    }
+
+    fn is_own_addr(&self, target: SocketAddr) -> bool {
+        self.own_addrs.iter().any(|own| {
+            own.port() == target.port()
+                && (own.ip() == target.ip() || (own.ip().is_unspecified() && target.ip().is_loopback()))
+        })
+    }
+}
+
+fn uri(s: &str) -> Result<Uri, CauseError> {
+    Uri::try_from(s)
+        .map_err(|e| CauseError::new(Cause::BadRequest, format!("invalid request target {s:?}: {e}")))
+}

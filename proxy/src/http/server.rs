@@ -1,0 +1,99 @@
+//! Serves one client connection already known to be HTTP/1 or HTTP/2.
+//!
+//! hyper does the parsing; here are its limits (header size and read timeout, HTTP/2
+//! stream and reset limits against stream floods and rapid reset) and what happens to
+//! a connection when hyper gives up on it or the proxy drains.
+
+use std::sync::Arc;
+
+use hyper::{server::conn, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::proxy::{ConnCtx, HttpProxy};
+use crate::{config::HttpConfig, drain, errors::Cause};
+
+/// Concurrently-reset streams a client may leave for us to clean up before the
+/// connection is closed with ENHANCE_YOUR_CALM (the rapid-reset attack, CVE-2023-44487).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams we may reset because of client errors before closing the connection.
+const H2_MAX_LOCAL_RESETS: usize = 1024;
+
+pub async fn serve<I>(io: I, ctx: ConnCtx, proxy: Arc<HttpProxy>, cfg: &HttpConfig, drain: drain::Watch)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(ctx);
+    let dir = proxy.dir;
+    let protocol = ctx.protocol;
+    let metrics = proxy.metrics.clone();
+    let svc = {
+        let ctx = ctx.clone();
+        service_fn(move |req| proxy.clone().handle(req, ctx.clone()))
+    };
+    if protocol == "h2" {
+        let mut conn = conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .serve_connection(TokioIo::new(io), svc);
+        let res = tokio::select! {
+            res = &mut conn => res,
+            _ = drain.signaled() => {
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = res {
+            tracing::debug!(client = %ctx.client, "HTTP/2 connection ended: {e}");
+        }
+        return;
+    }
+
+    // Oversize heads past the proxy's own check (which answers with `weft-error`) are cut
+    // off by hyper's hard limit at twice the setting, so memory stays bounded.
+    let mut conn = conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_header_size(cfg.max_header_bytes.saturating_mul(2))
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let res = tokio::select! {
+        res = &mut conn => res,
+        _ = drain.signaled() => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            (&mut conn).await
+        }
+    };
+    let Err(e) = res else { return };
+    let (status, cause) = if e.is_timeout() {
+        (408, Cause::HeaderTimeout)
+    } else if e.is_parse_too_large() {
+        (431, Cause::HeaderTooLarge)
+    } else if e.is_parse() {
+        (400, Cause::BadRequest)
+    } else {
+        tracing::debug!(client = %ctx.client, "HTTP/1 connection ended: {e}");
+        return;
+    };
+    tracing::info!(direction = dir.as_str(), client = %ctx.client, cause = cause.as_str(), "rejected request: {e}");
+    if cause == Cause::HeaderTimeout {
+        // hyper closes silently on a header timeout. A client that sent part of a head gets
+        // a 408; an idle keep-alive connection (nothing buffered) is just closed.
+        let Some(parts) = conn.into_parts() else { return };
+        if parts.read_buf.is_empty() {
+            return;
+        }
+        let mut io = parts.io.into_inner();
+        let msg = format!(
+            "HTTP/1.1 408 Request Timeout\r\nweft-error: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            cause.as_str()
+        );
+        let _ = io.write_all(msg.as_bytes()).await;
+        let _ = io.shutdown().await;
+    }
+    // hyper has already answered parse errors with its own 400/431.
+    metrics.response(dir, protocol, status, Some(cause), 0.0);
+}

@@ -1,0 +1,57 @@
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use weft_proxy::config::{Config, InitConfig, ProcessEnv};
+
+/// Weft's sidecar proxy. Configured with WEFT_* environment variables (docs/config.md).
+#[derive(Parser)]
+#[command(name = "weft-proxy", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (the default).
+    Run,
+    /// Install the iptables rules that redirect this network namespace's TCP through the
+    /// proxy (what the Kubernetes init container runs).
+    Init {
+        /// Remove the rules instead.
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Init { remove } => init(remove),
+        Cmd::Run => run(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-proxy: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(remove: bool) -> anyhow::Result<()> {
+    let cfg = InitConfig::from_env(&ProcessEnv)?;
+    weft_proxy::init::run(&cfg, remove)?;
+    Ok(())
+}
+
+fn run() -> anyhow::Result<()> {
+    let cfg = Config::from_env(&ProcessEnv)?;
+    let log = weft_proxy::log::init(&cfg.log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads.max(1))
+        .thread_name("weft-proxy")
+        .enable_all()
+        .build()?;
+    rt.block_on(weft_proxy::app::run(cfg, log))
+}

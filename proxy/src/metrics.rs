@@ -1,0 +1,209 @@
+//! Prometheus metrics of the proxy, served on the admin port.
+//!
+//! Labels stay bounded: direction, status code, the `weft-error` cause word and the
+//! detection outcome. No paths, addresses or ids become labels.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+use crate::{detect::Outcome, errors::Cause};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    /// `http1` or `h2`, as the client spoke it.
+    protocol: &'static str,
+    status: u16,
+    /// The `weft-error` cause when the proxy made the response; empty otherwise.
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DetectLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabels {
+    direction: &'static str,
+    cause: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<DirLabels, Histogram>,
+    detect: Family<DetectLabels, Counter>,
+    tcp_open: Family<DirLabels, Gauge>,
+    tcp_accepted: Family<DirLabels, Counter>,
+    tcp_read_bytes: Family<DirLabels, Counter>,
+    tcp_write_bytes: Family<DirLabels, Counter>,
+    tcp_errors: Family<CauseLabels, Counter>,
+}
+
+/// Latency buckets from 100 µs to ~30 s: a proxy hop is sub-millisecond, an app may not be.
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0, 30.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("weft");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "HTTP responses sent to clients, by status and proxy error cause",
+            requests.clone(),
+        );
+        let request_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request head received to response head sent",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let detect = Family::default();
+        registry.register("detect", "Protocol detection outcomes of accepted connections", detect.clone());
+        let tcp_open = Family::default();
+        registry.register("tcp_open_connections", "Client connections currently open", tcp_open.clone());
+        let tcp_accepted = Family::default();
+        registry.register("tcp_accepted", "Client connections accepted", tcp_accepted.clone());
+        let tcp_read_bytes = Family::default();
+        registry.register_with_unit(
+            "tcp_read",
+            "Bytes read from clients on closed and open opaque connections",
+            Unit::Bytes,
+            tcp_read_bytes.clone(),
+        );
+        let tcp_write_bytes = Family::default();
+        registry.register_with_unit(
+            "tcp_write",
+            "Bytes written to clients on closed and open opaque connections",
+            Unit::Bytes,
+            tcp_write_bytes.clone(),
+        );
+        let tcp_errors = Family::default();
+        registry.register(
+            "tcp_errors",
+            "Connections closed by the proxy because of an error",
+            tcp_errors.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_duration,
+            detect,
+            tcp_open,
+            tcp_accepted,
+            tcp_read_bytes,
+            tcp_write_bytes,
+            tcp_errors,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn response(
+        &self,
+        dir: Direction,
+        protocol: &'static str,
+        status: u16,
+        cause: Option<Cause>,
+        secs: f64,
+    ) {
+        let cause = cause.map(Cause::as_str).unwrap_or("");
+        self.requests
+            .get_or_create(&RequestLabels { direction: dir.as_str(), protocol, status, cause })
+            .inc();
+        self.request_duration.get_or_create(&DirLabels { direction: dir.as_str() }).observe(secs);
+    }
+
+    pub fn detected(&self, dir: Direction, outcome: Outcome) {
+        self.detect.get_or_create(&DetectLabels { direction: dir.as_str(), outcome: outcome.as_str() }).inc();
+    }
+
+    /// Counts an accepted connection; the returned guard marks it closed when dropped.
+    pub fn conn_open(self: &Arc<Self>, dir: Direction) -> OpenConn {
+        let labels = DirLabels { direction: dir.as_str() };
+        self.tcp_accepted.get_or_create(&labels).inc();
+        self.tcp_open.get_or_create(&labels).inc();
+        OpenConn { metrics: self.clone(), dir }
+    }
+
+    pub fn tcp_bytes(&self, dir: Direction, read: u64, written: u64) {
+        let labels = DirLabels { direction: dir.as_str() };
+        self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
+        self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
+    }
+
+    pub fn tcp_error(&self, dir: Direction, cause: Cause) {
+        self.tcp_errors.get_or_create(&CauseLabels { direction: dir.as_str(), cause: cause.as_str() }).inc();
+    }
+}
+
+pub struct OpenConn {
+    metrics: Arc<Metrics>,
+    dir: Direction,
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.metrics.tcp_open.get_or_create(&DirLabels { direction: self.dir.as_str() }).dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_exposition_has_labels() {
+        let m = Metrics::new();
+        m.response(Direction::Inbound, "http1", 502, Some(Cause::UpstreamRefused), 0.001);
+        m.detected(Direction::Outbound, Outcome::Silent);
+        {
+            let _c = m.conn_open(Direction::Inbound);
+        }
+        let text = m.encode();
+        assert!(text.contains(
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="502",cause="upstream-refused"} 1"#
+        ));
+        assert!(text.contains(r#"weft_detect_total{direction="outbound",outcome="silent"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_tcp_open_connections{direction="inbound"} 0"#), "{text}");
+        assert!(text.contains("weft_request_duration_seconds_bucket"), "{text}");
+    }
+}

@@ -1,0 +1,43 @@
+//! Name resolution for explicit-mode requests (`curl -x`, `CONNECT host:port`).
+//!
+//! hickory-resolver with the system configuration (resolv.conf and /etc/hosts), so the
+//! proxy resolves names the way the application would.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::TokioResolver;
+
+use crate::errors::{Cause, CauseError};
+
+#[derive(Clone)]
+pub struct Resolver {
+    inner: TokioResolver,
+}
+
+impl Resolver {
+    pub fn from_system() -> anyhow::Result<Self> {
+        let inner = TokioResolver::builder_tokio()
+            .map_err(|e| anyhow::anyhow!("cannot read /etc/resolv.conf: {e}"))?
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the DNS resolver: {e}"))?;
+        Ok(Self { inner })
+    }
+
+    /// Resolves `host` (a name or an IP literal, IPv6 in brackets or not) to an address.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, CauseError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        let lookup = self
+            .inner
+            .lookup_ip(bare)
+            .await
+            .map_err(|e| CauseError::new(Cause::ResolveFailed, format!("cannot resolve {bare}: {e}")))?;
+        let ip = lookup
+            .iter()
+            .next()
+            .ok_or_else(|| CauseError::new(Cause::ResolveFailed, format!("{bare} has no addresses")))?;
+        Ok(SocketAddr::new(ip, port))
+    }
+}
