@@ -88,8 +88,8 @@ pub async fn serve(
         Dest::PerRequest => None,
     };
     match (detected.protocol, fixed) {
-        (Protocol::Http1, _) | (Protocol::Http2, _) => {
-            let protocol = if detected.outcome == Outcome::Http2 { "h2" } else { "http1" };
+        (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
+            let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
             let ctx = ConnCtx { client, target: fixed, protocol };
             http::server::serve(io, ctx, proxy, &cfg.http, drain).await
         }

@@ -91,6 +91,10 @@ pub async fn detect<I: AsyncRead + Unpin>(
             return Ok(done(Protocol::Opaque, Outcome::Opaque, buf));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            // A stalled start of an HTTP request is still HTTP: let the codec answer it.
+            Err(_) | Ok(Ok(0)) if is_known_method_prefix(&buf) => {
+                return Ok(done(Protocol::Http1, Outcome::Incomplete, buf))
+            }
             Err(_) | Ok(Ok(0)) => return Ok(done(Protocol::Opaque, Outcome::Incomplete, buf)),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(_)) => {}
@@ -150,12 +154,27 @@ fn classify_tls(buf: &[u8]) -> Verdict {
     }
 }
 
-/// HTTP/1 is recognised by its request line: `METHOD SP target SP HTTP/1.x CRLF`.
+/// Methods that make a connection HTTP/1 as soon as they are followed by a space, so a
+/// client that stalls mid-request-line meets the HTTP header timeout (408), not an
+/// opaque forward of half a request.
+const KNOWN_METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+
+/// Whether `buf` is a known method (with its space) or a prefix of one.
+fn is_known_method_prefix(buf: &[u8]) -> bool {
+    KNOWN_METHODS.iter().any(|m| buf.starts_with(m) || (buf.len() < m.len() && m.starts_with(buf)))
+}
+
+/// HTTP/1 is recognised by a known method, or by a request line of another method:
+/// `METHOD SP target SP HTTP/1.x CRLF`.
 fn classify_http1(buf: &[u8]) -> Verdict {
     use Verdict::*;
+    if KNOWN_METHODS.iter().any(|m| buf.starts_with(m)) {
+        return Known(Protocol::Http1, Outcome::Http1);
+    }
     let opaque = Known(Protocol::Opaque, Outcome::Opaque);
-    // The method is a token: visible ASCII without separators.
-    let method_len = buf.iter().take_while(|b| b.is_ascii_alphabetic() && b.is_ascii_uppercase()).count();
+    // Other methods are tokens; upper-case letters cover the registered ones.
+    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
     if method_len == buf.len() {
         return if method_len < 20 { NeedMore } else { opaque };
     }
@@ -189,14 +208,16 @@ mod tests {
         assert_eq!(known(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Protocol::Http1);
         assert_eq!(known(b"POST /x?y=1 HTTP/1.0\r\n"), Protocol::Http1);
         assert_eq!(known(b"CONNECT a:443 HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(known(b"GET /long-path-still-arriving"), Protocol::Http1);
+        assert_eq!(known(b"PROPFIND /dav HTTP/1.1\r\n"), Protocol::Http1);
         assert_eq!(classify(b"GE"), Verdict::NeedMore);
-        assert_eq!(classify(b"GET /long-path-still-arriving"), Verdict::NeedMore);
+        assert_eq!(classify(b"PROPFIND /dav"), Verdict::NeedMore);
     }
 
     #[test]
     fn not_http1() {
         assert_eq!(known(b"get / HTTP/1.1\r\n"), Protocol::Opaque);
-        assert_eq!(known(b"GET / HTTP/2.0\r\n"), Protocol::Opaque);
+        assert_eq!(known(b"MKCOL / HTTP/2.0\r\n"), Protocol::Opaque);
         assert_eq!(known(b"PING\r\n"), Protocol::Opaque);
         assert_eq!(known(b"*1\r\n$4\r\nPING\r\n"), Protocol::Opaque);
         assert_eq!(known(b"\x00\x01binary"), Protocol::Opaque);
@@ -258,9 +279,18 @@ mod tests {
     async fn slow_prefix_gives_up_as_incomplete_keeping_bytes() {
         use tokio::io::AsyncWriteExt;
         let (mut a, mut b) = tokio::io::duplex(64);
-        b.write_all(b"GET /").await.unwrap();
+        b.write_all(b"MKCOL /").await.unwrap();
         let d = detect(&mut a, Duration::from_millis(50), Duration::from_millis(100)).await.unwrap();
         assert_eq!((d.protocol, d.outcome), (Protocol::Opaque, Outcome::Incomplete));
-        assert_eq!(&d.buffered[..], b"GET /");
+        assert_eq!(&d.buffered[..], b"MKCOL /");
+    }
+
+    #[tokio::test]
+    async fn stalled_known_method_is_left_to_the_http_codec() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"GE").await.unwrap();
+        let d = detect(&mut a, Duration::from_millis(50), Duration::from_millis(100)).await.unwrap();
+        assert_eq!((d.protocol, d.outcome), (Protocol::Http1, Outcome::Incomplete));
     }
 }

@@ -34,9 +34,12 @@ impl Resolver {
             .lookup_ip(bare)
             .await
             .map_err(|e| CauseError::new(Cause::ResolveFailed, format!("cannot resolve {bare}: {e}")))?;
+        // IPv4 first, as Envoy's V4_PREFERRED: `localhost` names both 127.0.0.1 and ::1,
+        // and most apps listen on IPv4.
         let ip = lookup
             .iter()
-            .next()
+            .find(IpAddr::is_ipv4)
+            .or_else(|| lookup.iter().next())
             .ok_or_else(|| CauseError::new(Cause::ResolveFailed, format!("{bare} has no addresses")))?;
         Ok(SocketAddr::new(ip, port))
     }

@@ -1,1 +1,162 @@
+//! Test harness for Weft's end-to-end tests: real `weft-proxy` processes, in-process
+//! backends on real sockets, and the real clients a user would run (curl, grpcio,
+//! websockets). `netns` runs pods as network namespaces for transparent mode.
 
+pub mod backend;
+pub mod netns;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A binary built from this workspace (`cargo build --workspace` runs before the tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe.parent().and_then(|p| p.parent()).expect("target dir").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A running `weft-proxy` in explicit mode on loopback; killed when dropped.
+pub struct Proxy {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Starts a proxy with the given extra `WEFT_*` settings and waits until it is ready.
+    pub fn start(env: &[(&str, &str)]) -> Proxy {
+        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        let log =
+            std::env::temp_dir().join(format!("weft-proxy-{}-{}.log", std::process::id(), admin.port()));
+        let mut cmd = Command::new(bin("weft-proxy"));
+        cmd.env("WEFT_INBOUND_ADDR", inbound.to_string())
+            .env("WEFT_OUTBOUND_ADDR", outbound.to_string())
+            .env("WEFT_ADMIN_ADDR", admin.to_string())
+            .env("WEFT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start weft-proxy");
+        let mut p = Proxy { inbound, outbound, admin, child, log };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("weft-proxy exited with {status} before ready:\n{}", self.logs());
+            }
+            if http_get(self.admin, "/ready").is_some_and(|(status, _)| status == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("weft-proxy not ready after 10s:\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// The value of one metric line (exact name and labels as exposed), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- weft-proxy log ({}) ---\n{}", self.log.display(), self.logs());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A minimal blocking HTTP/1.0 GET for admin endpoints: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    raw_request(addr, &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n"), Duration::from_secs(5))
+        .and_then(|rsp| parse_status(&rsp).map(|s| (s, body_of(&rsp))))
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes it or
+/// `timeout` passes. Returns what was read.
+pub fn raw_request(addr: SocketAddr, request: &str, timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+pub fn parse_status(rsp: &str) -> Option<u16> {
+    rsp.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn body_of(rsp: &str) -> String {
+    rsp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// Runs a command to completion, failing the test with its output if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// `curl` with the given arguments; returns (status code, stdout, stderr).
+/// `-w` appends the status code on the last line of stdout.
+pub fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = run(Command::new("curl").args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"]).args(args));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    (code.trim().parse().unwrap_or(0), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The Python of the test venv (made by tests/run), with grpcio and websockets.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("WEFT_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python");
+    assert!(p.exists(), "{} is missing: run tests/run, which creates the test venv", p.display());
+    p
+}
+
+/// A Python helper script from tests/py/.
+pub fn py_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}

@@ -1,0 +1,241 @@
+//! HTTP through the real weft-proxy binary with curl: HTTP/1.1, h2c, explicit proxy mode
+//! (`-x`, CONNECT), proxy-made errors, header rules, pooling, and HTTP/1 carried over
+//! HTTP/2 between two proxies.
+
+use std::time::Duration;
+
+use weft_e2e::{backend, curl, free_addr, metric_value, raw_request, Proxy};
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn http1_inbound_to_app() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let (code, body, err) = curl(&[&format!("http://{}/hello?x=1", p.inbound)]);
+    assert_eq!(code, 200, "{err}");
+    let v = json(&body);
+    assert_eq!(v["backend"], "app");
+    assert_eq!(v["path"], "/hello");
+    assert_eq!(v["version"], "HTTP/1.1");
+    assert_eq!(
+        p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="200",cause=""}"#),
+        1.0
+    );
+    assert_eq!(p.metric(r#"weft_detect_total{direction="inbound",outcome="http1"}"#), 1.0);
+}
+
+#[test]
+fn h2c_prior_knowledge_stays_http2() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let (code, body, err) = curl(&["--http2-prior-knowledge", &format!("http://{}/h2", p.inbound)]);
+    assert_eq!(code, 200, "{err}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0");
+    assert_eq!(p.metric(r#"weft_detect_total{direction="inbound",outcome="h2"}"#), 1.0);
+}
+
+#[test]
+fn explicit_proxy_absolute_form_and_names() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[]);
+    let proxy = format!("http://{}", p.outbound);
+    let (code, body, err) = curl(&["-x", &proxy, &format!("http://{}/abs", app.addr)]);
+    assert_eq!(code, 200, "{err}");
+    assert_eq!(json(&body)["path"], "/abs");
+    // A name resolved through /etc/hosts by hickory.
+    let (code, body, err) = curl(&["-x", &proxy, &format!("http://localhost:{}/named", app.addr.port())]);
+    assert_eq!(code, 200, "{err}");
+    assert_eq!(json(&body)["headers"]["host"], format!("localhost:{}", app.addr.port()));
+    // http_proxy in the environment, as apps honour it.
+    let out = weft_e2e::run(
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", &format!("http://{}/env", app.addr)])
+            .env("http_proxy", &proxy),
+    );
+    assert!(out.status.success());
+    assert_eq!(json(&String::from_utf8_lossy(&out.stdout))["path"], "/env");
+    assert_eq!(app.hits(), 3);
+}
+
+#[test]
+fn explicit_proxy_connect_tunnel() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[]);
+    let (code, body, err) =
+        curl(&["-p", "-x", &format!("http://{}", p.outbound), &format!("http://{}/tunnelled", app.addr)]);
+    assert_eq!(code, 200, "{err}");
+    assert_eq!(json(&body)["path"], "/tunnelled");
+}
+
+#[test]
+fn upstream_down_answers_with_weft_error() {
+    let dead = free_addr();
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &dead.to_string())]);
+    let (code, _, _) = curl(&["-D", "/dev/stderr", &format!("http://{}/", p.inbound)]);
+    assert_eq!(code, 502);
+    let out =
+        weft_e2e::run(std::process::Command::new("curl").args(["-si", &format!("http://{}/", p.inbound)]));
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.contains("weft-error: upstream-refused"), "{head}");
+    assert_eq!(
+        p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="502",cause="upstream-refused"}"#),
+        2.0
+    );
+    assert!(p.logs().contains("upstream-refused"), "the cause is in the log line");
+}
+
+#[test]
+fn no_route_and_loop_are_refused() {
+    let p = Proxy::start(&[]);
+    // HTTP/1.0 origin-form without Host: nowhere to send it.
+    let rsp = raw_request(p.outbound, "GET / HTTP/1.0\r\n\r\n", Duration::from_secs(5)).unwrap();
+    assert!(rsp.starts_with("HTTP/1.0 400") || rsp.starts_with("HTTP/1.1 400"), "{rsp}");
+    assert!(rsp.to_lowercase().contains("weft-error: no-route"), "{rsp}");
+    // A request addressed to the proxy itself would loop.
+    let (code, body, _) =
+        curl(&["-x", &format!("http://{}", p.outbound), &format!("http://{}/", p.outbound)]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("loop-detected"), "{body}");
+    // Unresolvable names.
+    let (code, body, _) = curl(&["-x", &format!("http://{}", p.outbound), "http://no-such-host.invalid/"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("resolve-failed"), "{body}");
+}
+
+#[test]
+fn hop_by_hop_headers_are_not_forwarded() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let (code, _, err) = curl(&[
+        "-H",
+        "Connection: keep-alive, X-Secret",
+        "-H",
+        "X-Secret: s3cret",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "Proxy-Authorization: Basic Zm9vOmJhcg==",
+        "-H",
+        "X-Kept: yes",
+        &format!("http://{}/", p.inbound),
+    ]);
+    assert_eq!(code, 200, "{err}");
+    let seen = app.last();
+    for h in ["x-secret", "keep-alive", "proxy-authorization", "connection"] {
+        assert!(!seen.headers.contains_key(h), "{h} was forwarded: {:?}", seen.headers);
+    }
+    assert_eq!(seen.headers["x-kept"], "yes");
+}
+
+#[test]
+fn upstream_connections_are_pooled() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    for _ in 0..10 {
+        let (code, _, _) = curl(&[&format!("http://{}/", p.inbound)]);
+        assert_eq!(code, 200);
+    }
+    assert_eq!(app.hits(), 10);
+    assert_eq!(app.conns(), 1, "ten client connections should share one pooled upstream connection");
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let req = "GET /one?delay_ms=100 HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let rsp = raw_request(p.inbound, req, Duration::from_secs(5)).unwrap();
+    let one = rsp.find("\"path\":\"/one\"").expect("first response");
+    let two = rsp.find("\"path\":\"/two\"").expect("second response");
+    assert!(one < two, "responses out of order: {rsp}");
+    assert_eq!(rsp.matches("HTTP/1.1 200").count(), 2);
+}
+
+#[test]
+fn http1_rides_http2_between_proxies() {
+    let app = backend::http("app");
+    let server_side = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let client_side = Proxy::start(&[("WEFT_MESH_NETWORKS", "127.0.0.0/8")]);
+    let proxy = format!("http://{}", client_side.outbound);
+    for i in 0..3 {
+        let (code, body, err) = curl(&["-x", &proxy, &format!("http://{}/hop{i}", server_side.inbound)]);
+        assert_eq!(code, 200, "{err}");
+        let v = json(&body);
+        assert_eq!(v["version"], "HTTP/1.1", "the app gets HTTP/1 back");
+        assert_eq!(v["headers"]["host"], server_side.inbound.to_string());
+        assert!(v["headers"].get("weft-orig-proto").is_none(), "mesh header leaked to the app");
+    }
+    let m = server_side.metrics();
+    assert_eq!(
+        metric_value(&m, r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&m, r#"weft_tcp_accepted_total{direction="inbound"}"#),
+        1.0,
+        "one multiplexed connection"
+    );
+}
+
+#[test]
+fn admin_endpoints() {
+    let p = Proxy::start(&[]);
+    let get = |path: &str| weft_e2e::http_get(p.admin, path).unwrap();
+    assert_eq!(get("/live").0, 200);
+    assert_eq!(get("/ready").0, 200);
+    let (code, body) = get("/metrics");
+    assert_eq!(code, 200);
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let (code, _, _) = curl(&["-x", &format!("http://{}", p.outbound), "http://127.0.0.1:1/"]);
+    assert_eq!(code, 502);
+    let body = get("/metrics").1;
+    assert!(body.contains("# TYPE weft_requests counter"), "{body}");
+    assert!(body.contains("# TYPE weft_request_duration_seconds histogram"), "{body}");
+    assert_eq!(get("/nope").0, 404);
+    assert_eq!(get("/log-level").1.trim(), "info");
+    let (code, _, _) = curl(&["-X", "PUT", "--data", "debug", &format!("http://{}/log-level", p.admin)]);
+    assert_eq!(code, 200);
+    assert_eq!(get("/log-level").1.trim(), "debug");
+    let (code, body, _) = curl(&["-X", "PUT", "--data", "[[bad", &format!("http://{}/log-level", p.admin)]);
+    assert_eq!(code, 400, "{body}");
+    let (code, _, _) = curl(&["-X", "DELETE", &format!("http://{}/metrics", p.admin)]);
+    assert_eq!(code, 405);
+}
+
+#[test]
+fn json_logs_and_access_log() {
+    let app = backend::http("app");
+    let p = Proxy::start(&[
+        ("WEFT_APP_ADDR", &app.addr.to_string()),
+        ("WEFT_LOG_FORMAT", "json"),
+        ("WEFT_ACCESS_LOG", "on"),
+    ]);
+    let (code, _, _) = curl(&[&format!("http://{}/logged?secret=1", p.inbound)]);
+    assert_eq!(code, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = p.logs();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "weft::access")
+        .unwrap_or_else(|| panic!("no access log line in {logs}"));
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/logged");
+    assert_eq!(line["status"], 200);
+    assert!(line["duration_ms"].as_f64().is_some());
+}
+
+#[test]
+fn bad_configuration_names_the_variable() {
+    let out = weft_e2e::run(
+        std::process::Command::new(weft_e2e::bin("weft-proxy"))
+            .env("WEFT_DETECT_TIMEOUT", "100")
+            .env("WEFT_ADMIN_ADDR", "x"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WEFT_ADMIN_ADDR"), "{err}");
+}
