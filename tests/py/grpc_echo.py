@@ -2,7 +2,7 @@
 generated code), for testing that gRPC unary and streaming calls cross weft-proxy.
 
   python grpc_echo.py server PORT
-  python grpc_echo.py client HOST:PORT      # exits 0 when every call behaved
+  python grpc_echo.py client HOST:PORT [AUTHORITY]   # exits 0 when every call behaved
 """
 import sys
 import time
@@ -54,8 +54,9 @@ def check(cond, what):
         sys.exit(1)
 
 
-def client(target):
-    with grpc.insecure_channel(target) as ch:
+def client(target, authority=None):
+    options = [("grpc.default_authority", authority)] if authority else []
+    with grpc.insecure_channel(target, options=options) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         call = ch.unary_unary("/%s/Unary" % SERVICE)
         rsp, info = call.with_call(b"hello", timeout=10)
@@ -84,4 +85,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
     else:
-        client(sys.argv[2])
+        client(*sys.argv[2:4])
