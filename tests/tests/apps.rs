@@ -52,7 +52,9 @@ fn grpc_unary_and_streaming_through_inbound() {
     let _server = PyServer::start("grpc_echo.py", port);
     let p = Proxy::start(&[("WEFT_APP_ADDR", &format!("127.0.0.1:{port}"))]);
     py_client("grpc_echo.py", &p.inbound.to_string(), &[]);
-    assert!(p.metric(r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#) >= 4.0);
+    assert!(
+        p.metric(r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#) >= 4.0
+    );
 }
 
 #[test]
@@ -65,16 +67,23 @@ fn grpc_through_two_proxies() {
     // grpcio talks to the outbound listener with :authority naming the server's
     // sidecar; the outbound routes each HTTP/2 request by it.
     let target = server_side.inbound.to_string();
-    let out = weft_e2e::run(
-        Command::new(python())
-            .arg(py_script("grpc_echo.py"))
-            .args(["client", &client_side.outbound.to_string(), &target]),
-    );
+    let out = weft_e2e::run(Command::new(python()).arg(py_script("grpc_echo.py")).args([
+        "client",
+        &client_side.outbound.to_string(),
+        &target,
+    ]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(client_side.metric(r#"weft_requests_total{direction="outbound",protocol="h2",status="200",cause=""}"#) >= 4.0);
+    assert!(
+        client_side
+            .metric(r#"weft_requests_total{direction="outbound",protocol="h2",status="200",cause=""}"#)
+            >= 4.0
+    );
     // And the way most apps reach a proxy: `grpc_proxy`, an HTTP CONNECT tunnel.
     py_client("grpc_echo.py", &target, &[("grpc_proxy", &format!("http://{}", client_side.outbound))]);
-    assert!(server_side.metric(r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#) >= 8.0);
+    assert!(
+        server_side.metric(r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#)
+            >= 8.0
+    );
 }
 
 #[test]
@@ -83,5 +92,8 @@ fn websocket_echo_through_inbound() {
     let _server = PyServer::start("ws_echo.py", port);
     let p = Proxy::start(&[("WEFT_APP_ADDR", &format!("127.0.0.1:{port}"))]);
     py_client("ws_echo.py", &format!("ws://{}/chat", p.inbound), &[]);
-    assert_eq!(p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="101",cause=""}"#), 1.0);
+    assert_eq!(
+        p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="101",cause=""}"#),
+        1.0
+    );
 }

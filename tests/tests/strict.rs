@@ -27,7 +27,9 @@ fn conflicting_content_lengths_are_rejected() {
     assert_eq!(app.hits(), 0, "the app must not see a request with two lengths");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
-        p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="400",cause="bad-request"}"#),
+        p.metric(
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="400",cause="bad-request"}"#
+        ),
         1.0
     );
 }
@@ -79,20 +81,31 @@ fn oversize_headers_get_431() {
     let p = proxy_for(&app, &[("WEFT_MAX_HEADER_BYTES", "8192")]);
     // Just over the limit: the proxy's own check answers, with its cause.
     let big = "x".repeat(9000);
-    let rsp = raw_request(p.inbound, &format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"), Duration::from_secs(3))
-        .unwrap();
+    let rsp = raw_request(
+        p.inbound,
+        &format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert_eq!(parse_status(&rsp), Some(431), "{rsp}");
     assert!(rsp.contains("weft-error: header-too-large"), "{rsp}");
     // Far over: the codec's hard limit cuts the head off before it is buffered whole.
     let huge = "x".repeat(100_000);
-    let rsp = raw_request(p.inbound, &format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {huge}\r\n\r\n"), Duration::from_secs(3))
-        .unwrap();
+    let rsp = raw_request(
+        p.inbound,
+        &format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {huge}\r\n\r\n"),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert_eq!(parse_status(&rsp), Some(431), "{rsp}");
     assert_eq!(app.hits(), 0);
     std::thread::sleep(Duration::from_millis(50));
     let m = p.metrics();
     assert_eq!(
-        metric_value(&m, r#"weft_requests_total{direction="inbound",protocol="http1",status="431",cause="header-too-large"}"#),
+        metric_value(
+            &m,
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="431",cause="header-too-large"}"#
+        ),
         2.0,
         "{m}"
     );
@@ -120,7 +133,12 @@ fn slow_headers_get_408() {
     let mut rsp = String::new();
     let _ = s.read_to_string(&mut rsp);
     assert_eq!(parse_status(&rsp), Some(408), "{rsp:?}");
-    assert_eq!(p.metric(r#"weft_requests_total{direction="inbound",protocol="http1",status="408",cause="header-timeout"}"#), 2.0);
+    assert_eq!(
+        p.metric(
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="408",cause="header-timeout"}"#
+        ),
+        2.0
+    );
 }
 
 #[test]

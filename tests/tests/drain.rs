@@ -1,0 +1,104 @@
+//! Graceful shutdown: SIGTERM or `POST /shutdown` stops accepting, lets in-flight
+//! requests finish within the grace period, then exits 0.
+
+use std::{
+    net::TcpStream,
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{backend, parse_status, raw_request, Proxy};
+
+fn sigterm(p: &Proxy) {
+    let ok = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+}
+
+fn wait_exit(p: &mut Proxy, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "weft-proxy still running after {within:?}:\n{}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn drain_under_load_loses_no_in_flight_request() {
+    let app = backend::http("app");
+    let mut p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_DRAIN_GRACE", "20s")]);
+    const N: usize = 40;
+    let (tx, rx) = mpsc::channel();
+    for i in 0..N {
+        let (tx, addr) = (tx.clone(), p.inbound);
+        std::thread::spawn(move || {
+            let req = format!("GET /slow{i}?delay_ms=1000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            tx.send(raw_request(addr, &req, Duration::from_secs(10)).and_then(|r| parse_status(&r))).unwrap();
+        });
+    }
+    // Every request has reached the app and is in flight.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.hits() < N {
+        assert!(Instant::now() < deadline, "only {} requests arrived", app.hits());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&p);
+    let statuses: Vec<_> = (0..N).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == Some(200)), "lost requests during drain: {statuses:?}");
+    let status = wait_exit(&mut p, Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}");
+    assert!(TcpStream::connect(p.inbound).is_err(), "listener still accepting after exit");
+}
+
+#[test]
+fn listeners_close_when_draining_starts() {
+    let app = backend::http("app");
+    let mut p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let addr = p.inbound;
+    let slow = std::thread::spawn(move || {
+        raw_request(
+            addr,
+            "GET /?delay_ms=1500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(10),
+        )
+    });
+    while app.hits() < 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&p);
+    std::thread::sleep(Duration::from_millis(200));
+    // Draining: the in-flight request is still running, new connections are refused.
+    assert!(p.child.try_wait().unwrap().is_none());
+    assert!(TcpStream::connect(addr).is_err(), "new connection accepted while draining");
+    assert_eq!(parse_status(&slow.join().unwrap().unwrap()), Some(200));
+    assert!(wait_exit(&mut p, Duration::from_secs(5)).success());
+}
+
+#[test]
+fn shutdown_endpoint_ends_the_sidecar() {
+    let mut p = Proxy::start(&[]);
+    let (code, body, _) = weft_e2e::curl(&["-X", "POST", &format!("http://{}/shutdown", p.admin)]);
+    assert_eq!(code, 202, "{body}");
+    assert!(wait_exit(&mut p, Duration::from_secs(5)).success());
+    assert!(p.logs().contains("POST /shutdown"));
+}
+
+#[test]
+fn grace_period_bounds_the_drain() {
+    let app = backend::http("app");
+    let mut p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_DRAIN_GRACE", "300ms")]);
+    let addr = p.inbound;
+    std::thread::spawn(move || {
+        raw_request(addr, "GET /?delay_ms=10000 HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(15))
+    });
+    while app.hits() < 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&p);
+    let status = wait_exit(&mut p, Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}");
+    assert!(p.logs().contains("grace period"), "{}", p.logs());
+}

@@ -1,0 +1,140 @@
+//! Transparent mode as in Kubernetes: each pod is a network namespace, `weft-proxy init`
+//! installs the iptables rules (as the init container would), the proxy runs under the
+//! uid the rules exempt, and the app in pod A calls pod B by IP without knowing about
+//! the mesh. Needs root, iproute2 and iptables (tests/run installs them).
+//!
+//! These tests share the fixed pod subnet inside their own private namespaces, so they
+//! can run in parallel with each other and with anything on the host.
+
+use std::time::{Duration, Instant};
+
+use weft_e2e::{bin, metric_value, netns::Net};
+
+const PROXY_UID: &str = "2102";
+
+/// Two pods, each with rules installed, a sidecar running as the proxy uid, and in pod 1
+/// an HTTP app on port 8080 and a TCP echo on 7000.
+fn mesh(client_env: &[(&str, &str)]) -> Net {
+    weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
+    let mut net = Net::new(2);
+    let proxy = bin("weft-proxy");
+    let proxy = proxy.to_str().unwrap();
+    let logs = std::env::temp_dir();
+    for i in 0..2 {
+        net.exec(i, &[proxy, "init"]);
+        let log = logs.join(format!("{}-proxy.log", net.pods[i].ns));
+        let mut env = vec![("WEFT_LOG", "info"), ("WEFT_ADMIN_ADDR", "0.0.0.0:4191")];
+        if i == 0 {
+            env.extend_from_slice(client_env);
+        }
+        let args = ["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", proxy];
+        net.spawn(i, &args, &env, &log);
+    }
+    let app = logs.join(format!("{}-app.log", net.pods[1].ns));
+    net.spawn(1, &["/usr/bin/python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"], &[], &app);
+    let echo = logs.join(format!("{}-echo.log", net.pods[1].ns));
+    let script = "import socket\ns=socket.create_server(('0.0.0.0',7000))\nwhile True:\n c,_=s.accept()\n c.sendall(b'hello from pod b\\n')\n c.close()";
+    net.spawn(1, &["/usr/bin/python3", "-c", script], &[], &echo);
+    for i in 0..2 {
+        wait_for(&net, i, "http://127.0.0.1:4191/ready");
+    }
+    wait_for(&net, 1, "http://127.0.0.1:8080/");
+    net
+}
+
+fn wait_for(net: &Net, pod: usize, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.try_exec(pod, &["curl", "-sf", "-o", "/dev/null", "--max-time", "1", url]).is_err() {
+        assert!(Instant::now() < deadline, "{url} in pod {pod} not up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metrics(net: &Net, pod: usize) -> String {
+    net.exec(pod, &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:4191/metrics"])
+}
+
+#[test]
+fn pod_to_pod_through_both_sidecars() {
+    let net = mesh(&[]);
+    let b = net.pods[1].ip.to_string();
+    let body = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("http://{b}:8080/")]);
+    assert!(body.contains("Directory listing"), "{body}");
+    // Opaque TCP (server speaks first) crosses both sidecars too.
+    let banner = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("telnet://{b}:7000")]);
+    assert_eq!(banner, "hello from pod b\n");
+
+    let a_m = metrics(&net, 0);
+    let b_m = metrics(&net, 1);
+    assert_eq!(
+        metric_value(
+            &a_m,
+            r#"weft_requests_total{direction="outbound",protocol="http1",status="200",cause=""}"#
+        ),
+        1.0,
+        "pod A's outbound did not carry the call:\n{a_m}"
+    );
+    assert_eq!(
+        metric_value(
+            &b_m,
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="200",cause=""}"#
+        ),
+        1.0,
+        "pod B's inbound did not carry the call:\n{b_m}"
+    );
+    assert_eq!(metric_value(&a_m, r#"weft_detect_total{direction="outbound",outcome="silent"}"#), 1.0);
+    assert_eq!(metric_value(&b_m, r#"weft_detect_total{direction="inbound",outcome="silent"}"#), 1.0);
+}
+
+#[test]
+fn http1_crosses_as_http2_between_meshed_pods() {
+    let net = mesh(&[("WEFT_MESH_NETWORKS", "10.77.0.0/24")]);
+    let b = net.pods[1].ip.to_string();
+    for _ in 0..3 {
+        net.exec(0, &["curl", "-sS", "-o", "/dev/null", "--max-time", "5", &format!("http://{b}:8080/")]);
+    }
+    let b_m = metrics(&net, 1);
+    assert_eq!(
+        metric_value(&b_m, r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#),
+        3.0,
+        "{b_m}"
+    );
+}
+
+#[test]
+fn init_is_idempotent_and_removable() {
+    weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
+    let net = Net::new(1);
+    let proxy = bin("weft-proxy");
+    let proxy = proxy.to_str().unwrap();
+    net.exec(0, &[proxy, "init"]);
+    let once = net.exec(0, &["iptables", "-t", "nat", "-S"]);
+    net.exec(0, &[proxy, "init"]);
+    let twice = net.exec(0, &["iptables", "-t", "nat", "-S"]);
+    assert_eq!(once, twice, "running init twice changed the rules");
+    assert!(once.contains("-A WEFT_INBOUND -p tcp -j REDIRECT --to-ports 4143"), "{once}");
+    assert!(once.contains("--uid-owner 2102 -j RETURN"), "{once}");
+    assert_eq!(once.matches("-j WEFT_OUTBOUND").count(), 1, "{once}");
+    net.exec(0, &[proxy, "init", "--remove"]);
+    let removed = net.exec(0, &["iptables", "-t", "nat", "-S"]);
+    assert!(!removed.contains("WEFT"), "{removed}");
+    // Removing twice is harmless.
+    net.exec(0, &[proxy, "init", "--remove"]);
+}
+
+#[test]
+fn teardown_leaves_no_namespace_even_when_a_test_fails() {
+    weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
+    let names = std::sync::Mutex::new(vec![]);
+    let result = std::panic::catch_unwind(|| {
+        let net = Net::new(2);
+        *names.lock().unwrap() = net.names();
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let names = names.into_inner().unwrap();
+    assert_eq!(names.len(), 3);
+    for name in names {
+        assert!(!weft_e2e::netns::exists(&name), "{name} survived the failed test");
+    }
+}
