@@ -1,0 +1,70 @@
+"""Summarises bench/run's raw runs: medians over repeats, a table, ratios, a JSON file."""
+import json
+import statistics
+import sys
+
+runs = [json.loads(line) for line in open(sys.argv[1])]
+targets = ["direct", "nginx", "weft1", "weft2"]
+idle = {r["target"]: r["rss_idle_kib"] for r in runs if r["kind"] == "idle"}
+
+
+def median(t, f):
+    vals = [f(r) for r in runs if r["kind"] == "run" and r["target"] == t]
+    return statistics.median(vals) if vals else None
+
+
+def cpu_us_per_req(r):
+    # CPU over warmup + measured window, divided by the requests sent in that window.
+    secs = r["cpu_ticks"] / r["clk_tck"]
+    reqs = r["fixed"]["rate"] * (r["warmup_s"] + r["lat_s"])
+    return secs / reqs * 1e6
+
+
+summary = {}
+for t in targets:
+    summary[t] = {
+        "max_rps": median(t, lambda r: r["max_rps"]),
+        "p50_ms": median(t, lambda r: r["fixed"]["p50_ms"]),
+        "p99_ms": median(t, lambda r: r["fixed"]["p99_ms"]),
+        "p999_ms": median(t, lambda r: r["fixed"]["p999_ms"]),
+        "errors": median(t, lambda r: r["fixed"]["errors"]),
+        "achieved_rps": median(t, lambda r: r["fixed"]["achieved_rps"]),
+        "cpu_us_per_req": None if t == "direct" else median(t, cpu_us_per_req),
+        "rss_idle_mib": idle[t] / 1024 if t in idle else None,
+        "rss_peak_mib": None if t == "direct" else median(t, lambda r: r["rss_peak_kib"] / 1024),
+    }
+
+rate = runs[-1]["fixed"]["rate"]
+fmt = lambda v, spec: "-" if v is None else format(v, spec)
+print()
+print(f"{'':8} {'max rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU us/req':>11} {'RSS idle MiB':>13} {'RSS peak MiB':>13}   (latency at {rate} req/s)")
+for t in targets:
+    s = summary[t]
+    print(f"{t:8} {fmt(s['max_rps'], '10.0f')} {fmt(s['p50_ms'], '8.3f')} {fmt(s['p99_ms'], '8.3f')} {fmt(s['p999_ms'], '9.3f')} "
+          f"{fmt(s['cpu_us_per_req'], '11.1f')} {fmt(s['rss_idle_mib'], '13.1f')} {fmt(s['rss_peak_mib'], '13.1f')}")
+
+
+def ratio(a, b, key):
+    x, y = summary[a][key], summary[b][key]
+    return None if not x or not y else x / y
+
+
+ratios = {}
+for w in ["weft1", "weft2"]:
+    for base in ["nginx", "direct"]:
+        for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms"] + (["cpu_us_per_req"] if base == "nginx" else []):
+            ratios[f"{w}/{base} {key}"] = ratio(w, base, key)
+print()
+for k, v in ratios.items():
+    print(f"{k:32} {fmt(v, '.2f')}")
+targets_met = {
+    "weft1/nginx throughput >= 1.0": (ratios["weft1/nginx max_rps"] or 0) >= 1.0,
+    "weft1/nginx p99 <= 1.2": (ratios["weft1/nginx p99_ms"] or 99) <= 1.2,
+    "weft1 RSS idle <= 8 MiB": (summary["weft1"]["rss_idle_mib"] or 99) <= 8,
+}
+print()
+for k, v in targets_met.items():
+    print(f"target {k:34} {'met' if v else 'NOT met'}")
+json.dump({"rate": rate, "summary": summary, "ratios": ratios, "targets": targets_met, "runs": runs},
+          open(sys.argv[2], "w"), indent=2)
+print(f"\nwrote {sys.argv[2]}")

@@ -1,0 +1,162 @@
+//! weft-load: sends HTTP/1.1 requests at a constant rate and reports latency percentiles
+//! corrected for coordinated omission: each request's latency is measured from the
+//! moment it was scheduled to be sent, not from when a connection became free, so a
+//! stall shows up in the percentiles instead of silently lowering the offered load
+//! (the method of wrk2, which Debian does not package).
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, Mutex};
+
+#[derive(Parser)]
+struct Args {
+    /// Address to connect to.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Host header (defaults to the address).
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Requests per second to offer.
+    #[arg(long, default_value_t = 5000)]
+    rate: u32,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of unmeasured load first.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = rt.block_on(run(args))?;
+    println!("{report}");
+    Ok(())
+}
+
+struct Outcome {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+}
+
+async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
+    let host = args.host.clone().unwrap_or_else(|| args.addr.to_string());
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, bool)>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    for _ in 0..args.connections {
+        let (rx, host, path, addr) = (rx.clone(), host.clone(), args.path.clone(), args.addr);
+        workers.push(tokio::spawn(worker(addr, host, path, rx)));
+    }
+
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let end = measure_from + Duration::from_secs(args.seconds);
+    let mut next = start;
+    let mut sent = 0u64;
+    while next < end {
+        let now = Instant::now();
+        while next <= now && next < end {
+            tx.send((next, next >= measure_from)).ok();
+            if next >= measure_from {
+                sent += 1;
+            }
+            next += period;
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+    drop(tx);
+    let mut total = Outcome { hist: Histogram::new(3)?, ok: 0, errors: 0 };
+    for w in workers {
+        let o = w.await??;
+        total.hist.add(&o.hist)?;
+        total.ok += o.ok;
+        total.errors += o.errors;
+    }
+    let elapsed = Instant::now().saturating_duration_since(measure_from).as_secs_f64();
+    let us = |q: f64| total.hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(serde_json::json!({
+        "rate": args.rate,
+        "sent": sent,
+        "ok": total.ok,
+        "errors": total.errors,
+        "achieved_rps": total.ok as f64 / elapsed.max(1e-9),
+        "p50_ms": us(0.5),
+        "p99_ms": us(0.99),
+        "p999_ms": us(0.999),
+        "max_ms": total.hist.max() as f64 / 1000.0,
+    }))
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn worker(
+    addr: SocketAddr,
+    host: String,
+    path: String,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<(Instant, bool)>>>,
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome { hist: Histogram::new(3)?, ok: 0, errors: 0 };
+    let mut sender = None;
+    loop {
+        let Some((intended, measured)) = rx.lock().await.recv().await else { return Ok(out) };
+        if sender.is_none() {
+            sender = connect(addr).await.ok();
+        }
+        let result = match sender.as_mut() {
+            None => Err(()),
+            Some(s) => {
+                let req = http::Request::get(path.as_str())
+                    .header(http::header::HOST, host.as_str())
+                    .body(Empty::new())
+                    .expect("valid request");
+                match s.send_request(req).await {
+                    Ok(rsp) if rsp.status().is_success() => {
+                        rsp.into_body().collect().await.map(|_| ()).map_err(|_| ())
+                    }
+                    _ => Err(()),
+                }
+            }
+        };
+        let latency = intended.elapsed();
+        match result {
+            Ok(()) if measured => {
+                out.ok += 1;
+                out.hist.record(latency.as_nanos().max(1) as u64)?;
+            }
+            Ok(()) => {}
+            Err(()) => {
+                sender = None;
+                if measured {
+                    out.errors += 1;
+                }
+            }
+        }
+    }
+}
