@@ -48,10 +48,7 @@ fn init(remove: bool) -> anyhow::Result<()> {
 fn run() -> anyhow::Result<()> {
     let cfg = Config::from_env(&ProcessEnv)?;
     let log = weft_proxy::log::init(&cfg.log)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads.max(1))
-        .thread_name("weft-proxy")
-        .enable_all()
-        .build()?;
+    // This runtime only waits for signals; the proxy's work runs on its shard threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(weft_proxy::app::run(cfg, log))
 }

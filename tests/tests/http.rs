@@ -133,7 +133,8 @@ fn hop_by_hop_headers_are_not_forwarded() {
 #[test]
 fn upstream_connections_are_pooled() {
     let app = backend::http("app");
-    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    // One shard: pools are per shard thread.
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_WORKER_THREADS", "1")]);
     for _ in 0..10 {
         let (code, _, _) = curl(&[&format!("http://{}/", p.inbound)]);
         assert_eq!(code, 200);
@@ -158,7 +159,7 @@ fn pipelined_requests_are_answered_in_order() {
 fn http1_rides_http2_between_proxies() {
     let app = backend::http("app");
     let server_side = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
-    let client_side = Proxy::start(&[("WEFT_MESH_NETWORKS", "127.0.0.0/8")]);
+    let client_side = Proxy::start(&[("WEFT_MESH_NETWORKS", "127.0.0.0/8"), ("WEFT_WORKER_THREADS", "1")]);
     let proxy = format!("http://{}", client_side.outbound);
     for i in 0..3 {
         let (code, body, err) = curl(&["-x", &proxy, &format!("http://{}/hop{i}", server_side.inbound)]);

@@ -58,8 +58,13 @@ impl Client {
         target: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, CauseError> {
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        *req.uri_mut() = Uri::try_from(format!("http://{target}{pq}"))
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority_of(target));
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts)
             .map_err(|e| CauseError::new(Cause::BadRequest, format!("invalid request target: {e}")))?;
         *req.version_mut() = http::Version::HTTP_11;
         self.h1.request(req).await.map_err(|e| {
@@ -113,6 +118,11 @@ impl Client {
         *slot = Some(sender.clone());
         Ok(sender)
     }
+}
+
+/// The URI authority naming a socket address (the pool key of the HTTP/1 client).
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).expect("a socket address is a valid authority")
 }
 
 /// Joins an error and its sources into one line for logs and error bodies.

@@ -66,7 +66,11 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 /// Approximate size of the request head as the client sent it: request line plus
 /// `name: value\r\n` for every header.
 pub fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme().map_or(0, |s| s.as_str().len() + 3);
+    let line = req.method().as_str().len() + target + 12;
     req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4) + 2
 }
 

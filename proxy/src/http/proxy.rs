@@ -52,17 +52,18 @@ impl HttpProxy {
         conn: Arc<ConnCtx>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let method = req.method().clone();
-        let authority = headers::authority(&req).map(|a| a.to_string()).unwrap_or_default();
-        let path = req.uri().path().to_string();
+        // Cheap clones (shared bytes) kept for the log line, formatted only if one is written.
+        let (method, uri, host) =
+            (req.method().clone(), req.uri().clone(), req.headers().get(header::HOST).cloned());
         let req = req.map(|b| b.map_err(Into::into).boxed());
 
         let (rsp, cause) = match self.forward(req, &conn).await {
             Ok(rsp) => (rsp, None),
             Err(e) => {
+                let (authority, path) = log_target(&uri, host.as_ref());
                 tracing::info!(
                     direction = self.dir.as_str(), cause = e.cause.as_str(), client = %conn.client,
-                    %method, %authority, %path, "proxy error: {}", e.message
+                    %method, authority, path, "proxy error: {}", e.message
                 );
                 (respond(e.cause, &e.message), Some(e.cause))
             }
@@ -70,11 +71,12 @@ impl HttpProxy {
         let elapsed = start.elapsed();
         self.metrics.response(self.dir, conn.protocol, rsp.status().as_u16(), cause, elapsed.as_secs_f64());
         if self.access_log {
+            let (authority, path) = log_target(&uri, host.as_ref());
             let bytes =
                 rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info!(
                 target: "weft::access",
-                direction = self.dir.as_str(), client = %conn.client, %method, %authority, %path,
+                direction = self.dir.as_str(), client = %conn.client, %method, authority, path,
                 status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
                 bytes, cause = cause.map(Cause::as_str).unwrap_or("-"),
             );
@@ -186,6 +188,13 @@ impl HttpProxy {
                 && (own.ip() == target.ip() || (own.ip().is_unspecified() && target.ip().is_loopback()))
         })
     }
+}
+
+/// Authority and path of a request for log lines; never a query string, which may hold secrets.
+fn log_target<'a>(uri: &'a Uri, host: Option<&'a HeaderValue>) -> (&'a str, &'a str) {
+    let authority =
+        uri.authority().map(|a| a.as_str()).or_else(|| host.and_then(|h| h.to_str().ok())).unwrap_or("-");
+    (authority, uri.path())
 }
 
 fn uri(s: &str) -> Result<Uri, CauseError> {
