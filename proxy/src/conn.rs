@@ -90,7 +90,7 @@ pub async fn serve(
     match (detected.protocol, fixed) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
-            let ctx = ConnCtx { client, target: fixed, protocol };
+            let ctx = ConnCtx { client, target: fixed, protocol, resets: Default::default() };
             http::server::serve(io, ctx, proxy, &cfg.http, drain).await
         }
         (Protocol::Tls { sni }, Some(target)) => {

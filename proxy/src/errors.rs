@@ -36,6 +36,8 @@ pub enum Cause {
     UriTooLong,
     /// A connection that must be HTTP (explicit proxy mode) was something else.
     ProtocolUnknown,
+    /// An HTTP/2 client cancelled most of its requests (rapid reset); closed.
+    RapidReset,
 }
 
 impl Cause {
@@ -52,6 +54,7 @@ impl Cause {
             Cause::HeaderTimeout => "header-timeout",
             Cause::UriTooLong => "uri-too-long",
             Cause::ProtocolUnknown => "protocol-unknown",
+            Cause::RapidReset => "rapid-reset",
         }
     }
 
@@ -61,7 +64,9 @@ impl Cause {
                 StatusCode::BAD_GATEWAY
             }
             Cause::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Cause::NoRoute | Cause::BadRequest | Cause::ProtocolUnknown => StatusCode::BAD_REQUEST,
+            Cause::NoRoute | Cause::BadRequest | Cause::ProtocolUnknown | Cause::RapidReset => {
+                StatusCode::BAD_REQUEST
+            }
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             Cause::UriTooLong => StatusCode::URI_TOO_LONG,

@@ -4,7 +4,15 @@
 //! for the next hop (hop-by-hop removal, HTTP/1 ↔ HTTP/2 between proxies) → send →
 //! hand back the response, or a proxy-made error with `weft-error`.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -28,6 +36,48 @@ pub struct ConnCtx {
     pub target: Option<SocketAddr>,
     /// `http1` or `h2`, as the client speaks it.
     pub protocol: &'static str,
+    pub resets: ResetWatch,
+}
+
+/// Envoy's premature-reset rule against HTTP/2 rapid reset (CVE-2023-44487): a client
+/// that cancels at least half of its first hundred or more requests before they are
+/// answered is abusing the connection, which is then closed. h2's own limit only
+/// counts streams reset before they were accepted; this also covers streams the proxy
+/// had already started forwarding.
+#[derive(Debug, Default)]
+pub struct ResetWatch {
+    streams: AtomicU32,
+    premature: AtomicU32,
+    pub abusive: tokio::sync::Notify,
+}
+
+const RESET_MIN_STREAMS: u32 = 100;
+
+impl ResetWatch {
+    fn started(&self) -> StreamGuard<'_> {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard { watch: self, answered: false }
+    }
+}
+
+/// Dropped with `answered == false` when hyper drops the request future: the client
+/// reset the stream (or went away) before the proxy answered.
+struct StreamGuard<'a> {
+    watch: &'a ResetWatch,
+    answered: bool,
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let premature = self.watch.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        let streams = self.watch.streams.load(Ordering::Relaxed);
+        if streams >= RESET_MIN_STREAMS && premature * 2 >= streams {
+            self.watch.abusive.notify_one();
+        }
+    }
 }
 
 pub struct HttpProxy {
@@ -52,6 +102,7 @@ impl HttpProxy {
         conn: Arc<ConnCtx>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
+        let mut guard = conn.resets.started();
         // Cheap clones (shared bytes) kept for the log line, formatted only if one is written.
         let (method, uri, host) =
             (req.method().clone(), req.uri().clone(), req.headers().get(header::HOST).cloned());
@@ -81,6 +132,7 @@ impl HttpProxy {
                 bytes, cause = cause.map(Cause::as_str).unwrap_or("-"),
             );
         }
+        guard.answered = true;
         Ok(rsp)
     }
 

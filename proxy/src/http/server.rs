@@ -45,9 +45,32 @@ where
                 std::pin::Pin::new(&mut conn).graceful_shutdown();
                 conn.await
             }
+            _ = ctx.resets.abusive.notified() => {
+                // Dropping the connection closes it at once; a GOAWAY would let the
+                // client keep the server busy until its streams finish.
+                tracing::info!(
+                    direction = dir.as_str(), client = %ctx.client, cause = Cause::RapidReset.as_str(),
+                    "closing HTTP/2 connection: the client cancels most of its requests"
+                );
+                metrics.tcp_error(dir, Cause::RapidReset);
+                return;
+            }
         };
         if let Err(e) = res {
-            tracing::debug!(client = %ctx.client, "HTTP/2 connection ended: {e}");
+            // h2 itself sends GOAWAY(ENHANCE_YOUR_CALM) when too many streams are reset
+            // before they were accepted: the same attack, caught earlier.
+            let calm = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .is_some_and(|h2| h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM));
+            if calm {
+                tracing::info!(
+                    direction = dir.as_str(), client = %ctx.client, cause = Cause::RapidReset.as_str(),
+                    "closed HTTP/2 connection: too many streams reset before they were accepted"
+                );
+                metrics.tcp_error(dir, Cause::RapidReset);
+            } else {
+                tracing::debug!(client = %ctx.client, "HTTP/2 connection ended: {e}");
+            }
         }
         return;
     }
