@@ -9,7 +9,9 @@
 //! per CPU than a shared multi-threaded runtime).
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -39,15 +41,21 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Metrics::new();
     let shards = cfg.worker_threads.max(1);
-    let inbound_ls = bind_shards(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
-    let outbound_ls = bind_shards(cfg.outbound_addr, shards, config::OUTBOUND_ADDR)?;
+    let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
+    let outbound_ls = bind_dual(cfg.outbound_addr, shards, config::OUTBOUND_ADDR)?;
     let admin_l = bind_shards(cfg.admin_addr, 1, config::ADMIN_ADDR)?.remove(0);
-    let own_addrs = Arc::new(vec![inbound_ls[0].local_addr()?, outbound_ls[0].local_addr()?, cfg.admin_addr]);
+    let mut own_addrs = vec![cfg.admin_addr];
+    for l in inbound_ls.iter().chain(&outbound_ls).filter_map(|ls| ls.first()) {
+        own_addrs.push(l.local_addr()?);
+    }
+    let own_addrs = Arc::new(own_addrs);
     // Fail at startup, not on the first request, if resolv.conf is unusable.
     Resolver::from_system()?;
 
     let (signal, watch) = drain::channel();
-    for (i, (inbound_l, outbound_l)) in inbound_ls.into_iter().zip(outbound_ls).enumerate() {
+    for (i, (inbound_l, outbound_l)) in
+        per_shard(inbound_ls, shards).into_iter().zip(per_shard(outbound_ls, shards)).enumerate()
+    {
         let shard = Shard { cfg: cfg.clone(), metrics: metrics.clone(), own_addrs: own_addrs.clone() };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -93,26 +101,38 @@ struct Shard {
 }
 
 impl Shard {
-    fn run(self, inbound_l: std::net::TcpListener, outbound_l: std::net::TcpListener, watch: drain::Watch) {
+    fn run(
+        self,
+        inbound_ls: Vec<std::net::TcpListener>,
+        outbound_ls: Vec<std::net::TcpListener>,
+        watch: drain::Watch,
+    ) {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => return tracing::error!("cannot start a proxy runtime: {e}"),
         };
         rt.block_on(async move {
-            let (inbound_l, outbound_l) =
-                match (TcpListener::from_std(inbound_l), TcpListener::from_std(outbound_l)) {
-                    (Ok(i), Ok(o)) => (i, o),
-                    (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot use a listener: {e}"),
-                };
             let (inbound_p, outbound_p) =
                 match (self.proxy(Direction::Inbound), self.proxy(Direction::Outbound)) {
                     (Ok(i), Ok(o)) => (i, o),
                     (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot start the proxy: {e:#}"),
                 };
-            tokio::join!(
-                inbound::run(inbound_l, inbound_p, self.cfg.clone(), watch.clone()),
-                outbound::run(outbound_l, outbound_p, self.cfg.clone(), watch),
-            );
+            let mut loops: Vec<Pin<Box<dyn Future<Output = ()>>>> = vec![];
+            for (ls, proxy) in [(inbound_ls, inbound_p), (outbound_ls, outbound_p)] {
+                for l in ls {
+                    let l = match TcpListener::from_std(l) {
+                        Ok(l) => l,
+                        Err(e) => return tracing::error!("cannot use a listener: {e}"),
+                    };
+                    let (proxy, cfg, watch) = (proxy.clone(), self.cfg.clone(), watch.clone());
+                    loops.push(match proxy.dir {
+                        Direction::Inbound => Box::pin(inbound::run(l, proxy, cfg, watch)),
+                        Direction::Outbound => Box::pin(outbound::run(l, proxy, cfg, watch)),
+                    });
+                }
+            }
+            drop(watch);
+            futures_util::future::join_all(loops).await;
             // Listeners are closed; keep driving in-flight connections until the
             // process exits at the end of the drain.
             std::future::pending::<()>().await
@@ -136,6 +156,39 @@ impl Shard {
     }
 }
 
+/// Shard listeners for `addr` and, for the default IPv4 addresses, their IPv6 twin, so
+/// IPv6 traffic redirected by ip6tables has somewhere to land: `0.0.0.0` → `[::]`,
+/// `127.0.0.1` → `[::1]`. The twin is skipped when the host has no IPv6.
+/// Returns one list of `n` listeners per address.
+fn bind_dual(addr: SocketAddr, n: usize, name: &str) -> anyhow::Result<Vec<Vec<std::net::TcpListener>>> {
+    let v4 = bind_shards(addr, n, name)?;
+    let port = v4[0].local_addr()?.port();
+    let twin = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => Some(std::net::Ipv6Addr::UNSPECIFIED),
+        std::net::IpAddr::V4(ip) if ip.is_loopback() => Some(std::net::Ipv6Addr::LOCALHOST),
+        _ => None,
+    };
+    let mut out = vec![v4];
+    if let Some(ip) = twin {
+        match bind_shards(SocketAddr::new(ip.into(), port), n, name) {
+            Ok(v6) => out.push(v6),
+            Err(e) => tracing::debug!("no IPv6 twin for {name}: {e:#}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Regroups listeners by shard: shard `i` gets the `i`th listener of every address.
+fn per_shard(by_addr: Vec<Vec<std::net::TcpListener>>, n: usize) -> Vec<Vec<std::net::TcpListener>> {
+    let mut shards: Vec<Vec<_>> = (0..n).map(|_| vec![]).collect();
+    for ls in by_addr {
+        for (i, l) in ls.into_iter().enumerate() {
+            shards[i].push(l);
+        }
+    }
+    shards
+}
+
 /// `n` listeners on one address with `SO_REUSEPORT`, so each shard accepts on its own.
 fn bind_shards(addr: SocketAddr, n: usize, name: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
@@ -143,6 +196,10 @@ fn bind_shards(addr: SocketAddr, n: usize, name: &str) -> anyhow::Result<Vec<std
         // An ephemeral port (`:0`) is chosen by the first bind and shared by the rest.
         let addr = out.first().map(|l| l.local_addr()).transpose()?.unwrap_or(addr);
         let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        if addr.is_ipv6() {
+            // The IPv4 address has its own listener; keep this one to IPv6.
+            sock.set_only_v6(true)?;
+        }
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
         sock.set_nonblocking(true)?;

@@ -6,7 +6,7 @@
 //! by a test that was SIGKILLed are removed by the next run (their names carry the PID).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -17,6 +17,7 @@ const PREFIX: &str = "weft-t";
 pub struct Pod {
     pub ns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 pub struct Net {
@@ -67,7 +68,7 @@ fn delete_ns(name: &str) {
 }
 
 impl Net {
-    /// A node with `n` pods at 10.77.0.2, 10.77.0.3, …
+    /// A node with `n` pods at 10.77.0.2, 10.77.0.3, … and fd77::2, fd77::3, …
     pub fn new(n: usize) -> Net {
         remove_leftovers();
         let id = format!("{PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
@@ -77,12 +78,15 @@ impl Net {
         net.node_exec(&["ip", "link", "set", "lo", "up"]);
         net.node_exec(&["ip", "link", "add", "br0", "type", "bridge"]);
         net.node_exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        // `nodad`: usable at once, without waiting for duplicate address detection.
+        net.node_exec(&["ip", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"]);
         net.node_exec(&["ip", "link", "set", "br0", "up"]);
         for i in 0..n {
             let ns = format!("{id}-p{i}");
             let ip = Ipv4Addr::new(10, 77, 0, 2 + i as u8);
+            let ip6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2 + i as u16);
             must(&["ip", "netns", "add", &ns]);
-            net.pods.push(Pod { ns: ns.clone(), ip });
+            net.pods.push(Pod { ns: ns.clone(), ip, ip6 });
             let veth = format!("veth{i}");
             must(&[
                 "ip", "link", "add", &veth, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns",
@@ -94,6 +98,7 @@ impl Net {
             net.exec(i, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
             net.exec(i, &["ip", "link", "set", "eth0", "up"]);
             net.exec(i, &["ip", "route", "add", "default", "via", "10.77.0.1"]);
+            net.exec(i, &["ip", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
         }
         net
     }

@@ -31,7 +31,8 @@ fn mesh(client_env: &[(&str, &str)]) -> Net {
         net.spawn(i, &args, &env, &log);
     }
     let app = logs.join(format!("{}-app.log", net.pods[1].ns));
-    net.spawn(1, &["/usr/bin/python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"], &[], &app);
+    // `--bind ::` listens on IPv4 and IPv6.
+    net.spawn(1, &["/usr/bin/python3", "-m", "http.server", "8080", "--bind", "::"], &[], &app);
     let echo = logs.join(format!("{}-echo.log", net.pods[1].ns));
     let script = "import socket\ns=socket.create_server(('0.0.0.0',7000))\nwhile True:\n c,_=s.accept()\n c.sendall(b'hello from pod b\\n')\n c.close()";
     net.spawn(1, &["/usr/bin/python3", "-c", script], &[], &echo);
@@ -87,6 +88,32 @@ fn pod_to_pod_through_both_sidecars() {
 }
 
 #[test]
+fn ipv6_pod_to_pod_through_both_sidecars() {
+    let net = mesh(&[]);
+    let b = net.pods[1].ip6;
+    let body = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("http://[{b}]:8080/")]);
+    assert!(body.contains("Directory listing"), "{body}");
+    let a_m = metrics(&net, 0);
+    let b_m = metrics(&net, 1);
+    assert_eq!(
+        metric_value(
+            &a_m,
+            r#"weft_requests_total{direction="outbound",protocol="http1",status="200",cause=""}"#
+        ),
+        1.0,
+        "pod A's outbound did not carry the IPv6 call:\n{a_m}"
+    );
+    assert_eq!(
+        metric_value(
+            &b_m,
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="200",cause=""}"#
+        ),
+        1.0,
+        "pod B's inbound did not carry the IPv6 call:\n{b_m}"
+    );
+}
+
+#[test]
 fn http1_crosses_as_http2_between_meshed_pods() {
     let net = mesh(&[("WEFT_MESH_NETWORKS", "10.77.0.0/24")]);
     let b = net.pods[1].ip.to_string();
@@ -115,9 +142,12 @@ fn init_is_idempotent_and_removable() {
     assert!(once.contains("-A WEFT_INBOUND -p tcp -j REDIRECT --to-ports 4143"), "{once}");
     assert!(once.contains("--uid-owner 2102 -j RETURN"), "{once}");
     assert_eq!(once.matches("-j WEFT_OUTBOUND").count(), 1, "{once}");
+    let v6 = net.exec(0, &["ip6tables", "-t", "nat", "-S"]);
+    assert!(v6.contains("-A WEFT_OUTBOUND -p tcp -j REDIRECT --to-ports 4140"), "{v6}");
     net.exec(0, &[proxy, "init", "--remove"]);
     let removed = net.exec(0, &["iptables", "-t", "nat", "-S"]);
     assert!(!removed.contains("WEFT"), "{removed}");
+    assert!(!net.exec(0, &["ip6tables", "-t", "nat", "-S"]).contains("WEFT"));
     // Removing twice is harmless.
     net.exec(0, &[proxy, "init", "--remove"]);
 }
