@@ -4,7 +4,7 @@
 //! [`Env`] trait so tests hand in a map instead of mutating the process environment.
 //! A bad value fails startup with an error naming the variable and what it expects.
 
-use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, str::FromStr, time::Duration};
 
 use ipnet::IpNet;
 
@@ -272,13 +272,6 @@ impl FromStr for HostPort {
             return Err(());
         }
         Ok(HostPort(s.to_string()))
-    }
-}
-
-impl fmt::Display for Config {
-    /// One line per setting, logged at startup so an operator sees what the proxy believes.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
     }
 }
 

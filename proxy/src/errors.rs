@@ -32,8 +32,6 @@ pub enum Cause {
     HeaderTooLarge,
     /// The client did not send a complete request head in time.
     HeaderTimeout,
-    /// The request target is longer than the codec accepts.
-    UriTooLong,
     /// A connection that must be HTTP (explicit proxy mode) was something else.
     ProtocolUnknown,
     /// An HTTP/2 client cancelled most of its requests (rapid reset); closed.
@@ -52,7 +50,6 @@ impl Cause {
             Cause::BadRequest => "bad-request",
             Cause::HeaderTooLarge => "header-too-large",
             Cause::HeaderTimeout => "header-timeout",
-            Cause::UriTooLong => "uri-too-long",
             Cause::ProtocolUnknown => "protocol-unknown",
             Cause::RapidReset => "rapid-reset",
         }
@@ -69,7 +66,6 @@ impl Cause {
             }
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
-            Cause::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 

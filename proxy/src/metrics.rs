@@ -100,14 +100,14 @@ impl Metrics {
         let tcp_read_bytes = Family::default();
         registry.register_with_unit(
             "tcp_read",
-            "Bytes read from clients on closed and open opaque connections",
+            "Bytes read from clients on opaque TCP, CONNECT and upgraded connections, counted at close",
             Unit::Bytes,
             tcp_read_bytes.clone(),
         );
         let tcp_write_bytes = Family::default();
         registry.register_with_unit(
             "tcp_write",
-            "Bytes written to clients on closed and open opaque connections",
+            "Bytes written to clients on opaque TCP, CONNECT and upgraded connections, counted at close",
             Unit::Bytes,
             tcp_write_bytes.clone(),
         );

@@ -73,21 +73,28 @@ pub async fn forward<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let upstream = match connect(target, connect_timeout).await {
-        Ok(s) => s,
+    match connect(target, connect_timeout).await {
+        Ok(upstream) => splice(client, upstream, idle_timeout, dir, metrics).await,
         Err(e) => {
             tracing::info!(cause = e.cause.as_str(), %target, "closing connection: {e}");
             metrics.tcp_error(dir, e.cause);
-            return;
         }
-    };
+    }
+}
+
+/// [`copy`] with the client's bytes counted in metrics when the connection ends.
+pub async fn splice<C, U>(client: C, upstream: U, idle_timeout: Duration, dir: Direction, metrics: &Metrics)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Activity::new();
     match copy(client, upstream, idle_timeout, activity.clone()).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            tracing::debug!(%target, "closing idle connection after {idle_timeout:?}");
+            tracing::debug!("closing connection idle for {idle_timeout:?}");
         }
-        Err(e) => tracing::debug!(%target, "connection ended: {e}"),
+        Err(e) => tracing::debug!("connection ended: {e}"),
     }
     metrics.tcp_bytes(dir, activity.read.load(Ordering::Relaxed), activity.written.load(Ordering::Relaxed));
 }

@@ -138,74 +138,90 @@ impl HttpProxy {
 
     async fn forward(&self, mut req: Request<Body>, conn: &ConnCtx) -> Result<Response<Body>, CauseError> {
         if headers::head_size(&req) > self.max_header_bytes {
-            return Err(CauseError::new(
-                Cause::HeaderTooLarge,
-                format!(
-                    "request head is larger than {} bytes (WEFT_MAX_HEADER_BYTES)",
-                    self.max_header_bytes
-                ),
-            ));
+            let msg = format!(
+                "request head is larger than {} bytes (WEFT_MAX_HEADER_BYTES)",
+                self.max_header_bytes
+            );
+            return Err(CauseError::new(Cause::HeaderTooLarge, msg));
         }
         let target = match conn.target {
             Some(t) => t,
             None => self.route(&req).await?,
         };
-        if req.method() == Method::CONNECT && conn.target.is_none() {
-            return upgrade::tunnel(req, target, self.connect_timeout, self.tcp_idle_timeout).await;
-        }
-
         let is_connect = req.method() == Method::CONNECT;
+        if is_connect && conn.target.is_none() {
+            let (dir, metrics) = (self.dir, self.metrics.clone());
+            return upgrade::tunnel(req, target, self.connect_timeout, self.tcp_idle_timeout, dir, metrics)
+                .await;
+        }
         let is_upgrade = headers::wants_upgrade(&req) || is_connect;
-        // A peer proxy carried this HTTP/1 request over HTTP/2: restore HTTP/1 for the app.
-        let downgrade = self.dir == Direction::Inbound
-            && req.version() == Version::HTTP_2
-            && req.headers().get(headers::ORIG_PROTO).is_some_and(|v| v == "HTTP/1.1");
-        // Between proxies, HTTP/1 rides on multiplexed HTTP/2 (upgrades cannot).
-        let upgrade_h2 = self.dir == Direction::Outbound
-            && req.version() != Version::HTTP_2
-            && !is_upgrade
-            && self.mesh_networks.iter().any(|n| n.contains(&target.ip()));
+        let hop = self.hop(&req, target, is_upgrade);
         req.headers_mut().remove(headers::ORIG_PROTO);
         headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let rsp = if req.version() == Version::HTTP_2 && !downgrade {
-            self.client.send_h2(target, req).await?
-        } else if upgrade_h2 {
-            let authority =
-                headers::authority(&req).map(|a| a.to_string()).unwrap_or_else(|| target.to_string());
-            req.headers_mut().remove(header::HOST);
-            req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-            let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
-            self.client.send_h2(target, req).await?
-        } else {
-            if !req.headers().contains_key(header::HOST) {
-                let authority =
-                    headers::authority(&req).map(|a| a.to_string()).unwrap_or_else(|| target.to_string());
-                let host = HeaderValue::try_from(authority).map_err(|_| {
-                    CauseError::new(Cause::BadRequest, "request authority is not a valid Host")
-                })?;
-                req.headers_mut().insert(header::HOST, host);
+        let mut rsp = match hop {
+            Hop::H2 => self.client.send_h2(target, req).await?,
+            Hop::H1OverH2 => {
+                let authority = authority_or(&req, target);
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
+                req.headers_mut().remove(header::HOST);
+                req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+                self.client.send_h2(target, req).await?
             }
-            self.client.send_h1(target, req).await?
+            Hop::H1 => {
+                if !req.headers().contains_key(header::HOST) {
+                    let host = HeaderValue::try_from(authority_or(&req, target)).map_err(|_| {
+                        CauseError::new(Cause::BadRequest, "request authority is not a valid Host")
+                    })?;
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                self.client.send_h1(target, req).await?
+            }
         };
 
-        let (mut parts, body) = rsp.into_parts();
         let switched =
-            parts.status == StatusCode::SWITCHING_PROTOCOLS || (is_connect && parts.status.is_success());
-        if let (Some(client_upgrade), true) = (client_upgrade, switched) {
-            let mut upstream_rsp = Response::from_parts(parts.clone(), body);
-            let upstream_upgrade = hyper::upgrade::on(&mut upstream_rsp);
-            upgrade::splice(client_upgrade, upstream_upgrade, self.tcp_idle_timeout);
+            rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
+        if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
+            let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+            upgrade::splice(
+                client_upgrade,
+                upstream_upgrade,
+                self.tcp_idle_timeout,
+                self.dir,
+                self.metrics.clone(),
+            );
+            let (mut parts, _) = rsp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Ok(Response::from_parts(
                 parts,
                 http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
             ));
         }
+        let (mut parts, body) = rsp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+    }
+
+    /// The protocol of the next hop.
+    fn hop(&self, req: &Request<Body>, target: SocketAddr, is_upgrade: bool) -> Hop {
+        match (self.dir, req.version() == Version::HTTP_2) {
+            // A peer proxy carried this HTTP/1 request over HTTP/2: restore HTTP/1 for the app.
+            (Direction::Inbound, true)
+                if req.headers().get(headers::ORIG_PROTO).is_some_and(|v| v == "HTTP/1.1") =>
+            {
+                Hop::H1
+            }
+            (_, true) => Hop::H2,
+            // Between proxies, HTTP/1 rides on multiplexed HTTP/2 (upgrades cannot).
+            (Direction::Outbound, false)
+                if !is_upgrade && self.mesh_networks.iter().any(|n| n.contains(&target.ip())) =>
+            {
+                Hop::H1OverH2
+            }
+            (_, false) => Hop::H1,
+        }
     }
 
     /// Explicit mode: the destination comes from the request itself.
@@ -240,6 +256,19 @@ impl HttpProxy {
                 && (own.ip() == target.ip() || (own.ip().is_unspecified() && target.ip().is_loopback()))
         })
     }
+}
+
+/// How a request travels to its upstream.
+enum Hop {
+    H2,
+    H1,
+    /// An HTTP/1 request carried over HTTP/2 to a peer proxy, marked with `weft-orig-proto`.
+    H1OverH2,
+}
+
+/// The authority the client addressed, or the target address when it named none.
+fn authority_or<B>(req: &Request<B>, target: SocketAddr) -> String {
+    headers::authority(req).map_or_else(|| target.to_string(), |a| a.to_string())
 }
 
 /// Authority and path of a request for log lines; never a query string, which may hold secrets.

@@ -1,6 +1,7 @@
 //! Connections that stop being HTTP: protocol upgrades (WebSocket) and `CONNECT` tunnels.
+//! Once switched, they are opaque TCP: idle timeout, half-close and byte counts apply.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
@@ -8,22 +9,26 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::Body;
-use crate::{errors::CauseError, io::Activity, tcp};
+use crate::{
+    errors::CauseError,
+    metrics::{Direction, Metrics},
+    tcp,
+};
 
-/// Once both sides have switched protocols, copies bytes between them as opaque TCP.
-pub fn splice(client: OnUpgrade, upstream: OnUpgrade, idle_timeout: Duration) {
+/// Once both sides have switched protocols, copies bytes between them.
+pub fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    idle_timeout: Duration,
+    dir: Direction,
+    metrics: Arc<Metrics>,
+) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!("upgrade did not complete: {e}");
-                return;
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                tcp::splice(TokioIo::new(client), TokioIo::new(upstream), idle_timeout, dir, &metrics).await
             }
-        };
-        if let Err(e) =
-            tcp::copy(TokioIo::new(client), TokioIo::new(upstream), idle_timeout, Activity::new()).await
-        {
-            tracing::debug!("upgraded connection ended: {e}");
+            Err(e) => tracing::debug!("upgrade did not complete: {e}"),
         }
     });
 }
@@ -34,17 +39,14 @@ pub async fn tunnel(
     target: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    dir: Direction,
+    metrics: Arc<Metrics>,
 ) -> Result<Response<Body>, CauseError> {
     let upstream = tcp::connect(target, connect_timeout).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(client) => {
-                if let Err(e) = tcp::copy(TokioIo::new(client), upstream, idle_timeout, Activity::new()).await
-                {
-                    tracing::debug!(%target, "CONNECT tunnel ended: {e}");
-                }
-            }
+            Ok(client) => tcp::splice(TokioIo::new(client), upstream, idle_timeout, dir, &metrics).await,
             Err(e) => tracing::debug!(%target, "CONNECT upgrade failed: {e}"),
         }
     });
