@@ -240,3 +240,32 @@ fn bad_configuration_names_the_variable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WEFT_ADMIN_ADDR"), "{err}");
 }
+
+#[test]
+fn upstream_closing_idle_keepalive_connections_is_invisible() {
+    use std::io::{BufRead, BufReader, Write};
+    // An app that answers with keep-alive, then closes each connection 100 ms later,
+    // as servers with a short keep-alive timeout do.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let mut s = stream;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                std::thread::sleep(Duration::from_millis(100));
+            });
+        }
+    });
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.to_string()), ("WEFT_WORKER_THREADS", "1")]);
+    for _ in 0..5 {
+        let (code, body, err) = curl(&[&format!("http://{}/", p.inbound)]);
+        assert_eq!((code, body.as_str()), (200, "ok"), "{err}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

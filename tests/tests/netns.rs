@@ -55,6 +55,17 @@ fn metrics(net: &Net, pod: usize) -> String {
     net.exec(pod, &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:4191/metrics"])
 }
 
+/// Asserts that pod A's outbound and pod B's inbound each answered `n` requests with 200,
+/// and returns both pods' metrics.
+fn assert_crossed_both_sidecars(net: &Net, n: f64) -> (String, String) {
+    let (a_m, b_m) = (metrics(net, 0), metrics(net, 1));
+    let ok =
+        |dir| format!(r#"weft_requests_total{{direction="{dir}",protocol="http1",status="200",cause=""}}"#);
+    assert_eq!(metric_value(&a_m, &ok("outbound")), n, "pod A's outbound did not carry the call:\n{a_m}");
+    assert_eq!(metric_value(&b_m, &ok("inbound")), n, "pod B's inbound did not carry the call:\n{b_m}");
+    (a_m, b_m)
+}
+
 #[test]
 fn pod_to_pod_through_both_sidecars() {
     let net = mesh(&[]);
@@ -65,24 +76,7 @@ fn pod_to_pod_through_both_sidecars() {
     let banner = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("telnet://{b}:7000")]);
     assert_eq!(banner, "hello from pod b\n");
 
-    let a_m = metrics(&net, 0);
-    let b_m = metrics(&net, 1);
-    assert_eq!(
-        metric_value(
-            &a_m,
-            r#"weft_requests_total{direction="outbound",protocol="http1",status="200",cause=""}"#
-        ),
-        1.0,
-        "pod A's outbound did not carry the call:\n{a_m}"
-    );
-    assert_eq!(
-        metric_value(
-            &b_m,
-            r#"weft_requests_total{direction="inbound",protocol="http1",status="200",cause=""}"#
-        ),
-        1.0,
-        "pod B's inbound did not carry the call:\n{b_m}"
-    );
+    let (a_m, b_m) = assert_crossed_both_sidecars(&net, 1.0);
     assert_eq!(metric_value(&a_m, r#"weft_detect_total{direction="outbound",outcome="silent"}"#), 1.0);
     assert_eq!(metric_value(&b_m, r#"weft_detect_total{direction="inbound",outcome="silent"}"#), 1.0);
 }
@@ -93,24 +87,7 @@ fn ipv6_pod_to_pod_through_both_sidecars() {
     let b = net.pods[1].ip6;
     let body = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("http://[{b}]:8080/")]);
     assert!(body.contains("Directory listing"), "{body}");
-    let a_m = metrics(&net, 0);
-    let b_m = metrics(&net, 1);
-    assert_eq!(
-        metric_value(
-            &a_m,
-            r#"weft_requests_total{direction="outbound",protocol="http1",status="200",cause=""}"#
-        ),
-        1.0,
-        "pod A's outbound did not carry the IPv6 call:\n{a_m}"
-    );
-    assert_eq!(
-        metric_value(
-            &b_m,
-            r#"weft_requests_total{direction="inbound",protocol="http1",status="200",cause=""}"#
-        ),
-        1.0,
-        "pod B's inbound did not carry the IPv6 call:\n{b_m}"
-    );
+    assert_crossed_both_sidecars(&net, 1.0);
 }
 
 #[test]
