@@ -101,19 +101,20 @@ impl Client {
     /// An idle, ready connection to `target`; drops closed and expired ones on the way.
     fn checkout(&self, target: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let mut pool = self.h1.lock().expect("h1 pool lock");
-        let alive = |c: &Pooled| {
-            !c.sender.is_closed() && !(c.sender.is_ready() && c.since.elapsed() > self.idle_timeout)
+        // Closed by the upstream, or idle (ready) for longer than the idle timeout.
+        let expired = |c: &Pooled| {
+            c.sender.is_closed() || (c.sender.is_ready() && c.since.elapsed() > self.idle_timeout)
         };
         // Now and then, close expired connections to addresses no longer used.
         if pool.swept.is_none_or(|t| t.elapsed() > self.idle_timeout / 2) {
             pool.swept = Some(Instant::now());
             pool.conns.retain(|_, conns| {
-                conns.retain(alive);
+                conns.retain(|c| !expired(c));
                 !conns.is_empty()
             });
         }
         let conns = pool.conns.get_mut(&target)?;
-        conns.retain(alive);
+        conns.retain(|c| !expired(c));
         let i = conns.iter().position(|c| c.sender.is_ready())?;
         Some(conns.swap_remove(i).sender)
     }
