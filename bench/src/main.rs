@@ -1,8 +1,9 @@
 //! weft-load: sends HTTP/1.1 requests at a constant rate and reports latency percentiles
-//! corrected for coordinated omission: each request's latency is measured from the
-//! moment it was scheduled to be sent, not from when a connection became free, so a
-//! stall shows up in the percentiles instead of silently lowering the offered load
-//! (the method of wrk2, which Debian does not package).
+//! corrected for coordinated omission: requests are released on schedule (open loop)
+//! and each one's latency counts from its release, not from when a connection became
+//! free, so a stall shows up in the percentiles instead of silently lowering the offered
+//! load (the method of wrk2, which Debian does not package). Release happens within one
+//! timer tick of the schedule; that slack of our own timer is not counted.
 #![forbid(unsafe_code)]
 
 use std::{
