@@ -266,6 +266,46 @@ mod tests {
         assert_eq!(classify(&bad), Verdict::NeedMore);
     }
 
+    /// Untrusted bytes: random inputs, random prefixes of real protocols and mutated
+    /// ClientHellos never panic, and a verdict never changes as more bytes arrive.
+    #[test]
+    fn arbitrary_bytes_never_panic_and_verdicts_are_stable() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let hello = client_hello("fuzz.example");
+        let seeds: [&[u8]; 4] =
+            [&hello, H2_PREFACE, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"MKCOL /x HTTP/1.1\r\n"];
+        for i in 0..20_000 {
+            let mut buf: Vec<u8> = if i % 2 == 0 {
+                (0..(next() % 64 + 1)).map(|_| next() as u8).collect()
+            } else {
+                let mut b = seeds[i % seeds.len()].to_vec();
+                for _ in 0..(next() % 4) {
+                    let at = next() as usize % b.len();
+                    b[at] = next() as u8;
+                }
+                b
+            };
+            buf.truncate((next() as usize % buf.len()) + 1);
+            let full = classify(&buf);
+            for cut in 1..buf.len() {
+                if let Verdict::Known(p, _) = classify(&buf[..cut]) {
+                    // An early verdict on a prefix must be the one the whole input gets.
+                    let Verdict::Known(q, _) = &full else {
+                        panic!("{buf:?}: decided at {cut}, not in full")
+                    };
+                    assert_eq!(std::mem::discriminant(&p), std::mem::discriminant(q), "{buf:?} at {cut}");
+                    break;
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn silent_client_is_opaque_at_once() {
         let (mut client, _server) = tokio::io::duplex(64);
