@@ -269,3 +269,29 @@ fn upstream_closing_idle_keepalive_connections_is_invisible() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+#[test]
+fn request_bodies_cross_every_hop() {
+    // 2 MB makes curl send `Expect: 100-continue`; the body crosses HTTP/1 → HTTP/2 → HTTP/1.
+    let app = backend::http("app");
+    let server_side = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let client_side = Proxy::start(&[("WEFT_MESH_NETWORKS", "127.0.0.0/8")]);
+    let file = std::env::temp_dir().join(format!("weft-body-{}", std::process::id()));
+    std::fs::write(&file, vec![b'x'; 2 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let (proxy, url) =
+        (format!("http://{}", client_side.outbound), format!("http://{}/upload", server_side.inbound));
+    for (extra, label) in [(None, "content-length"), (Some("Transfer-Encoding: chunked"), "chunked")] {
+        let mut args = vec!["-x", &proxy, "--data-binary", &data];
+        if let Some(h) = extra {
+            args.extend(["-H", h]);
+        }
+        args.push(&url);
+        let (code, body, err) = curl(&args);
+        assert_eq!(code, 200, "{label}: {err}");
+        let v = json(&body);
+        assert_eq!(v["body_len"], 2 << 20, "{label}");
+        assert_eq!(v["method"], "POST");
+    }
+    let _ = std::fs::remove_file(file);
+}
