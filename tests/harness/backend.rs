@@ -63,7 +63,8 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// An HTTP echo server speaking HTTP/1.1 and h2c. It answers 200 with a JSON summary of
-/// the request; `?delay_ms=N` waits first, `?status=N` answers with that status.
+/// the request; `?delay_ms=N` waits first, `?status=N` answers with that status,
+/// `?size=N` answers with N bytes of `x` instead of the summary.
 pub fn http(name: &'static str) -> Backend {
     let rt = runtime();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -125,7 +126,11 @@ async fn handle(
         "backend": name, "method": s.method, "path": s.path, "version": s.version,
         "headers": s.headers, "body_len": s.body_len,
     });
-    let mut rsp = Response::new(Full::new(Bytes::from(json.to_string())));
+    let body = match query.get("size").and_then(|v| v.parse().ok()) {
+        Some(n) => Bytes::from(vec![b'x'; n]),
+        None => Bytes::from(json.to_string()),
+    };
+    let mut rsp = Response::new(Full::new(body));
     *rsp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     rsp.headers_mut().insert("x-backend", name.parse().unwrap());
     Ok(rsp)

@@ -295,3 +295,25 @@ fn request_bodies_cross_every_hop() {
     }
     let _ = std::fs::remove_file(file);
 }
+
+#[test]
+fn a_connection_left_mid_response_is_not_reused() {
+    use std::io::{Read, Write};
+    let app = backend::http("app");
+    // One shard, so both requests share one upstream pool.
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_WORKER_THREADS", "1")]);
+    // A client that reads a little of a 20 MB response and goes away.
+    let mut s = std::net::TcpStream::connect(p.inbound).unwrap();
+    s.write_all(b"GET /big?size=20000000 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    s.read_exact(&mut buf).unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(100));
+    // The next request must get its own clean response, not the rest of the big one.
+    for _ in 0..3 {
+        let (code, body, err) = curl(&[&format!("http://{}/small", p.inbound)]);
+        assert_eq!(code, 200, "{err}");
+        assert_eq!(json(&body)["path"], "/small");
+    }
+    assert_eq!(app.conns(), 2, "the abandoned connection must be closed, the next one pooled");
+}

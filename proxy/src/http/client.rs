@@ -9,9 +9,14 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
+
+use http_body::Body as _;
+use http_body_util::BodyExt;
 
 use http::{Request, Response, Uri};
 use hyper::{
@@ -30,36 +35,68 @@ use crate::{
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 pub struct Client {
-    h1: Mutex<H1Pool>,
+    h1: SharedPool,
     h2: Mutex<HashMap<SocketAddr, H2Slot>>,
     connect_timeout: Duration,
+}
+
+type SharedPool = Arc<Mutex<H1Pool>>;
+
+/// Idle HTTP/1 connections by address. A connection comes back only once its response
+/// has been read to the end, so checking out is a pop.
+struct H1Pool {
+    conns: HashMap<SocketAddr, Vec<Pooled>>,
+    /// When expired connections to every address were last closed.
+    swept: Instant,
     idle_timeout: Duration,
     max_idle: usize,
 }
 
-#[derive(Default)]
-struct H1Pool {
-    conns: HashMap<SocketAddr, Vec<Pooled>>,
-    /// When expired connections to every address were last closed.
-    swept: Option<Instant>,
-}
-
-/// An HTTP/1 connection in the pool. It may still be reading its last response body;
-/// hyper reports it ready only once that exchange is over.
 struct Pooled {
     sender: http1::SendRequest<Body>,
     since: Instant,
 }
 
+impl H1Pool {
+    fn checkout(&mut self, target: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let idle_timeout = self.idle_timeout;
+        let usable = |c: &Pooled| !c.sender.is_closed() && c.since.elapsed() <= idle_timeout;
+        // Now and then, close expired connections to addresses no longer used.
+        if self.swept.elapsed() > idle_timeout / 2 {
+            self.swept = Instant::now();
+            self.conns.retain(|_, conns| {
+                conns.retain(usable);
+                !conns.is_empty()
+            });
+        }
+        let conns = self.conns.get_mut(&target)?;
+        // Most recently used first: its socket is the warmest.
+        while let Some(c) = conns.pop() {
+            if usable(&c) {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&mut self, target: SocketAddr, sender: http1::SendRequest<Body>) {
+        let conns = self.conns.entry(target).or_default();
+        // Over the limit, the connection is dropped, which closes it.
+        if !sender.is_closed() && conns.len() < self.max_idle {
+            conns.push(Pooled { sender, since: Instant::now() });
+        }
+    }
+}
+
 impl Client {
     pub fn new(cfg: &HttpConfig, connect_timeout: Duration) -> Self {
-        Self {
-            h1: Mutex::default(),
-            h2: Mutex::default(),
-            connect_timeout,
+        let pool = H1Pool {
+            conns: HashMap::new(),
+            swept: Instant::now(),
             idle_timeout: cfg.pool_idle_timeout,
             max_idle: cfg.pool_max_idle_per_host,
-        }
+        };
+        Self { h1: Arc::new(Mutex::new(pool)), h2: Mutex::default(), connect_timeout }
     }
 
     /// Sends an HTTP/1 request to `target`, in origin form; `Host` must already be set.
@@ -67,22 +104,40 @@ impl Client {
         &self,
         target: SocketAddr,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, CauseError> {
+    ) -> Result<Response<Body>, CauseError> {
+        let is_connect = req.method() == http::Method::CONNECT;
         // Origin form (`/path?q`); CONNECT keeps its authority form.
-        if req.method() != http::Method::CONNECT {
+        if !is_connect {
             let pq = req.uri().path_and_query().cloned();
             *req.uri_mut() = pq.map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
         }
         *req.version_mut() = http::Version::HTTP_11;
         loop {
-            let (mut sender, pooled) = match self.checkout(target) {
-                Some(sender) => (sender, true),
+            let pooled = self.h1.lock().expect("h1 pool lock").checkout(target);
+            let (mut sender, pooled) = match pooled {
+                // The connection may take a moment to be ready after its last response.
+                Some(mut s) => match s.ready().await {
+                    Ok(()) => (s, true),
+                    Err(_) => continue,
+                },
                 None => (self.connect_h1(target).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    self.checkin(target, sender);
-                    return Ok(rsp);
+                    let upgraded = rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (is_connect && rsp.status().is_success());
+                    if upgraded {
+                        // The connection now belongs to the tunnel.
+                        return Ok(rsp.map(|b| b.map_err(Into::into).boxed()));
+                    }
+                    if rsp.body().is_end_stream() {
+                        self.h1.lock().expect("h1 pool lock").checkin(target, sender);
+                        return Ok(rsp.map(|b| b.map_err(Into::into).boxed()));
+                    }
+                    let pool = self.h1.clone();
+                    return Ok(rsp.map(|inner| {
+                        PooledBody { inner, conn: Some((pool, target, sender)) }.map_err(Into::into).boxed()
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the upstream had closed: nothing was sent,
@@ -95,36 +150,6 @@ impl Client {
                     }
                 },
             }
-        }
-    }
-
-    /// An idle, ready connection to `target`; drops closed and expired ones on the way.
-    fn checkout(&self, target: SocketAddr) -> Option<http1::SendRequest<Body>> {
-        let mut pool = self.h1.lock().expect("h1 pool lock");
-        // Closed by the upstream, or idle (ready) for longer than the idle timeout.
-        let expired = |c: &Pooled| {
-            c.sender.is_closed() || (c.sender.is_ready() && c.since.elapsed() > self.idle_timeout)
-        };
-        // Now and then, close expired connections to addresses no longer used.
-        if pool.swept.is_none_or(|t| t.elapsed() > self.idle_timeout / 2) {
-            pool.swept = Some(Instant::now());
-            pool.conns.retain(|_, conns| {
-                conns.retain(|c| !expired(c));
-                !conns.is_empty()
-            });
-        }
-        let conns = pool.conns.get_mut(&target)?;
-        conns.retain(|c| !expired(c));
-        let i = conns.iter().position(|c| c.sender.is_ready())?;
-        Some(conns.swap_remove(i).sender)
-    }
-
-    fn checkin(&self, target: SocketAddr, sender: http1::SendRequest<Body>) {
-        let mut pool = self.h1.lock().expect("h1 pool lock");
-        let conns = pool.conns.entry(target).or_default();
-        // Over the limit, the connection finishes its current response and closes.
-        if conns.len() < self.max_idle {
-            conns.push(Pooled { sender, since: Instant::now() });
         }
     }
 
@@ -147,15 +172,16 @@ impl Client {
         &self,
         target: SocketAddr,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, CauseError> {
+    ) -> Result<Response<Body>, CauseError> {
         *req.version_mut() = http::Version::HTTP_2;
         let mut sender = self.h2_sender(target).await?;
         sender.ready().await.map_err(|e| {
             CauseError::new(Cause::UpstreamReset, format!("HTTP/2 connection to {target}: {e}"))
         })?;
-        sender.send_request(req).await.map_err(|e| {
+        let rsp = sender.send_request(req).await.map_err(|e| {
             CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
-        })
+        })?;
+        Ok(rsp.map(|b| b.map_err(Into::into).boxed()))
     }
 
     async fn h2_sender(&self, target: SocketAddr) -> Result<http2::SendRequest<Body>, CauseError> {
@@ -182,6 +208,48 @@ impl Client {
         });
         *slot = Some(sender.clone());
         Ok(sender)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that returns its connection to the pool once read to the end.
+    /// Dropped earlier, the connection is dropped too: it is mid-response.
+    struct PooledBody {
+        #[pin]
+        inner: Incoming,
+        conn: Option<(SharedPool, SocketAddr, http1::SendRequest<Body>)>,
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
+        let done = match &res {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if done {
+            if let Some((pool, target, sender)) = this.conn.take() {
+                pool.lock().expect("h1 pool lock").checkin(target, sender);
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -21,6 +21,10 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// upgrade request or 101 response keeps `Upgrade` and `Connection: upgrade`, which the
 /// next hop needs to switch protocols.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these; one pass over the few headers tells.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
+        return;
+    }
     let upgrade = headers.get(header::UPGRADE).cloned();
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -199,9 +199,8 @@ impl HttpProxy {
                 http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
             ));
         }
-        let (mut parts, body) = rsp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+        headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        Ok(rsp)
     }
 
     /// The protocol of the next hop.
