@@ -4,7 +4,7 @@
 //! local mesh (`weft up`) come with the control-plane work.
 #![forbid(unsafe_code)]
 
-mod demo;
+use weft_control::demo;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,0 +1,304 @@
+//! The mesh's certificate authority.
+//!
+//! Workloads send a CSR (their private key never leaves the proxy) and a token that
+//! proves who they are. The CA signs a short-lived leaf whose only SAN is the SPIFFE ID
+//! the token proves — whatever else the CSR asks for is ignored, and a CSR that asks for
+//! a different identity is refused. Weak keys are refused. The trust bundle can hold
+//! several roots so a root can be rotated without an outage.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use x509_parser::{prelude::FromDer, public_key::PublicKey};
+
+/// Smallest RSA modulus accepted in a CSR.
+const MIN_RSA_BITS: usize = 2048;
+/// Leaves are backdated this much to tolerate clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the CSR is not a valid PKCS#10 request with a good signature: {0}")]
+    BadCsr(String),
+    #[error(
+        "the CSR asks for {asked:?} but the token proves {proven}; a proxy may only ask for its own identity"
+    )]
+    WrongIdentity { asked: Vec<String>, proven: SpiffeId },
+    #[error("the CSR's key is too weak ({0}); use ECDSA P-256/P-384, Ed25519 or RSA of at least 2048 bits")]
+    WeakKey(String),
+    #[error("invalid SPIFFE ID {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    BadSpiffeId(String),
+    #[error("CA certificate or key: {0}")]
+    BadCa(String),
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::BadSpiffeId(s.to_string());
+        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let mut parts = rest.split('/');
+        let (td, ns_kw, ns, sa_kw, sa) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
+        let valid =
+            |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        match (td, ns_kw, ns, sa_kw, sa, parts.next()) {
+            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+                if valid(td) && valid(ns) && valid(sa) =>
+            {
+                Ok(SpiffeId { trust_domain: td.into(), namespace: ns.into(), service_account: sa.into() })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A signed leaf and what the workload needs to use it.
+#[derive(Debug)]
+pub struct Issued {
+    pub cert_chain_pem: String,
+    pub trust_bundle_pem: String,
+    pub not_after: time::OffsetDateTime,
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    /// The signing root plus any other roots still trusted (rotation).
+    bundle_pem: String,
+    pub trust_domain: String,
+}
+
+impl Ca {
+    /// A fresh self-signed root, for local use only.
+    pub fn generate(trust_domain: &str) -> Result<Ca, Error> {
+        let key = KeyPair::generate().map_err(|e| Error::BadCa(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("weft root CA ({trust_domain})"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            bundle_pem: cert_pem.clone(),
+            cert_pem,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// A CA from PEM files: the signing certificate and key, plus extra trusted roots.
+    pub fn from_pem(
+        trust_domain: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        extra_roots_pem: &str,
+    ) -> Result<Ca, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| Error::BadCa(format!("key: {e}")))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| Error::BadCa(format!("certificate: {e}")))?;
+        Ok(Ca {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+            bundle_pem: format!("{}{}", cert_pem.trim_end().to_string() + "\n", extra_roots_pem),
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn trust_bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// Signs `csr_pem` for `identity`, valid for `ttl`.
+    pub fn sign(&self, csr_pem: &str, identity: &SpiffeId, ttl: Duration) -> Result<Issued, Error> {
+        check_key_strength(csr_pem)?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| Error::BadCsr(e.to_string()))?;
+        let wanted = identity.to_string();
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [wanted.clone()] {
+            return Err(Error::WrongIdentity { asked, proven: identity.clone() });
+        }
+        // The leaf is built from our parameters; the CSR contributes only its public key.
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(wanted.as_str().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        let leaf =
+            CertificateSigningRequestParams { params, public_key: csr.public_key }.signed_by(&self.issuer)?;
+        Ok(Issued {
+            cert_chain_pem: leaf.pem(),
+            trust_bundle_pem: self.bundle_pem.clone(),
+            not_after: now + ttl,
+        })
+    }
+}
+
+fn check_key_strength(csr_pem: &str) -> Result<(), Error> {
+    let der = pem_der(csr_pem).ok_or_else(|| Error::BadCsr("not PEM".into()))?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::BadCsr(e.to_string()))?;
+    match csr.certification_request_info.subject_pki.parsed() {
+        Ok(PublicKey::RSA(rsa)) if rsa.key_size() < MIN_RSA_BITS => {
+            Err(Error::WeakKey(format!("RSA {} bits", rsa.key_size())))
+        }
+        Ok(PublicKey::RSA(_)) => Ok(()),
+        Ok(PublicKey::EC(ec)) if ec.key_size() >= 256 => Ok(()),
+        Ok(PublicKey::EC(ec)) => Err(Error::WeakKey(format!("EC {} bits", ec.key_size()))),
+        Ok(PublicKey::Unknown(_)) => Ok(()), // Ed25519: parsed as unknown, accepted by rcgen's algorithm list
+        Ok(other) => Err(Error::WeakKey(format!("{other:?}"))),
+        Err(e) => Err(Error::BadCsr(e.to_string())),
+    }
+}
+
+fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok().map(|(_, p)| p.contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        format!("spiffe://weft.local/ns/default/sa/{sa}").parse().unwrap()
+    }
+
+    fn csr_for(sans: &[&str], key: &KeyPair) -> String {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        let s = "spiffe://weft.local/ns/shop/sa/frontend";
+        assert_eq!(s.parse::<SpiffeId>().unwrap().to_string(), s);
+        for bad in [
+            "spiffe://weft.local/ns/shop",
+            "spiffe://weft.local/ns/shop/sa/frontend/extra",
+            "https://weft.local/ns/shop/sa/frontend",
+            "spiffe://weft.local/ns//sa/x",
+            "spiffe://weft.local/namespace/a/sa/b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn issues_exactly_the_identity_and_lifetime_asked_for() {
+        let ca = Ca::generate("weft.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let me = id("frontend");
+        let issued = ca.sign(&csr_for(&[&me.to_string()], &key), &me, Duration::from_secs(3600)).unwrap();
+        let der = pem_der(&issued.cert_chain_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let sans: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(sans, vec![format!("URI({me})")]);
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(life, 3600 + BACKDATE.as_secs() as i64);
+        assert!(!cert.is_ca());
+        // Signed by the CA: the issuer's key verifies it.
+        let ca_der = pem_der(ca.cert_pem()).unwrap();
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+        assert_eq!(issued.trust_bundle_pem, ca.cert_pem());
+    }
+
+    #[test]
+    fn loads_a_root_from_pem_and_trusts_extra_roots() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).unwrap();
+        let old_root = Ca::generate("weft.local").unwrap();
+        let ca = Ca::from_pem("weft.local", &root.pem(), &key.serialize_pem(), old_root.cert_pem()).unwrap();
+        // The new root signs; both roots are in the bundle during rotation.
+        assert_eq!(ca.trust_bundle_pem().matches("BEGIN CERTIFICATE").count(), 2);
+        let leaf_key = KeyPair::generate().unwrap();
+        let issued =
+            ca.sign(&csr_for(&[&id("a").to_string()], &leaf_key), &id("a"), Duration::from_secs(60)).unwrap();
+        let leaf_der = pem_der(&issued.cert_chain_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&leaf_der).unwrap();
+        let (_, root_cert) = X509Certificate::from_der(root.der()).unwrap();
+        cert.verify_signature(Some(root_cert.public_key())).unwrap();
+        assert!(Ca::from_pem("weft.local", "not pem", &key.serialize_pem(), "").is_err());
+    }
+
+    #[test]
+    fn refuses_another_identity() {
+        let ca = Ca::generate("weft.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = csr_for(&["spiffe://weft.local/ns/default/sa/admin"], &key);
+        let err = ca.sign(&csr, &id("frontend"), Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(err, Error::WrongIdentity { .. }), "{err}");
+        // Asking for its own identity plus another is refused too.
+        let csr = csr_for(&[&id("frontend").to_string(), "spiffe://weft.local/ns/default/sa/admin"], &key);
+        assert!(ca.sign(&csr, &id("frontend"), Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn refuses_weak_keys_and_garbage() {
+        let ca = Ca::generate("weft.local").unwrap();
+        // A CSR with a 1024-bit RSA key, made with `openssl req -newkey rsa:1024`.
+        let err =
+            ca.sign(include_str!("../testdata/rsa1024.csr"), &id("a"), Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(err, Error::WeakKey(_)), "{err}");
+        let err = ca.sign(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            &id("a"),
+            Duration::from_secs(60),
+        );
+        assert!(matches!(err, Err(Error::BadCsr(_))));
+    }
+}

@@ -1,0 +1,6 @@
+//! weft-control: Weft's control plane (the CA today; discovery and policy next) and
+//! the pieces of the `weft` command line.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod demo;
