@@ -4,3 +4,4 @@
 
 pub mod ca;
 pub mod demo;
+pub mod identity;

@@ -1,0 +1,140 @@
+//! The Identity gRPC service: authenticates a workload by its token and has the CA sign
+//! its CSR for the identity that token proves.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status};
+use weft_api::v1::{identity_server::Identity, CertifyRequest, CertifyResponse};
+
+use crate::ca::{self, Ca, SpiffeId};
+
+/// Turns a bearer token into the identity it proves.
+pub trait TokenAuthority: Send + Sync {
+    fn verify(&self, token: &str) -> Option<SpiffeId>;
+}
+
+/// Local mode: tokens declared per workload in the mesh file.
+#[derive(Default)]
+pub struct StaticTokens(pub HashMap<String, SpiffeId>);
+
+impl TokenAuthority for StaticTokens {
+    fn verify(&self, token: &str) -> Option<SpiffeId> {
+        self.0.get(token).cloned()
+    }
+}
+
+pub struct IdentityService {
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<dyn TokenAuthority>,
+    /// Lifetime of issued leaves.
+    pub ttl: Duration,
+}
+
+/// The token from `authorization: Bearer <token>`.
+pub fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
+    req.metadata()
+        .get(weft_api::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("missing token: send `authorization: Bearer <token>`"))
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(&self, req: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
+        let identity = self.tokens.verify(bearer(&req)?).ok_or_else(|| {
+            Status::unauthenticated("unknown token: check the workload's token in the mesh file")
+        })?;
+        match self.ca.sign(&req.get_ref().csr_pem, &identity, self.ttl) {
+            Ok(issued) => {
+                tracing::info!(%identity, not_after = %issued.not_after, "issued certificate");
+                Ok(Response::new(CertifyResponse {
+                    cert_chain_pem: issued.cert_chain_pem,
+                    trust_bundle_pem: issued.trust_bundle_pem,
+                    not_after_unix: issued.not_after.unix_timestamp(),
+                    identity: identity.to_string(),
+                }))
+            }
+            Err(e @ ca::Error::WrongIdentity { .. }) => {
+                tracing::warn!(%identity, "refused CSR: {e}");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e @ (ca::Error::WeakKey(_) | ca::Error::BadCsr(_))) => {
+                tracing::warn!(%identity, "refused CSR: {e}");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(%identity, "signing failed: {e}");
+                Err(Status::internal(e.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use weft_api::v1::{identity_client::IdentityClient, identity_server::IdentityServer};
+
+    fn csr(san: &str) -> String {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(san.try_into().unwrap())];
+        params.serialize_request(&KeyPair::generate().unwrap()).unwrap().pem().unwrap()
+    }
+
+    /// A real gRPC server on a real socket, and a real tonic client.
+    async fn serve() -> IdentityClient<tonic::transport::Channel> {
+        let frontend: SpiffeId = "spiffe://weft.local/ns/shop/sa/frontend".parse().unwrap();
+        let tokens = StaticTokens([("frontend-token".to_string(), frontend)].into_iter().collect());
+        let svc = IdentityService {
+            ca: Arc::new(Ca::generate("weft.local").unwrap()),
+            tokens: Arc::new(tokens),
+            ttl: Duration::from_secs(600),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IdentityServer::new(svc))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        IdentityClient::connect(format!("http://{addr}")).await.unwrap()
+    }
+
+    fn request(token: Option<&str>, csr_pem: String) -> Request<CertifyRequest> {
+        let mut req = Request::new(CertifyRequest { csr_pem });
+        if let Some(t) = token {
+            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        req
+    }
+
+    #[tokio::test]
+    async fn certifies_the_identity_the_token_proves() {
+        let mut client = serve().await;
+        let me = "spiffe://weft.local/ns/shop/sa/frontend";
+        let rsp = client.certify(request(Some("frontend-token"), csr(me))).await.unwrap().into_inner();
+        assert_eq!(rsp.identity, me);
+        assert!(rsp.cert_chain_pem.contains("BEGIN CERTIFICATE"));
+        assert!(rsp.trust_bundle_pem.contains("BEGIN CERTIFICATE"));
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((rsp.not_after_unix - now - 600).abs() <= 5);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_tokens_and_other_identities() {
+        let mut client = serve().await;
+        let me = "spiffe://weft.local/ns/shop/sa/frontend";
+        let status = client.certify(request(None, csr(me))).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        let status = client.certify(request(Some("stolen"), csr(me))).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        let other = "spiffe://weft.local/ns/shop/sa/payments";
+        let status = client.certify(request(Some("frontend-token"), csr(other))).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let status = client.certify(request(Some("frontend-token"), "garbage".into())).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+}
