@@ -5,3 +5,4 @@
 pub mod ca;
 pub mod demo;
 pub mod identity;
+pub mod mesh;

@@ -1,0 +1,280 @@
+//! The mesh file: services, their endpoints, workloads (identities and tokens) and
+//! inbound policies, in YAML. This is the local source of the control plane's world;
+//! [`Mesh::parse`] validates everything, so a file either applies whole or not at all.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use serde::Deserialize;
+
+use crate::ca::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{file}: {msg}")]
+    Syntax { file: String, msg: String },
+    #[error("{file}: {path}: {msg}")]
+    Invalid { file: String, path: String, msg: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Mesh {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub policies: Vec<InboundPolicy>,
+}
+
+fn default_trust_domain() -> String {
+    "weft.local".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Defaults to the workload's name.
+    pub service_account: Option<String>,
+    /// The token its proxy presents to the control plane.
+    pub token: String,
+    /// Local mesh only: the command `weft up` runs for this workload.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Local mesh only: environment for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub port: u16,
+    /// Other names the service answers to (e.g. `backend:8080`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// The workload behind it; meshed endpoints name one, plain ones do not.
+    pub workload: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundPolicy {
+    pub workload: String,
+    pub port: u16,
+    #[serde(default)]
+    pub mode: Mode,
+    /// SPIFFE IDs allowed to connect; absent means every meshed identity.
+    pub allow: Option<Vec<String>>,
+}
+
+impl Mesh {
+    /// Parses and validates a mesh file. Errors name the file, the line or the field,
+    /// and what to change.
+    pub fn parse(file: &str, text: &str) -> Result<Mesh, Error> {
+        let mesh: Mesh = serde_yaml_ng::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            Error::Syntax { file: file.into(), msg: format!("{at}{e}") }
+        })?;
+        mesh.validate(file)?;
+        Ok(mesh)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), Error> {
+        let invalid = |path: String, msg: String| Error::Invalid { file: file.into(), path, msg };
+        let mut names = HashSet::new();
+        let mut tokens = HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let path = format!("workloads[{i}] ({})", w.name);
+            if !names.insert((&w.namespace, &w.name)) {
+                return Err(invalid(path, "duplicate workload name in its namespace".into()));
+            }
+            if w.token.len() < 16 {
+                return Err(invalid(path, "token must be at least 16 characters".into()));
+            }
+            if !tokens.insert(&w.token) {
+                return Err(invalid(
+                    path,
+                    "token is used by another workload; each workload needs its own".into(),
+                ));
+            }
+            self.identity_of(w)
+                .parse::<SpiffeId>()
+                .map_err(|e| invalid(path, format!("{e}; names may use letters, digits, '-', '.', '_'")))?;
+        }
+        let known = |name: &str| self.workloads.iter().any(|w| w.name == name);
+        let mut authorities = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let path = format!("services[{i}] ({})", s.name);
+            for a in self.authorities(s) {
+                if !authorities.insert(a.clone()) {
+                    return Err(invalid(path, format!("authority {a} is claimed by another service")));
+                }
+            }
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if let Some(w) = &e.workload {
+                    if !known(w) {
+                        return Err(invalid(
+                            format!("{path}.endpoints[{j}]"),
+                            format!("unknown workload {w:?}"),
+                        ));
+                    }
+                }
+                if e.weight == 0 {
+                    return Err(invalid(
+                        format!("{path}.endpoints[{j}]"),
+                        "weight must be at least 1".into(),
+                    ));
+                }
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            if !known(&p.workload) {
+                return Err(invalid(path, format!("unknown workload {:?}", p.workload)));
+            }
+            for id in p.allow.iter().flatten() {
+                id.parse::<SpiffeId>().map_err(|e| invalid(path.clone(), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn identity_of(&self, w: &Workload) -> String {
+        let sa = w.service_account.as_deref().unwrap_or(&w.name);
+        format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, w.namespace, sa)
+    }
+
+    /// Every authority a service answers to: `name.namespace.svc.cluster.local:port`,
+    /// `name.namespace:port`, `name:port` and its aliases.
+    pub fn authorities(&self, s: &Service) -> Vec<String> {
+        let mut out = vec![
+            format!("{}.{}.svc.cluster.local:{}", s.name, s.namespace, s.port),
+            format!("{}.{}:{}", s.name, s.namespace, s.port),
+            format!("{}:{}", s.name, s.port),
+        ];
+        out.extend(s.aliases.iter().cloned());
+        out
+    }
+
+    /// Token → identity, for the Identity service.
+    pub fn tokens(&self) -> HashMap<String, SpiffeId> {
+        self.workloads
+            .iter()
+            .filter_map(|w| Some((w.token.clone(), self.identity_of(w).parse().ok()?)))
+            .collect()
+    }
+
+    pub fn service_for(&self, authority: &str) -> Option<&Service> {
+        self.services.iter().find(|s| self.authorities(s).iter().any(|a| a == authority))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trustDomain: weft.local
+workloads:
+  - name: frontend
+    token: frontend-token-0123456789
+  - name: backend-v1
+    serviceAccount: backend
+    token: backend-token-0123456789
+services:
+  - name: backend
+    port: 8080
+    endpoints:
+      - address: 127.0.0.1:9001
+        workload: backend-v1
+        labels: {zone: a}
+      - address: 127.0.0.1:9002
+policies:
+  - workload: backend-v1
+    port: 9001
+    mode: permissive
+    allow: [spiffe://weft.local/ns/default/sa/frontend]
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let m = Mesh::parse("mesh.yaml", GOOD).unwrap();
+        assert_eq!(m.identity_of(&m.workloads[1]), "spiffe://weft.local/ns/default/sa/backend");
+        let s = m.service_for("backend.default.svc.cluster.local:8080").unwrap();
+        assert_eq!(s.endpoints.len(), 2);
+        assert!(m.service_for("backend:8080").is_some());
+        assert_eq!(m.policies[0].mode, Mode::Permissive);
+        assert_eq!(m.tokens().len(), 2);
+    }
+
+    fn err(text: &str) -> String {
+        Mesh::parse("mesh.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = err("workloads:\n  - name: a\n    token: [unclosed\n");
+        assert!(e.contains("mesh.yaml") && e.contains("line"), "{e}");
+        let e = err("workloads:\n  - name: a\n    tokn: x\n");
+        assert!(e.contains("unknown field `tokn`") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn invalid_references_are_named() {
+        let e =
+            err(&GOOD.replace("workload: backend-v1\n        labels", "workload: nobody\n        labels"));
+        assert!(e.contains("services[0] (backend).endpoints[0]") && e.contains("nobody"), "{e}");
+        let e = err(&GOOD.replace("backend-token-0123456789", "frontend-token-0123456789"));
+        assert!(e.contains("token is used by another workload"), "{e}");
+        let e = err(&GOOD.replace("backend-token-0123456789", "short"));
+        assert!(e.contains("at least 16"), "{e}");
+        let e =
+            err(&GOOD.replace("allow: [spiffe://weft.local/ns/default/sa/frontend]", "allow: [frontend]"));
+        assert!(e.contains("policies[0]") && e.contains("SPIFFE"), "{e}");
+        let e = err(&GOOD.replace("address: 127.0.0.1:9002", "address: nowhere"));
+        assert!(e.contains("line"), "{e}");
+    }
+}
