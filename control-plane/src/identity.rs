@@ -23,6 +23,18 @@ impl TokenAuthority for StaticTokens {
     }
 }
 
+/// The tokens of the mesh as it is now: a workload removed from the mesh file can no
+/// longer get certificates.
+pub struct MeshTokens(pub crate::source::State);
+
+impl TokenAuthority for MeshTokens {
+    fn verify(&self, token: &str) -> Option<SpiffeId> {
+        let mesh = self.0.borrow();
+        let w = mesh.workloads.iter().find(|w| w.token == token)?;
+        mesh.identity_of(w).parse().ok()
+    }
+}
+
 pub struct IdentityService {
     pub ca: Arc<Ca>,
     pub tokens: Arc<dyn TokenAuthority>,

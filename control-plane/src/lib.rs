@@ -6,3 +6,6 @@ pub mod ca;
 pub mod demo;
 pub mod identity;
 pub mod mesh;
+pub mod server;
+pub mod source;
+pub mod watch;

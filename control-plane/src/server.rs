@@ -1,0 +1,135 @@
+//! `weft control`: the control-plane server. gRPC (Identity, Discovery, Policy) on one
+//! port; `/live`, `/ready` and `/metrics` on an admin port.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
+use weft_api::v1::{
+    discovery_server::DiscoveryServer, identity_server::IdentityServer, policy_server::PolicyServer,
+};
+
+use crate::{
+    ca::Ca,
+    identity::{IdentityService, MeshTokens},
+    source::FileSource,
+    watch::{DiscoveryService, PolicyService},
+};
+
+pub struct Options {
+    pub mesh: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// More roots to trust besides the signing one (root rotation).
+    pub extra_roots: Option<PathBuf>,
+    pub cert_ttl: Duration,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let (source, state) = FileSource::load(opts.mesh.clone())?;
+    let trust_domain = state.borrow().trust_domain.clone();
+    let ca = match (&opts.ca_cert, &opts.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let extra = opts.extra_roots.as_ref().map(read).transpose()?.unwrap_or_default();
+            Ca::from_pem(&trust_domain, &read(cert)?, &read(key)?, &extra)?
+        }
+        (None, None) => {
+            tracing::warn!(
+                "NO CA GIVEN: generated a throwaway root for {trust_domain}. Certificates will not survive a \
+                 restart of the control plane. Pass --ca-cert and --ca-key for anything but local use."
+            );
+            Ca::generate(&trust_domain)?
+        }
+        _ => anyhow::bail!("give both --ca-cert and --ca-key, or neither to generate a local root"),
+    };
+    let valid = source.valid.clone();
+    tokio::spawn(source.watch(Duration::from_millis(250)));
+
+    let grpc = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-addr {}", opts.grpc_addr))?;
+    let admin = tokio::net::TcpListener::bind(opts.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on --admin-addr {}", opts.admin_addr))?;
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve_admin(admin, ready.clone(), valid));
+
+    let identity =
+        IdentityService { ca: Arc::new(ca), tokens: Arc::new(MeshTokens(state.clone())), ttl: opts.cert_ttl };
+    let server = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone() }))
+        .add_service(PolicyServer::new(PolicyService { state }))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown());
+    ready.store(true, Ordering::Release);
+    tracing::info!(grpc = %opts.grpc_addr, admin = %opts.admin_addr, mesh = %opts.mesh.display(), "weft control ready");
+    server.await?;
+    tracing::info!("weft control stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn serve_admin(listener: tokio::net::TcpListener, ready: Arc<AtomicBool>, valid: Arc<AtomicBool>) {
+    let mut registry = Registry::with_prefix("weft_control");
+    let file_valid: Gauge = Gauge::default();
+    registry.register(
+        "mesh_file_valid",
+        "1 when the mesh file on disk is the state being served",
+        file_valid.clone(),
+    );
+    let registry = Arc::new(registry);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (ready, valid, registry, file_valid) =
+            (ready.clone(), valid.clone(), registry.clone(), file_valid.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let (status, body) = match req.uri().path() {
+                    "/live" => (StatusCode::OK, "live\n".to_string()),
+                    "/ready" if ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".to_string()),
+                    "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
+                    "/metrics" => {
+                        file_valid.set(i64::from(valid.load(Ordering::Relaxed)));
+                        let mut text = String::new();
+                        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                        (StatusCode::OK, text)
+                    }
+                    _ => (StatusCode::NOT_FOUND, "not found; try /live, /ready, /metrics\n".to_string()),
+                };
+                let mut rsp = Response::new(Full::new(Bytes::from(body)));
+                *rsp.status_mut() = status;
+                async move { Ok::<_, std::convert::Infallible>(rsp) }
+            });
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
