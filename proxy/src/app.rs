@@ -35,11 +35,17 @@ use crate::{
 
 pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "weft-proxy starting with {cfg:?}");
-    if cfg.control_addr.is_none() {
-        tracing::info!("{} is unset: running standalone", config::CONTROL_ADDR);
-    }
-    let cfg = Arc::new(cfg);
     let metrics = Metrics::new();
+    // With a control plane, the proxy is ready once it holds a certificate. The data path
+    // uses it for mTLS in the next step; today it is obtained, renewed and reported.
+    let identity = match &cfg.control {
+        None => {
+            tracing::info!("{} is unset: running standalone", config::CONTROL_ADDR);
+            None
+        }
+        Some(control) => Some(crate::identity::spawn(control.clone(), metrics.clone())?),
+    };
+    let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
     let outbound_ls = bind_dual(cfg.outbound_addr, shards, config::OUTBOUND_ADDR)?;
@@ -70,7 +76,17 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let admin =
         Arc::new(Admin { metrics: metrics.clone(), ready: ready.clone(), log, shutdown: shutdown_tx });
     spawn_admin(admin_l, admin)?;
-    ready.store(true, Ordering::Release);
+    match identity.clone() {
+        None => ready.store(true, Ordering::Release),
+        Some(mut creds) => {
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                if creds.wait_for(Option::is_some).await.is_ok() {
+                    ready.store(true, Ordering::Release);
+                }
+            });
+        }
+    }
     tracing::info!(
         inbound = %cfg.inbound_addr, outbound = %cfg.outbound_addr, admin = %cfg.admin_addr, shards,
         "weft-proxy ready"

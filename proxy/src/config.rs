@@ -43,6 +43,9 @@ pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
 pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
 pub const APP_ADDR: &str = "WEFT_APP_ADDR";
 pub const CONTROL_ADDR: &str = "WEFT_CONTROL_ADDR";
+pub const IDENTITY: &str = "WEFT_IDENTITY";
+pub const TOKEN: &str = "WEFT_TOKEN";
+pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
 pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
 pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
@@ -74,8 +77,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Inbound destination for connections that were not redirected (explicit mode).
     pub app_addr: Option<SocketAddr>,
-    /// The control plane (`host:port`); `None` runs standalone.
-    pub control_addr: Option<String>,
+    /// The control plane; `None` runs standalone.
+    pub control: Option<ControlConfig>,
     /// How long to wait for a client's first bytes before treating the connection as
     /// opaque TCP (server-speaks-first protocols must not stall).
     pub detect_timeout: Duration,
@@ -89,6 +92,43 @@ pub struct Config {
     pub drain_grace: Duration,
     pub log: LogConfig,
     pub worker_threads: usize,
+}
+
+/// How the proxy reaches the control plane and proves who it is.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// `host:port` of `weft control`'s gRPC port.
+    pub addr: String,
+    /// The SPIFFE ID this proxy asks a certificate for.
+    pub identity: String,
+    pub token: TokenSource,
+}
+
+/// Where the workload token comes from. A file is re-read for every request, because
+/// Kubernetes rotates projected ServiceAccount tokens.
+#[derive(Clone)]
+pub enum TokenSource {
+    Value(String),
+    File(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for TokenSource {
+    /// Never prints the token itself: the configuration is logged at startup.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Value(_) => write!(f, "{TOKEN}=<redacted>"),
+            TokenSource::File(p) => write!(f, "{TOKEN_FILE}={}", p.display()),
+        }
+    }
+}
+
+impl TokenSource {
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            TokenSource::Value(v) => Ok(v.clone()),
+            TokenSource::File(p) => Ok(std::fs::read_to_string(p)?.trim().to_string()),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -128,8 +168,7 @@ impl Config {
             outbound_addr: parse(env, OUTBOUND_ADDR, "127.0.0.1:4140", "an address like 127.0.0.1:4140")?,
             admin_addr: parse(env, ADMIN_ADDR, "0.0.0.0:4191", "an address like 0.0.0.0:4191")?,
             app_addr: parse_opt(env, APP_ADDR, "an address like 127.0.0.1:8080")?,
-            control_addr: parse_opt::<HostPort>(env, CONTROL_ADDR, "host:port, e.g. weft-control.weft:8090")?
-                .map(|hp| hp.0),
+            control: control(env)?,
             detect_timeout: duration(env, DETECT_TIMEOUT, "100ms")?,
             opaque_ports: ports(env, OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS)?,
             mesh_networks: list(env, MESH_NETWORKS, "", "comma-separated CIDRs like 10.0.0.0/8")?,
@@ -172,6 +211,35 @@ impl InitConfig {
             skip_outbound_ports: ports(env, INIT_SKIP_OUTBOUND_PORTS, "")?,
         })
     }
+}
+
+/// With `WEFT_CONTROL_ADDR` set, an identity and a token are required too.
+fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
+    let Some(HostPort(addr)) = parse_opt(env, CONTROL_ADDR, "host:port, e.g. weft-control.weft:8090")? else {
+        return Ok(None);
+    };
+    const ID_FORM: &str =
+        "the proxy's SPIFFE ID, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";
+    let identity = env.get(IDENTITY).unwrap_or_default();
+    if !identity.starts_with("spiffe://") || identity.split('/').count() != 7 {
+        return Err(err(IDENTITY, &identity, ID_FORM));
+    }
+    let token =
+        match (env.get(TOKEN).filter(|t| !t.is_empty()), env.get(TOKEN_FILE).filter(|t| !t.is_empty())) {
+            (Some(t), None) => TokenSource::Value(t),
+            (None, Some(f)) => TokenSource::File(f.into()),
+            (Some(_), Some(_)) => {
+                return Err(err(TOKEN_FILE, "(both set)", "only one of WEFT_TOKEN and WEFT_TOKEN_FILE"))
+            }
+            (None, None) => {
+                return Err(err(
+                    TOKEN,
+                    "",
+                    "the workload's token (or WEFT_TOKEN_FILE) when WEFT_CONTROL_ADDR is set",
+                ))
+            }
+        };
+    Ok(Some(ControlConfig { addr, identity, token }))
 }
 
 // === parsing helpers ===
@@ -292,7 +360,7 @@ mod tests {
         assert_eq!(c.outbound_addr, "127.0.0.1:4140".parse().unwrap());
         assert_eq!(c.admin_addr, "0.0.0.0:4191".parse().unwrap());
         assert_eq!(c.app_addr, None);
-        assert_eq!(c.control_addr, None);
+        assert!(c.control.is_none());
         assert_eq!(c.detect_timeout, Duration::from_millis(100));
         assert!(c.opaque_ports.contains(&3306));
         assert!(!c.log.json);
@@ -306,6 +374,12 @@ mod tests {
         assert!(e.contains("WEFT_DETECT_TIMEOUT") && e.contains("100ms"), "{e}");
         let e = cfg(&[(CONTROL_ADDR, "no-port")]).unwrap_err().to_string();
         assert!(e.contains("WEFT_CONTROL_ADDR"), "{e}");
+        let e = cfg(&[(CONTROL_ADDR, "cp:8090")]).unwrap_err().to_string();
+        assert!(e.contains("WEFT_IDENTITY") && e.contains("spiffe://"), "{e}");
+        let e = cfg(&[(CONTROL_ADDR, "cp:8090"), (IDENTITY, "spiffe://weft.local/ns/a/sa/b")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WEFT_TOKEN"), "{e}");
         let e = cfg(&[(OPAQUE_PORTS, "10-5")]).unwrap_err().to_string();
         assert!(e.contains("WEFT_OPAQUE_PORTS"), "{e}");
         assert!(cfg(&[(LOG_FORMAT, "xml")]).is_err());
@@ -320,13 +394,17 @@ mod tests {
             (MESH_NETWORKS, "10.77.0.0/24,fd00::/64"),
             (APP_ADDR, "127.0.0.1:8080"),
             (CONTROL_ADDR, "weft-control.weft:8090"),
+            (IDENTITY, "spiffe://weft.local/ns/shop/sa/web"),
+            (TOKEN, "s3cret-token"),
             (ACCESS_LOG, "on"),
         ])
         .unwrap();
         assert_eq!(c.opaque_ports.iter().copied().collect::<Vec<_>>(), vec![25, 8000, 8001, 8002]);
         assert_eq!(c.mesh_networks.len(), 2);
         assert_eq!(c.app_addr, Some("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(c.control_addr.as_deref(), Some("weft-control.weft:8090"));
+        let control = c.control.as_ref().unwrap();
+        assert_eq!(control.addr, "weft-control.weft:8090");
+        assert!(!format!("{c:?}").contains("s3cret"), "the token must not be logged");
         assert!(c.log.access_log);
     }
 

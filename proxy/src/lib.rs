@@ -13,6 +13,7 @@ pub mod detect;
 pub mod drain;
 pub mod errors;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod io;

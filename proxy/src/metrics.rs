@@ -65,6 +65,13 @@ pub struct Metrics {
     tcp_read_bytes: Family<DirLabels, Counter>,
     tcp_write_bytes: Family<DirLabels, Counter>,
     tcp_errors: Family<CauseLabels, Counter>,
+    certify: Family<ResultLabels, Counter>,
+    cert_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 /// Latency buckets from 100 µs to ~30 s: a proxy hop is sub-millisecond, an app may not be.
@@ -117,7 +124,21 @@ impl Metrics {
             "Connections closed by the proxy because of an error",
             tcp_errors.clone(),
         );
+        let certify = Family::default();
+        registry.register(
+            "identity_certify",
+            "Certificate requests to the control plane, by result",
+            certify.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the proxy's current certificate expires (Unix time); 0 before the first one",
+            cert_expiry.clone(),
+        );
         Arc::new(Metrics {
+            certify,
+            cert_expiry,
             registry,
             requests,
             request_duration,
@@ -168,6 +189,14 @@ impl Metrics {
         let labels = DirLabels { direction: dir.as_str() };
         self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
         self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
+    }
+
+    /// A certificate request's result; `not_after` is the new certificate's expiry.
+    pub fn certified(&self, ok: bool, not_after: i64) {
+        self.certify.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
+        if ok {
+            self.cert_expiry.set(not_after);
+        }
     }
 
     pub fn tcp_error(&self, dir: Direction, cause: Cause) {

@@ -3,6 +3,7 @@
 //! websockets). `netns` runs pods as network namespaces for transparent mode.
 
 pub mod backend;
+pub mod control;
 pub mod netns;
 
 use std::{
@@ -42,6 +43,13 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy with the given extra `WEFT_*` settings and waits until it is ready.
     pub fn start(env: &[(&str, &str)]) -> Proxy {
+        let mut p = Proxy::spawn(env);
+        p.wait_ready();
+        p
+    }
+
+    /// Starts a proxy without waiting for it to be ready.
+    pub fn spawn(env: &[(&str, &str)]) -> Proxy {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let log =
             std::env::temp_dir().join(format!("weft-proxy-{}-{}.log", std::process::id(), admin.port()));
@@ -56,12 +64,10 @@ impl Proxy {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start weft-proxy");
-        let mut p = Proxy { inbound, outbound, admin, child, log };
-        p.wait_ready();
-        p
+        Proxy { inbound, outbound, admin, child, log }
     }
 
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {

@@ -3,7 +3,7 @@
 //! keeps serving, and the CA signs only the identity a token proves.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -11,7 +11,7 @@ use tonic::Request;
 use weft_api::v1::{
     discovery_client::DiscoveryClient, identity_client::IdentityClient, CertifyRequest, WatchRequest,
 };
-use weft_e2e::{bin, free_addr, http_get, metric_value};
+use weft_e2e::{bin, control::Control, free_addr, http_get, metric_value};
 
 const MESH: &str = "workloads:
   - name: web
@@ -27,44 +27,6 @@ services:
         workload: api-v1
 ";
 
-struct Control {
-    child: Child,
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    mesh: std::path::PathBuf,
-}
-
-impl Control {
-    fn start() -> Control {
-        let dir =
-            std::env::temp_dir().join(format!("weft-control-{}-{}", std::process::id(), free_addr().port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mesh = dir.join("mesh.yaml");
-        std::fs::write(&mesh, MESH).unwrap();
-        let (grpc, admin) = (free_addr(), free_addr());
-        let child = Command::new(bin("weft"))
-            .args(["control", "--mesh"])
-            .arg(&mesh)
-            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(admin, "/ready").map(|(s, _)| s) != Some(200) {
-            assert!(Instant::now() < deadline, "weft control not ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Control { child, grpc, admin, mesh }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut req = Request::new(msg);
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -77,7 +39,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn discovery_pushes_changes_and_survives_a_bad_file() {
-    let c = Control::start();
+    let c = Control::start(MESH, &[]);
     rt().block_on(async {
         let mut client = DiscoveryClient::connect(format!("http://{}", c.grpc)).await.unwrap();
         let req = authed(WatchRequest { authority: "api:80".into() }, "web-token-0123456789");
@@ -113,7 +75,7 @@ fn discovery_pushes_changes_and_survives_a_bad_file() {
 
 #[test]
 fn the_ca_signs_only_the_tokens_identity() {
-    let c = Control::start();
+    let c = Control::start(MESH, &[]);
     let csr = |san: &str| {
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
