@@ -23,3 +23,4 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod resolve;
 pub mod tcp;
+pub mod tls;
