@@ -62,7 +62,12 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     for (i, (inbound_l, outbound_l)) in
         per_shard(inbound_ls, shards).into_iter().zip(per_shard(outbound_ls, shards)).enumerate()
     {
-        let shard = Shard { cfg: cfg.clone(), metrics: metrics.clone(), own_addrs: own_addrs.clone() };
+        let shard = Shard {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            own_addrs: own_addrs.clone(),
+            identity: identity.clone(),
+        };
         let watch = watch.clone();
         std::thread::Builder::new()
             .name(format!("weft-shard-{i}"))
@@ -114,6 +119,7 @@ struct Shard {
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     own_addrs: Arc<Vec<SocketAddr>>,
+    identity: Option<crate::identity::Current>,
 }
 
 impl Shard {
@@ -168,6 +174,11 @@ impl Shard {
             mesh_networks: cfg.mesh_networks.clone(),
             own_addrs: self.own_addrs.to_vec(),
             access_log: cfg.log.access_log,
+            identity: self.identity.clone(),
+            discovery: match (&cfg.control, dir) {
+                (Some(control), Direction::Outbound) => Some(crate::discovery::Discovery::new(control)?),
+                _ => None,
+            },
         }))
     }
 }
@@ -205,25 +216,35 @@ fn per_shard(by_addr: Vec<Vec<std::net::TcpListener>>, n: usize) -> Vec<Vec<std:
     shards
 }
 
-/// `n` listeners on one address with `SO_REUSEPORT`, so each shard accepts on its own.
+/// `n` listeners on one address with `SO_REUSEPORT`, one per shard, so the kernel
+/// spreads connections evenly across shards. A probe bind without `SO_REUSEPORT` first
+/// makes sure nobody else holds the port: otherwise another process of the same user
+/// could silently share it.
 fn bind_shards(addr: SocketAddr, n: usize, name: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
-    for _ in 0..n {
-        // An ephemeral port (`:0`) is chosen by the first bind and shared by the rest.
-        let addr = out.first().map(|l| l.local_addr()).transpose()?.unwrap_or(addr);
+    let socket = |reuse_port: bool| -> anyhow::Result<socket2::Socket> {
         let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
         if addr.is_ipv6() {
             // The IPv4 address has its own listener; keep this one to IPv6.
             sock.set_only_v6(true)?;
         }
         sock.set_reuse_address(true)?;
-        sock.set_reuse_port(true)?;
+        sock.set_reuse_port(reuse_port)?;
         sock.set_nonblocking(true)?;
-        sock.bind(&addr.into()).with_context(|| format!("cannot listen on {name}={addr}"))?;
-        sock.listen(1024).with_context(|| format!("cannot listen on {name}={addr}"))?;
-        out.push(sock.into());
-    }
-    Ok(out)
+        Ok(sock)
+    };
+    let probe = socket(false)?;
+    probe.bind(&addr.into()).with_context(|| format!("cannot listen on {name}={addr}"))?;
+    // An ephemeral port (`:0`) is chosen by the probe and used by every shard.
+    let addr = probe.local_addr()?.as_socket().unwrap_or(addr);
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let sock = socket(true)?;
+            sock.bind(&addr.into()).with_context(|| format!("cannot listen on {name}={addr}"))?;
+            sock.listen(1024).with_context(|| format!("cannot listen on {name}={addr}"))?;
+            Ok(sock.into())
+        })
+        .collect()
 }
 
 /// The admin server gets its own single-threaded runtime on its own thread.

@@ -15,6 +15,7 @@ use crate::{
         proxy::{ConnCtx, HttpProxy},
     },
     io::PrefixedIo,
+    metrics::Direction,
     tcp,
 };
 
@@ -49,6 +50,62 @@ where
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(handle(stream, crate::orig_dst::canonical(peer), drain.clone()));
+    }
+}
+
+/// A peer proxy's mutual-TLS connection: terminate it, learn the client's identity, then
+/// serve the HTTP/2 or opaque TCP stream inside it towards the app.
+async fn serve_mesh(
+    io: PrefixedIo<TcpStream>,
+    client: SocketAddr,
+    target: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    cfg: Arc<Config>,
+    drain: drain::Watch,
+) {
+    let dir = proxy.dir;
+    let creds = proxy.identity.as_ref().and_then(|c| c.borrow().clone());
+    let Some(creds) = creds else {
+        tracing::info!(%client, cause = Cause::NoIdentity.as_str(), "closing mesh connection: no certificate yet");
+        return proxy.metrics.tcp_error(dir, Cause::NoIdentity);
+    };
+    let server_cfg = match creds.server_config() {
+        Ok(c) => c,
+        Err(e) => return tracing::error!("cannot build the TLS server configuration: {e}"),
+    };
+    let tls = match tokio::time::timeout(
+        cfg.http.header_read_timeout,
+        tokio_rustls::TlsAcceptor::from(server_cfg).accept(io),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%client, cause = Cause::TlsHandshake.as_str(), "mesh TLS handshake failed: {e}");
+            proxy.metrics.tls_handshake(dir, false);
+            return proxy.metrics.tcp_error(dir, Cause::TlsHandshake);
+        }
+        Err(_) => {
+            proxy.metrics.tls_handshake(dir, false);
+            return proxy.metrics.tcp_error(dir, Cause::TlsHandshake);
+        }
+    };
+    proxy.metrics.tls_handshake(dir, true);
+    let peer = crate::tls::peer_identity(tls.get_ref().1);
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    tracing::debug!(%client, peer = peer.as_deref().unwrap_or("-"), "mesh connection");
+    match alpn.as_deref() {
+        Some(crate::tls::ALPN_HTTP) => {
+            let ctx = ConnCtx {
+                client,
+                target: Some(target),
+                protocol: "h2",
+                peer_identity: peer,
+                resets: Default::default(),
+            };
+            http::server::serve(tls, ctx, proxy, &cfg.http, drain).await
+        }
+        _ => tcp::forward(tls, target, dir, &proxy.metrics, cfg.connect_timeout, cfg.tcp_idle_timeout).await,
     }
 }
 
@@ -90,10 +147,16 @@ pub async fn serve(
     match (detected.protocol, fixed) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
-            let ctx = ConnCtx { client, target: fixed, protocol, resets: Default::default() };
+            let ctx =
+                ConnCtx { client, target: fixed, protocol, peer_identity: None, resets: Default::default() };
             http::server::serve(io, ctx, proxy, &cfg.http, drain).await
         }
-        (Protocol::Tls { sni }, Some(target)) => {
+        (Protocol::Tls { mesh: true, .. }, Some(target))
+            if dir == Direction::Inbound && proxy.identity.is_some() =>
+        {
+            serve_mesh(io, client, target, proxy, cfg, drain).await
+        }
+        (Protocol::Tls { sni, .. }, Some(target)) => {
             tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");
             forward_tcp(io, target).await
         }

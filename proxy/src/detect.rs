@@ -22,7 +22,11 @@ const MAX_CLIENT_HELLO: usize = 16 * 1024 + 5;
 pub enum Protocol {
     Http1,
     Http2,
-    Tls { sni: Option<String> },
+    /// `mesh`: the ClientHello offers a weft mesh ALPN, so a peer proxy is calling.
+    Tls {
+        sni: Option<String>,
+        mesh: bool,
+    },
     Opaque,
 }
 
@@ -145,12 +149,16 @@ fn classify_tls(buf: &[u8]) -> Verdict {
     }
     match acceptor.accept() {
         Ok(Some(accepted)) => {
-            let sni = accepted.client_hello().server_name().map(str::to_string);
-            Verdict::Known(Protocol::Tls { sni }, Outcome::Tls)
+            let hello = accepted.client_hello();
+            let sni = hello.server_name().map(str::to_string);
+            let mesh = hello.alpn().is_some_and(|mut protos| {
+                protos.any(|p| p == crate::tls::ALPN_HTTP || p == crate::tls::ALPN_TCP)
+            });
+            Verdict::Known(Protocol::Tls { sni, mesh }, Outcome::Tls)
         }
         Ok(None) => Verdict::NeedMore,
         // Malformed hello: still TLS-looking bytes, forward them untouched.
-        Err(_) => Verdict::Known(Protocol::Tls { sni: None }, Outcome::Tls),
+        Err(_) => Verdict::Known(Protocol::Tls { sni: None, mesh: false }, Outcome::Tls),
     }
 }
 
@@ -251,7 +259,7 @@ mod tests {
     #[test]
     fn tls_client_hello_with_sni() {
         let hello = client_hello("backend.example.svc");
-        assert_eq!(known(&hello), Protocol::Tls { sni: Some("backend.example.svc".into()) });
+        assert_eq!(known(&hello), Protocol::Tls { sni: Some("backend.example.svc".into()), mesh: false });
         // Part of a ClientHello asks for more rather than guessing.
         assert_eq!(classify(&hello[..40]), Verdict::NeedMore);
     }

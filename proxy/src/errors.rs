@@ -36,6 +36,10 @@ pub enum Cause {
     ProtocolUnknown,
     /// An HTTP/2 client cancelled most of its requests (rapid reset); closed.
     RapidReset,
+    /// The proxy has no certificate yet, so it cannot speak mTLS.
+    NoIdentity,
+    /// A mesh TLS handshake failed (wrong CA, expired or wrong identity, not TLS 1.3).
+    TlsHandshake,
 }
 
 impl Cause {
@@ -52,6 +56,8 @@ impl Cause {
             Cause::HeaderTimeout => "header-timeout",
             Cause::ProtocolUnknown => "protocol-unknown",
             Cause::RapidReset => "rapid-reset",
+            Cause::NoIdentity => "no-identity",
+            Cause::TlsHandshake => "tls-handshake",
         }
     }
 
@@ -61,6 +67,7 @@ impl Cause {
                 StatusCode::BAD_GATEWAY
             }
             Cause::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::NoIdentity | Cause::TlsHandshake => StatusCode::BAD_GATEWAY,
             Cause::NoRoute | Cause::BadRequest | Cause::ProtocolUnknown | Cause::RapidReset => {
                 StatusCode::BAD_REQUEST
             }

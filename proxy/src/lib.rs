@@ -10,6 +10,7 @@ pub mod app;
 pub mod config;
 pub mod conn;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod errors;
 pub mod http;

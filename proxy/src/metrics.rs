@@ -66,7 +66,14 @@ pub struct Metrics {
     tcp_write_bytes: Family<DirLabels, Counter>,
     tcp_errors: Family<CauseLabels, Counter>,
     certify: Family<ResultLabels, Counter>,
+    tls_handshakes: Family<TlsLabels, Counter>,
     cert_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsLabels {
+    direction: &'static str,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -136,7 +143,10 @@ impl Metrics {
             "When the proxy's current certificate expires (Unix time); 0 before the first one",
             cert_expiry.clone(),
         );
+        let tls_handshakes = Family::default();
+        registry.register("tls_handshakes", "Mesh mTLS handshakes, by result", tls_handshakes.clone());
         Arc::new(Metrics {
+            tls_handshakes,
             certify,
             cert_expiry,
             registry,
@@ -189,6 +199,11 @@ impl Metrics {
         let labels = DirLabels { direction: dir.as_str() };
         self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
         self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
+    }
+
+    pub fn tls_handshake(&self, dir: Direction, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.tls_handshakes.get_or_create(&TlsLabels { direction: dir.as_str(), result }).inc();
     }
 
     /// A certificate request's result; `not_after` is the new certificate's expiry.

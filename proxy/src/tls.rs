@@ -216,13 +216,13 @@ mod tests {
             params.not_after = now - time::Duration::hours(1);
         }
         let cert = params.signed_by(&key, &ca.issuer).unwrap();
-        Credentials {
-            identity: id.into(),
-            key_pem: key.serialize_pem(),
-            cert_chain_pem: cert.pem(),
-            trust_bundle_pem: ca.pem.clone(),
-            not_after: SystemTime::now() + Duration::from_secs(3600),
-        }
+        Credentials::new(
+            id.into(),
+            key.serialize_pem(),
+            cert.pem(),
+            ca.pem.clone(),
+            SystemTime::now() + Duration::from_secs(3600),
+        )
     }
 
     /// Runs a full handshake in memory. Ok: (client's view of the server identity,

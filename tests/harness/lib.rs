@@ -31,6 +31,12 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// `n` distinct free addresses (held open together while choosing, so none repeats).
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap())
+}
+
 /// A running `weft-proxy` in explicit mode on loopback; killed when dropped.
 pub struct Proxy {
     pub inbound: SocketAddr,
@@ -50,7 +56,7 @@ impl Proxy {
 
     /// Starts a proxy without waiting for it to be ready.
     pub fn spawn(env: &[(&str, &str)]) -> Proxy {
-        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        let [inbound, outbound, admin] = free_addrs::<3>();
         let log =
             std::env::temp_dir().join(format!("weft-proxy-{}-{}.log", std::process::id(), admin.port()));
         let mut cmd = Command::new(bin("weft-proxy"));

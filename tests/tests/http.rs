@@ -317,3 +317,18 @@ fn a_connection_left_mid_response_is_not_reused() {
     }
     assert_eq!(app.conns(), 2, "the abandoned connection must be closed, the next one pooled");
 }
+
+#[test]
+fn a_port_in_use_is_refused_not_shared() {
+    // Shards use SO_REUSEPORT among themselves; a second proxy must still not get in.
+    let first = Proxy::start(&[]);
+    let out = weft_e2e::run(
+        std::process::Command::new(weft_e2e::bin("weft-proxy"))
+            .env("WEFT_INBOUND_ADDR", first.inbound.to_string())
+            .env("WEFT_OUTBOUND_ADDR", "127.0.0.1:0")
+            .env("WEFT_ADMIN_ADDR", "127.0.0.1:0"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on WEFT_INBOUND_ADDR"), "{err}");
+}

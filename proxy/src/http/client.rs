@@ -34,9 +34,20 @@ use crate::{
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
+/// Any connection the HTTP/2 client runs on: plain TCP or mesh mTLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// A peer proxy reached over mutual TLS: who it must be, and the TLS configuration.
+pub struct Mesh<'a> {
+    pub identity: &'a str,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
 pub struct Client {
     h1: SharedPool,
-    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+    /// Keyed by address and, for mesh peers, the identity they must prove.
+    h2: Mutex<HashMap<(SocketAddr, Option<String>), H2Slot>>,
     connect_timeout: Duration,
 }
 
@@ -171,10 +182,11 @@ impl Client {
     pub async fn send_h2(
         &self,
         target: SocketAddr,
+        mesh: Option<Mesh<'_>>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, CauseError> {
         *req.version_mut() = http::Version::HTTP_2;
-        let mut sender = self.h2_sender(target).await?;
+        let mut sender = self.h2_sender(target, mesh).await?;
         sender.ready().await.map_err(|e| {
             CauseError::new(Cause::UpstreamReset, format!("HTTP/2 connection to {target}: {e}"))
         })?;
@@ -184,13 +196,33 @@ impl Client {
         Ok(rsp.map(|b| b.map_err(Into::into).boxed()))
     }
 
-    async fn h2_sender(&self, target: SocketAddr) -> Result<http2::SendRequest<Body>, CauseError> {
-        let slot = self.h2.lock().expect("h2 pool lock").entry(target).or_default().clone();
+    async fn h2_sender(
+        &self,
+        target: SocketAddr,
+        mesh: Option<Mesh<'_>>,
+    ) -> Result<http2::SendRequest<Body>, CauseError> {
+        let key = (target, mesh.as_ref().map(|m| m.identity.to_string()));
+        let slot = self.h2.lock().expect("h2 pool lock").entry(key).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }
-        let io = tcp::connect(target, self.connect_timeout).await?;
+        let tcp = tcp::connect(target, self.connect_timeout).await?;
+        let io: Box<dyn Io> = match mesh {
+            None => Box::new(tcp),
+            Some(mesh) => {
+                // Mesh peers are named by SPIFFE ID, not DNS; the verifier checks the ID.
+                let name = rustls::pki_types::ServerName::try_from("peer.weft.invalid").expect("valid name");
+                let tls =
+                    tokio_rustls::TlsConnector::from(mesh.tls).connect(name, tcp).await.map_err(|e| {
+                        CauseError::new(
+                            Cause::TlsHandshake,
+                            format!("mTLS with {target} as {}: {e}", mesh.identity),
+                        )
+                    })?;
+                Box::new(tls)
+            }
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))

@@ -19,7 +19,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use super::{client::Client, headers, upgrade, Body};
+use super::{
+    client::{Client, Mesh},
+    headers, upgrade, Body,
+};
 use crate::{
     errors::{respond, Cause, CauseError},
     metrics::{Direction, Metrics},
@@ -36,6 +39,8 @@ pub struct ConnCtx {
     pub target: Option<SocketAddr>,
     /// `http1` or `h2`, as the client speaks it.
     pub protocol: &'static str,
+    /// The client's SPIFFE ID, on mesh mTLS connections.
+    pub peer_identity: Option<String>,
     pub resets: ResetWatch,
 }
 
@@ -92,6 +97,9 @@ pub struct HttpProxy {
     /// This proxy's own listeners, to refuse requests that would loop back to it.
     pub own_addrs: Vec<SocketAddr>,
     pub access_log: bool,
+    /// This proxy's certificate, when it has a control plane.
+    pub identity: Option<crate::identity::Current>,
+    pub discovery: Option<crate::discovery::Discovery>,
 }
 
 impl HttpProxy {
@@ -144,8 +152,8 @@ impl HttpProxy {
             );
             return Err(CauseError::new(Cause::HeaderTooLarge, msg));
         }
-        let target = match conn.target {
-            Some(t) => t,
+        let (target, peer) = match conn.target {
+            Some(t) => (t, None),
             None => self.route(&req).await?,
         };
         let is_connect = req.method() == Method::CONNECT;
@@ -155,20 +163,26 @@ impl HttpProxy {
                 .await;
         }
         let is_upgrade = headers::wants_upgrade(&req) || is_connect;
-        let hop = self.hop(&req, target, is_upgrade);
+        let hop = match &peer {
+            Some(identity) if !is_upgrade => Hop::Mesh(self.mesh_tls(identity)?),
+            _ => self.hop(&req, target, is_upgrade),
+        };
         req.headers_mut().remove(headers::ORIG_PROTO);
         headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let mut rsp = match hop {
-            Hop::H2 => self.client.send_h2(target, req).await?,
+            Hop::H2 => self.client.send_h2(target, None, req).await?,
             Hop::H1OverH2 => {
-                let authority = authority_or(&req, target);
-                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
-                req.headers_mut().remove(header::HOST);
-                req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-                self.client.send_h2(target, req).await?
+                carry_h1_over_h2(&mut req, target)?;
+                self.client.send_h2(target, None, req).await?
+            }
+            Hop::Mesh(tls) => {
+                if req.version() != Version::HTTP_2 {
+                    carry_h1_over_h2(&mut req, target)?;
+                }
+                let identity = peer.as_deref().unwrap_or_default();
+                self.client.send_h2(target, Some(Mesh { identity, tls }), req).await?
             }
             Hop::H1 => {
                 if !req.headers().contains_key(header::HOST) {
@@ -223,8 +237,23 @@ impl HttpProxy {
         }
     }
 
-    /// Explicit mode: the destination comes from the request itself.
-    async fn route(&self, req: &Request<Body>) -> Result<SocketAddr, CauseError> {
+    /// The TLS configuration for a mesh peer that must prove `identity`.
+    fn mesh_tls(&self, identity: &str) -> Result<Arc<rustls::ClientConfig>, CauseError> {
+        let creds = self.identity.as_ref().and_then(|c| c.borrow().clone()).ok_or_else(|| {
+            CauseError::new(
+                Cause::NoIdentity,
+                "this proxy has no certificate yet; check WEFT_CONTROL_ADDR and its log",
+            )
+        })?;
+        creds
+            .client_config(identity, crate::tls::ALPN_HTTP)
+            .map_err(|e| CauseError::new(Cause::TlsHandshake, e.to_string()))
+    }
+
+    /// Explicit mode: the destination comes from the request itself, through discovery
+    /// when the mesh knows the authority (then with the identity the peer must prove),
+    /// else through DNS.
+    async fn route(&self, req: &Request<Body>) -> Result<(SocketAddr, Option<String>), CauseError> {
         let authority = headers::authority(req).ok_or_else(|| {
             CauseError::new(
                 Cause::NoRoute,
@@ -238,15 +267,20 @@ impl HttpProxy {
             } else {
                 80
             };
-        let target =
-            self.resolver.resolve(authority.host(), authority.port_u16().unwrap_or(default_port)).await?;
+        let port = authority.port_u16().unwrap_or(default_port);
+        if let Some(discovery) = &self.discovery {
+            if let Some(e) = discovery.resolve(&format!("{}:{port}", authority.host())).await {
+                return Ok((e.addr, e.identity));
+            }
+        }
+        let target = self.resolver.resolve(authority.host(), port).await?;
         if self.is_own_addr(target) {
             return Err(CauseError::new(
                 Cause::LoopDetected,
                 format!("{authority} is this proxy's own listener; name the application instead"),
             ));
         }
-        Ok(target)
+        Ok((target, None))
     }
 
     fn is_own_addr(&self, target: SocketAddr) -> bool {
@@ -259,10 +293,23 @@ impl HttpProxy {
 
 /// How a request travels to its upstream.
 enum Hop {
+    /// To a peer proxy over mutual TLS; HTTP/1 rides HTTP/2 as in `H1OverH2`.
+    Mesh(Arc<rustls::ClientConfig>),
     H2,
     H1,
     /// An HTTP/1 request carried over HTTP/2 to a peer proxy, marked with `weft-orig-proto`.
     H1OverH2,
+}
+
+/// Rewrites an HTTP/1 request for an HTTP/2 hop between proxies: the authority moves
+/// into the URI and `weft-orig-proto` tells the peer to restore HTTP/1.
+fn carry_h1_over_h2(req: &mut Request<Body>, target: SocketAddr) -> Result<(), CauseError> {
+    let authority = authority_or(req, target);
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
+    req.headers_mut().remove(header::HOST);
+    req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    Ok(())
 }
 
 /// The authority the client addressed, or the target address when it named none.

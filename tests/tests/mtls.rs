@@ -1,0 +1,120 @@
+//! Two proxies with the real control plane: an app's request to a meshed service crosses
+//! the proxy-to-proxy hop as mutual TLS (checked on the wire with tcpdump), the server
+//! side learns the caller's identity, and a peer presenting the wrong identity is refused.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use weft_e2e::{backend, control::Control, curl, Proxy};
+
+fn mesh(api_inbound: std::net::SocketAddr) -> String {
+    format!(
+        "workloads:
+  - name: web
+    token: web-token-0123456789
+  - name: api
+    token: api-token-0123456789
+services:
+  - name: api
+    port: 80
+    endpoints:
+      - address: {api_inbound}
+        workload: api
+  # Discovery claims the api proxy is `web`: the client side must refuse it.
+  - name: imposter
+    port: 80
+    endpoints:
+      - address: {api_inbound}
+        workload: web
+"
+    )
+}
+
+/// A capture that cannot outlive a failing test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sidecar(control: &Control, name: &str, extra: &[(&str, &str)]) -> Proxy {
+    let addr = control.grpc.to_string();
+    let id = format!("spiffe://weft.local/ns/default/sa/{name}");
+    let token = format!("{name}-token-0123456789");
+    let mut env = vec![
+        ("WEFT_CONTROL_ADDR", addr.as_str()),
+        ("WEFT_IDENTITY", id.as_str()),
+        ("WEFT_TOKEN", token.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    Proxy::start(&env)
+}
+
+#[test]
+fn meshed_calls_are_mutual_tls_on_the_wire() {
+    let app = backend::http("api-app");
+    // The api proxy's inbound address must be in the mesh file before it starts.
+    let api_inbound = weft_e2e::free_addr();
+    let control = Control::start(&mesh(api_inbound), &[]);
+    let app_addr = app.addr.to_string();
+    let inbound = api_inbound.to_string();
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+
+    let pcap = std::env::temp_dir().join(format!("weft-mtls-{}.pcap", std::process::id()));
+    let dump = Command::new("tcpdump")
+        .args(["-i", "lo", "-U", "--immediate-mode", "-w"])
+        .arg(&pcap)
+        .args(["tcp", "port", &api_inbound.port().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump (tests/run installs it)");
+    let mut dump = KillOnDrop(dump);
+    std::thread::sleep(Duration::from_millis(500));
+
+    for _ in 0..3 {
+        let (code, body, err) =
+            curl(&["-x", &format!("http://{}", web.outbound), "http://api:80/secret-path"]);
+        assert_eq!(code, 200, "{err}{body}\n{}", web.logs());
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["path"], "/secret-path");
+        assert_eq!(v["version"], "HTTP/1.1", "the app gets HTTP/1 back");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-INT", &dump.0.id().to_string()]).status();
+    let _ = dump.0.wait();
+
+    // One multiplexed connection per client shard.
+    let handshakes = api.metric(r#"weft_tls_handshakes_total{direction="inbound",result="ok"}"#);
+    assert!((1.0..=2.0).contains(&handshakes), "{}", api.metrics());
+    let text = Command::new("tcpdump").args(["-r"]).arg(&pcap).args(["-A", "-nn"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(".{} ", api_inbound.port()))
+            || text.contains(&format!(".{}:", api_inbound.port())),
+        "nothing captured:\n{text}"
+    );
+    assert!(!text.contains("secret-path"), "cleartext HTTP on the proxy-to-proxy hop:\n{text}");
+    assert!(!text.contains("api-app"), "cleartext response on the proxy-to-proxy hop");
+    let _ = std::fs::remove_file(pcap);
+}
+
+#[test]
+fn a_peer_with_the_wrong_identity_is_refused() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    let control = Control::start(&mesh(api_inbound), &[]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let _api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+    let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://imposter:80/"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("tls-handshake"), "{body}");
+    assert_eq!(app.hits(), 0);
+}
