@@ -45,6 +45,9 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         }
         Some(control) => Some(crate::identity::spawn(control.clone(), metrics.clone())?),
     };
+    // One discovery cache for all shards: an answer learnt by one serves every shard,
+    // also while the control plane is away.
+    let discovery = cfg.control.as_ref().map(crate::discovery::Discovery::new).transpose()?.map(Arc::new);
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -67,6 +70,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             own_addrs: own_addrs.clone(),
             identity: identity.clone(),
+            discovery: discovery.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -120,6 +124,7 @@ struct Shard {
     metrics: Arc<Metrics>,
     own_addrs: Arc<Vec<SocketAddr>>,
     identity: Option<crate::identity::Current>,
+    discovery: Option<Arc<crate::discovery::Discovery>>,
 }
 
 impl Shard {
@@ -175,9 +180,9 @@ impl Shard {
             own_addrs: self.own_addrs.to_vec(),
             access_log: cfg.log.access_log,
             identity: self.identity.clone(),
-            discovery: match (&cfg.control, dir) {
-                (Some(control), Direction::Outbound) => Some(crate::discovery::Discovery::new(control)?),
-                _ => None,
+            discovery: match dir {
+                Direction::Outbound => self.discovery.clone(),
+                Direction::Inbound => None,
             },
         }))
     }

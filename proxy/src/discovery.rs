@@ -91,7 +91,8 @@ impl Discovery {
                     return;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                // Capped low: a restarted control plane must reach every proxy within a second.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         });
         rx

@@ -4,7 +4,7 @@
 
 use std::{
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use weft_e2e::{backend, control::Control, curl, Proxy};
@@ -117,4 +117,51 @@ fn a_peer_with_the_wrong_identity_is_refused() {
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("tls-handshake"), "{body}");
     assert_eq!(app.hits(), 0);
+}
+
+#[test]
+fn traffic_survives_the_control_plane_and_picks_up_changes_when_it_returns() {
+    let (app1, app2) = (backend::http("api-1"), backend::http("api-2"));
+    let [in1, in2] = weft_e2e::free_addrs::<2>();
+    let mut control = Control::start(&mesh(in1), &[]);
+    let grpc = control.grpc;
+    let (a1, i1, a2, i2) = (app1.addr.to_string(), in1.to_string(), app2.addr.to_string(), in2.to_string());
+    let _api1 = sidecar(&control, "api", &[("WEFT_APP_ADDR", &a1), ("WEFT_INBOUND_ADDR", &i1)]);
+    let _api2 = sidecar(&control, "api", &[("WEFT_APP_ADDR", &a2), ("WEFT_INBOUND_ADDR", &i2)]);
+    let web = sidecar(&control, "web", &[]);
+    let call = || {
+        let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://api:80/"]);
+        (
+            code,
+            serde_json::from_str::<serde_json::Value>(&body)
+                .map(|v| v["backend"].to_string())
+                .unwrap_or_default(),
+        )
+    };
+    assert_eq!(call(), (200, "\"api-1\"".to_string()));
+
+    // Control plane gone: the proxies keep their certificates and last endpoints.
+    let _ = control.child.kill();
+    let _ = control.child.wait();
+    for _ in 0..20 {
+        assert_eq!(call(), (200, "\"api-1\"".to_string()), "a request failed without the control plane");
+    }
+
+    // Back, with the service moved to the second instance.
+    drop(control);
+    let restarted = Control::start_on(grpc, &mesh(in2), &[]);
+    let back = Instant::now();
+    loop {
+        if call() == (200, "\"api-2\"".to_string()) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(3), "the changed endpoint never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "control plane restart: the changed endpoint set was in use {:?} after it was ready",
+        back.elapsed()
+    );
+    assert!(back.elapsed() < Duration::from_millis(1500), "took {:?}", back.elapsed());
+    drop(restarted);
 }

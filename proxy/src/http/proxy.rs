@@ -99,7 +99,7 @@ pub struct HttpProxy {
     pub access_log: bool,
     /// This proxy's certificate, when it has a control plane.
     pub identity: Option<crate::identity::Current>,
-    pub discovery: Option<crate::discovery::Discovery>,
+    pub discovery: Option<Arc<crate::discovery::Discovery>>,
 }
 
 impl HttpProxy {
