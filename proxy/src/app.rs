@@ -48,6 +48,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     // One discovery cache for all shards: an answer learnt by one serves every shard,
     // also while the control plane is away.
     let discovery = cfg.control.as_ref().map(crate::discovery::Discovery::new).transpose()?.map(Arc::new);
+    let policies = cfg.control.as_ref().map(crate::policy::Policies::new).transpose()?.map(Arc::new);
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -71,6 +72,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             own_addrs: own_addrs.clone(),
             identity: identity.clone(),
             discovery: discovery.clone(),
+            policies: policies.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -125,6 +127,7 @@ struct Shard {
     own_addrs: Arc<Vec<SocketAddr>>,
     identity: Option<crate::identity::Current>,
     discovery: Option<Arc<crate::discovery::Discovery>>,
+    policies: Option<Arc<crate::policy::Policies>>,
 }
 
 impl Shard {
@@ -183,6 +186,10 @@ impl Shard {
             discovery: match dir {
                 Direction::Outbound => self.discovery.clone(),
                 Direction::Inbound => None,
+            },
+            policies: match dir {
+                Direction::Inbound => self.policies.clone(),
+                Direction::Outbound => None,
             },
         }))
     }

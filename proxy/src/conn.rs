@@ -96,16 +96,48 @@ async fn serve_mesh(
     tracing::debug!(%client, peer = peer.as_deref().unwrap_or("-"), "mesh connection");
     match alpn.as_deref() {
         Some(crate::tls::ALPN_HTTP) => {
+            let policy = policy_for(&proxy, target).await;
             let ctx = ConnCtx {
                 client,
                 target: Some(target),
                 protocol: "h2",
                 peer_identity: peer,
+                policy,
                 resets: Default::default(),
             };
             http::server::serve(tls, ctx, proxy, &cfg.http, drain).await
         }
-        _ => tcp::forward(tls, target, dir, &proxy.metrics, cfg.connect_timeout, cfg.tcp_idle_timeout).await,
+        _ => {
+            if admitted(&proxy, target, peer.as_deref()).await {
+                tcp::forward(tls, target, dir, &proxy.metrics, cfg.connect_timeout, cfg.tcp_idle_timeout)
+                    .await
+            }
+        }
+    }
+}
+
+/// The policy of the app port `target` names, when the proxy has a control plane.
+async fn policy_for(proxy: &HttpProxy, target: SocketAddr) -> Option<Arc<weft_api::v1::InboundPolicy>> {
+    Some(proxy.policies.as_ref()?.get(target.port()).await)
+}
+
+/// For opaque TCP: whether the port's policy admits the client; a refused one is
+/// counted, logged, and its connection closed.
+async fn admitted(proxy: &HttpProxy, target: SocketAddr, peer: Option<&str>) -> bool {
+    let Some(policy) = policy_for(proxy, target).await else { return true };
+    match crate::policy::check(&policy, peer) {
+        Ok(()) => true,
+        Err(denied) => {
+            tracing::info!(
+                port = target.port(),
+                client_identity = peer.unwrap_or("-"),
+                cause = Cause::Unauthorized.as_str(),
+                "closing connection refused by policy ({denied:?})"
+            );
+            proxy.metrics.denied(peer, "tcp");
+            proxy.metrics.tcp_error(proxy.dir, Cause::Unauthorized);
+            false
+        }
     }
 }
 
@@ -127,6 +159,9 @@ pub async fn serve(
     if let Dest::Fixed(target) = dest {
         if cfg.opaque_ports.contains(&target.port()) {
             metrics.detected(dir, Outcome::OpaquePort);
+            if !admitted(&proxy, target, None).await {
+                return;
+            }
             return forward_tcp(PrefixedIo::new(Default::default(), stream), target).await;
         }
     }
@@ -147,8 +182,18 @@ pub async fn serve(
     match (detected.protocol, fixed) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
-            let ctx =
-                ConnCtx { client, target: fixed, protocol, peer_identity: None, resets: Default::default() };
+            let policy = match fixed {
+                Some(target) => policy_for(&proxy, target).await,
+                None => None,
+            };
+            let ctx = ConnCtx {
+                client,
+                target: fixed,
+                protocol,
+                peer_identity: None,
+                policy,
+                resets: Default::default(),
+            };
             http::server::serve(io, ctx, proxy, &cfg.http, drain).await
         }
         (Protocol::Tls { mesh: true, .. }, Some(target))
@@ -158,9 +203,15 @@ pub async fn serve(
         }
         (Protocol::Tls { sni, .. }, Some(target)) => {
             tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");
-            forward_tcp(io, target).await
+            if admitted(&proxy, target, None).await {
+                forward_tcp(io, target).await
+            }
         }
-        (Protocol::Opaque, Some(target)) => forward_tcp(io, target).await,
+        (Protocol::Opaque, Some(target)) => {
+            if admitted(&proxy, target, None).await {
+                forward_tcp(io, target).await
+            }
+        }
         (_, None) => {
             tracing::info!(
                 direction = dir.as_str(), %client, cause = Cause::ProtocolUnknown.as_str(),

@@ -40,6 +40,9 @@ pub enum Cause {
     NoIdentity,
     /// A mesh TLS handshake failed (wrong CA, expired or wrong identity, not TLS 1.3).
     TlsHandshake,
+    /// The port's policy does not admit this client (plaintext on a strict port, or an
+    /// identity not on the allow list).
+    Unauthorized,
 }
 
 impl Cause {
@@ -58,6 +61,7 @@ impl Cause {
             Cause::RapidReset => "rapid-reset",
             Cause::NoIdentity => "no-identity",
             Cause::TlsHandshake => "tls-handshake",
+            Cause::Unauthorized => "unauthorized",
         }
     }
 
@@ -72,6 +76,7 @@ impl Cause {
                 StatusCode::BAD_REQUEST
             }
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Cause::Unauthorized => StatusCode::FORBIDDEN,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }

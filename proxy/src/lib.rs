@@ -22,6 +22,7 @@ pub mod log;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod policy;
 pub mod resolve;
 pub mod tcp;
 pub mod tls;

@@ -67,7 +67,16 @@ pub struct Metrics {
     tcp_errors: Family<CauseLabels, Counter>,
     certify: Family<ResultLabels, Counter>,
     tls_handshakes: Family<TlsLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
     cert_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeniedLabels {
+    /// The client's SPIFFE ID; empty for plaintext clients. Bounded by the mesh's workloads.
+    client_identity: String,
+    /// `http` (answered 403) or `tcp` (closed).
+    protocol: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -145,7 +154,14 @@ impl Metrics {
         );
         let tls_handshakes = Family::default();
         registry.register("tls_handshakes", "Mesh mTLS handshakes, by result", tls_handshakes.clone());
+        let denied = Family::default();
+        registry.register(
+            "inbound_denied",
+            "Inbound requests and connections refused by policy",
+            denied.clone(),
+        );
         Arc::new(Metrics {
+            denied,
             tls_handshakes,
             certify,
             cert_expiry,
@@ -199,6 +215,11 @@ impl Metrics {
         let labels = DirLabels { direction: dir.as_str() };
         self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
         self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
+    }
+
+    pub fn denied(&self, client_identity: Option<&str>, protocol: &'static str) {
+        let client_identity = client_identity.unwrap_or_default().to_string();
+        self.denied.get_or_create(&DeniedLabels { client_identity, protocol }).inc();
     }
 
     pub fn tls_handshake(&self, dir: Direction, ok: bool) {

@@ -165,3 +165,67 @@ fn traffic_survives_the_control_plane_and_picks_up_changes_when_it_returns() {
     assert!(back.elapsed() < Duration::from_millis(1500), "took {:?}", back.elapsed());
     drop(restarted);
 }
+
+/// `mesh()` plus a policy for the api workload's app port.
+fn mesh_with_policy(api_inbound: std::net::SocketAddr, app_port: u16, policy: &str) -> String {
+    format!("{}policies:\n  - workload: api\n    port: {app_port}\n{policy}", mesh(api_inbound))
+}
+
+#[test]
+fn a_strict_port_refuses_plaintext_and_admits_the_mesh() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), "    mode: strict\n"), &[]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+    // Plaintext, straight to the api sidecar: refused with its cause.
+    let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("unauthorized"), "{body}");
+    // Over the mesh: admitted.
+    let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://api:80/"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(app.hits(), 1);
+    assert_eq!(
+        api.metric(r#"weft_inbound_denied_total{client_identity="",protocol="http"}"#),
+        1.0,
+        "{}",
+        api.metrics()
+    );
+    // Plaintext opaque TCP on the strict port: closed, never forwarded.
+    let conns_before = app.conns();
+    let rsp = weft_e2e::raw_request(api_inbound, "\u{0}\u{1}binary", Duration::from_secs(3)).unwrap();
+    assert!(rsp.is_empty(), "{rsp}");
+    assert_eq!(app.conns(), conns_before);
+    assert_eq!(api.metric(r#"weft_inbound_denied_total{client_identity="",protocol="tcp"}"#), 1.0);
+}
+
+#[test]
+fn an_identity_off_the_allow_list_gets_403() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    let policy = "    allow: [spiffe://weft.local/ns/default/sa/admin]\n";
+    let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), policy), &[]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+    let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://api:80/"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("unauthorized"), "{body}");
+    assert_eq!(app.hits(), 0);
+    let web_id = "spiffe://weft.local/ns/default/sa/web";
+    let series = format!(r#"weft_inbound_denied_total{{client_identity="{web_id}",protocol="http"}}"#);
+    assert_eq!(api.metric(&series), 1.0, "{}", api.metrics());
+}
+
+#[test]
+fn a_permissive_port_accepts_plaintext() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    let control = Control::start(&mesh(api_inbound), &[]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let _api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
+    assert_eq!(code, 200, "{body}");
+}

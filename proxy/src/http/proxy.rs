@@ -41,6 +41,8 @@ pub struct ConnCtx {
     pub protocol: &'static str,
     /// The client's SPIFFE ID, on mesh mTLS connections.
     pub peer_identity: Option<String>,
+    /// The inbound port's policy, taken when the connection was accepted.
+    pub policy: Option<Arc<weft_api::v1::InboundPolicy>>,
     pub resets: ResetWatch,
 }
 
@@ -100,6 +102,8 @@ pub struct HttpProxy {
     /// This proxy's certificate, when it has a control plane.
     pub identity: Option<crate::identity::Current>,
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
+    /// Inbound only: the control plane's policies.
+    pub policies: Option<Arc<crate::policy::Policies>>,
 }
 
 impl HttpProxy {
@@ -116,7 +120,19 @@ impl HttpProxy {
             (req.method().clone(), req.uri().clone(), req.headers().get(header::HOST).cloned());
         let req = req.map(|b| b.map_err(Into::into).boxed());
 
-        let (rsp, cause) = match self.forward(req, &conn).await {
+        let result =
+            match conn.policy.as_deref().map(|p| crate::policy::check(p, conn.peer_identity.as_deref())) {
+                Some(Err(denied)) => {
+                    self.metrics.denied(conn.peer_identity.as_deref(), "http");
+                    let who = conn.peer_identity.as_deref().unwrap_or("a plaintext client");
+                    Err(CauseError::new(
+                        Cause::Unauthorized,
+                        format!("the port's policy does not admit {who} ({denied:?})"),
+                    ))
+                }
+                _ => self.forward(req, &conn).await,
+            };
+        let (rsp, cause) = match result {
             Ok(rsp) => (rsp, None),
             Err(e) => {
                 let (authority, path) = log_target(&uri, host.as_ref());
