@@ -229,3 +229,35 @@ fn a_permissive_port_accepts_plaintext() {
     let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
     assert_eq!(code, 200, "{body}");
 }
+
+#[test]
+fn certificate_renewal_under_load_loses_no_request() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    // 3-second certificates: each proxy renews about every 2 s during the run.
+    let control = Control::start(&mesh(api_inbound), &["--cert-ttl-secs", "3"]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    while start.elapsed() < Duration::from_secs(8) {
+        // A new client connection each time; the proxies reuse or reopen mTLS as needed.
+        let (code, _, _) = curl(&["-x", &proxy, "http://api:80/"]);
+        if code == 200 {
+            ok += 1
+        } else {
+            failed += 1
+        }
+    }
+    let renewals = |p: &Proxy| p.metric(r#"weft_identity_certify_total{result="ok"}"#);
+    eprintln!(
+        "renewal under load: {ok} ok, {failed} failed; certificates: web {}, api {}",
+        renewals(&web),
+        renewals(&api)
+    );
+    assert_eq!(failed, 0);
+    assert!(ok > 20);
+    assert!(renewals(&web) >= 3.0 && renewals(&api) >= 3.0, "certificates were not renewed during the run");
+}
