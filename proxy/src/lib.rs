@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod drain;

@@ -1,21 +1,15 @@
 //! Inbound policy from the control plane: per app port, whether plaintext is accepted
 //! (`permissive`) or mTLS is required (`strict`), and which client identities may connect.
-//! One watch per port, shared by all shards; the last answer keeps serving while the
-//! control plane is away.
+//! One watch per port, shared by all shards (see [`crate::control`] for reconnects).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::sync::Arc;
 
-use tokio::sync::watch;
 use weft_api::v1::{policy_client::PolicyClient, InboundPolicy, InboundRequest, Mode};
 
-use crate::config::{ControlConfig, TokenSource};
-
-/// How long a first connection waits for the port's policy before the default applies.
-const FIRST_ANSWER: Duration = Duration::from_secs(1);
+use crate::{
+    config::{ControlConfig, TokenSource},
+    control::{self, Watches},
+};
 
 /// Why a client was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,68 +40,34 @@ pub fn default_policy(port: u16) -> InboundPolicy {
     }
 }
 
-type Answer = Option<Arc<InboundPolicy>>;
-
 pub struct Policies {
     client: PolicyClient<tonic::transport::Channel>,
     token: TokenSource,
-    watches: Mutex<HashMap<u16, watch::Receiver<Answer>>>,
+    watches: Watches<u16, InboundPolicy>,
 }
 
 impl Policies {
     pub fn new(cfg: &ControlConfig) -> anyhow::Result<Self> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.addr))?
-            .connect_timeout(Duration::from_secs(3));
         Ok(Policies {
-            client: PolicyClient::new(endpoint.connect_lazy()),
+            client: PolicyClient::new(control::channel(cfg)?),
             token: cfg.token.clone(),
-            watches: Mutex::default(),
+            watches: Watches::default(),
         })
     }
 
-    /// The current policy of `port`.
+    /// The current policy of `port`; the default until the control plane has answered.
     pub async fn get(&self, port: u16) -> Arc<InboundPolicy> {
-        let mut rx = {
-            let mut watches = self.watches.lock().expect("policy lock");
-            watches.entry(port).or_insert_with(|| self.start(port)).clone()
+        let (client, token) = (self.client.clone(), self.token.clone());
+        let open = move || {
+            let (mut client, req) =
+                (client.clone(), control::authorized(InboundRequest { port: u32::from(port) }, &token));
+            async move { client.watch_inbound(req).await.map(tonic::Response::into_inner) }
         };
-        let answer = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(answer)) => answer.clone(),
-            _ => None,
-        };
+        let answer = self.watches.get(port, format!("policy of port {port}"), open).await;
         answer.unwrap_or_else(|| {
             tracing::warn!(port, "no policy from the control plane yet; using the default (permissive)");
             Arc::new(default_policy(port))
         })
-    }
-
-    fn start(&self, port: u16) -> watch::Receiver<Answer> {
-        let (tx, rx) = watch::channel(None);
-        let (mut client, token) = (self.client.clone(), self.token.clone());
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let mut req = tonic::Request::new(InboundRequest { port: u32::from(port) });
-                if let Ok(Ok(v)) = token.read().map(|t| format!("Bearer {t}").parse()) {
-                    req.metadata_mut().insert(weft_api::AUTHORIZATION, v);
-                }
-                match client.watch_inbound(req).await {
-                    Ok(rsp) => {
-                        let mut stream = rsp.into_inner();
-                        while let Ok(Some(policy)) = stream.message().await {
-                            backoff = Duration::from_millis(200);
-                            tx.send_replace(Some(Arc::new(policy)));
-                        }
-                    }
-                    Err(status) => {
-                        tracing::info!(port, "policy watch failed ({}): {}", status.code(), status.message())
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        });
-        rx
     }
 }
 
