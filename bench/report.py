@@ -4,7 +4,7 @@ import statistics
 import sys
 
 runs = [json.loads(line) for line in open(sys.argv[1])]
-targets = ["direct", "nginx", "weft1", "weft2"]
+targets = ["direct", "nginx", "weft1", "weft2", "mtls2"]
 idle = {r["target"]: r["rss_idle_kib"] for r in runs if r["kind"] == "idle"}
 
 
@@ -50,7 +50,7 @@ def ratio(a, b, key):
 
 
 ratios = {}
-for w in ["weft1", "weft2"]:
+for w in ["weft1", "weft2", "mtls2"]:
     for base in ["nginx", "direct"]:
         for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms"] + (["cpu_us_per_req"] if base == "nginx" else []):
             ratios[f"{w}/{base} {key}"] = ratio(w, base, key)
@@ -61,6 +61,9 @@ targets_met = {
     "weft1/nginx throughput >= 1.0": (ratios["weft1/nginx max_rps"] or 0) >= 1.0,
     "weft1/nginx p99 <= 1.2": (ratios["weft1/nginx p99_ms"] or 99) <= 1.2,
     "weft1 RSS idle <= 8 MiB": (summary["weft1"]["rss_idle_mib"] or 99) <= 8,
+    "mtls2/direct throughput >= 0.25": (ratios["mtls2/direct max_rps"] or 0) >= 0.25,
+    "mtls2/direct p99 <= 3.0": (ratios["mtls2/direct p99_ms"] or 99) <= 3.0,
+    "mtls2 CPU per request <= 100 us (two proxies)": (summary["mtls2"]["cpu_us_per_req"] or 999) <= 100,
 }
 print()
 for k, v in targets_met.items():
