@@ -1,11 +1,13 @@
-//! weft-control: Weft's control plane (the CA today; discovery and policy next) and
-//! the pieces of the `weft` command line.
+//! weft-control: Weft's control plane (CA, discovery and policy from a mesh file) and the
+//! pieces of the `weft` command line: the local mesh (`weft up`) and the demo's apps.
 #![forbid(unsafe_code)]
 
 pub mod ca;
-pub mod demo;
+pub mod example_app;
+pub mod http_client;
 pub mod identity;
 pub mod mesh;
 pub mod server;
 pub mod source;
+pub mod up;
 pub mod watch;

@@ -1,10 +1,10 @@
 //! weft: Weft's control plane and command-line tool.
 //!
-//! Today it runs the local demo; the control-plane server (`weft control`) and the
-//! local mesh (`weft up`) come with the control-plane work.
+//! `weft control` runs the control plane; `weft up` runs a whole mesh on this machine
+//! from a mesh file.
 #![forbid(unsafe_code)]
 
-use weft_control::demo;
+use weft_control::{example_app, up};
 
 use std::{path::PathBuf, time::Duration};
 
@@ -40,17 +40,49 @@ enum Cmd {
         #[arg(long, default_value_t = 86400)]
         cert_ttl_secs: u64,
     },
-    /// Run two apps meshed by weft-proxy sidecars on this machine and show the traffic.
-    Demo {
-        /// Requests per second sent by the demo's load generator.
-        #[arg(long, default_value_t = 50)]
-        rate: u32,
+    /// Run a whole mesh on this machine: the control plane, a sidecar per workload and the
+    /// workloads' commands, from a mesh file (default: the built-in demo, examples/demo.yaml).
+    Up {
+        /// The mesh file; without one, the demo mesh of examples/demo.yaml.
+        file: Option<PathBuf>,
+        /// Where the addresses of every part are written while the mesh runs.
+        #[arg(long, default_value = ".weft/up.json")]
+        state_file: PathBuf,
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         seconds: Option<u64>,
-        /// Where sidecar logs go.
-        #[arg(long, default_value = ".weft/demo")]
-        state_dir: PathBuf,
+        /// Have every sidecar write an access log line per request.
+        #[arg(long)]
+        access_log: bool,
+    },
+    /// The demo's apps (run by `weft up examples/demo.yaml`).
+    ExampleApp {
+        #[command(subcommand)]
+        app: ExampleApp,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExampleApp {
+    /// Answer every request with `<workload>: <message>`.
+    Backend {
+        #[arg(long, default_value = "hello")]
+        message: String,
+    },
+    /// Call every --call URL per request and answer with what they said.
+    Frontend {
+        #[arg(long = "call")]
+        calls: Vec<String>,
+    },
+    /// Send steady GET requests to --target and print what came back.
+    Load {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+        /// Seconds between reports.
+        #[arg(long, default_value_t = 5)]
+        every: u64,
     },
 }
 
@@ -62,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into()),
                 )
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
             let opts = weft_control::server::Options {
@@ -75,11 +108,19 @@ async fn main() -> anyhow::Result<()> {
             };
             weft_control::server::run(opts).await
         }
-        Cmd::Demo { rate, seconds, state_dir } => {
-            if rate == 0 {
-                anyhow::bail!("--rate must be at least 1 request per second");
-            }
-            demo::run(demo::Options { rate, duration: seconds.map(Duration::from_secs), state_dir }).await
+        Cmd::Up { file, state_file, seconds, access_log } => {
+            up::run(up::Options { file, state_file, duration: seconds.map(Duration::from_secs), access_log })
+                .await
+        }
+        Cmd::ExampleApp { app } => {
+            let app = match app {
+                ExampleApp::Backend { message } => example_app::App::Backend { message },
+                ExampleApp::Frontend { calls } => example_app::App::Frontend { calls },
+                ExampleApp::Load { target, rate, every } => {
+                    example_app::App::Load { target, rate, every: Duration::from_secs(every.max(1)) }
+                }
+            };
+            example_app::run(app).await
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct Workload {
     pub service_account: Option<String>,
     /// The token its proxy presents to the control plane.
     pub token: String,
+    /// Local mesh only: where the workload's app listens; its sidecar forwards inbound
+    /// traffic there, and inbound policies name this port. `weft up` picks a free port
+    /// when it is absent.
+    pub app: Option<SocketAddr>,
     /// Local mesh only: the command `weft up` runs for this workload.
     #[serde(default)]
     pub command: Vec<String>,

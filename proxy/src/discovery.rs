@@ -46,8 +46,41 @@ impl Discovery {
         if !set.known {
             return None;
         }
-        // Balancing comes with the traffic-management work; until then the first endpoint.
-        let e = set.endpoints.first()?;
+        let e = pick_weighted(&set.endpoints, fastrand::u64(..))?;
         Some(Endpoint { addr: e.address.parse().ok()?, identity: e.meshed.then(|| e.identity.clone()) })
+    }
+}
+
+/// A random endpoint in proportion to its weight (`r` is a uniformly random number).
+/// Latency-aware balancing replaces this with the traffic-management work.
+fn pick_weighted(endpoints: &[weft_api::v1::Endpoint], r: u64) -> Option<&weft_api::v1::Endpoint> {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight.max(1))).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = r % total;
+    endpoints.iter().find(|e| {
+        let w = u64::from(e.weight.max(1));
+        if at < w {
+            return true;
+        }
+        at -= w;
+        false
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_in_proportion_to_weight() {
+        let eps: Vec<_> = [("a", 1), ("b", 3)]
+            .iter()
+            .map(|(a, w)| weft_api::v1::Endpoint { address: a.to_string(), weight: *w, ..Default::default() })
+            .collect();
+        let picks: Vec<_> = (0..8).map(|r| pick_weighted(&eps, r).unwrap().address.clone()).collect();
+        assert_eq!(picks, ["a", "b", "b", "b", "a", "b", "b", "b"]);
+        assert!(pick_weighted(&[], 7).is_none());
     }
 }

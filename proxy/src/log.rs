@@ -31,7 +31,9 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
     let fmt = if cfg.json {
         tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        // Colours only on a terminal: `weft up`, systemd and kubectl logs read a pipe.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).boxed()
     };
     tracing_subscriber::registry().with(filter).with(fmt).try_init()?;
     Ok(LogHandle { filter: handle })
