@@ -54,25 +54,35 @@ pub struct DiscoveryService {
     pub state: State,
 }
 
+/// The endpoints of the service `authority` names. An `ip:port` that is no service's
+/// authority but an endpoint's address (transparent mode asks by the address the app
+/// dialled) is answered with that endpoint alone, so the proxy learns whether it is
+/// meshed and which identity it must prove.
 pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
-    let Some(service) = mesh.service_for(authority) else {
-        return EndpointSet { authority: authority.into(), known: false, endpoints: vec![] };
-    };
-    let endpoints = service
-        .endpoints
-        .iter()
-        .map(|e| {
-            let workload = e.workload.as_ref().and_then(|w| mesh.workloads.iter().find(|x| &x.name == w));
-            Endpoint {
-                address: e.address.to_string(),
-                weight: e.weight,
-                identity: workload.map(|w| mesh.identity_of(w)).unwrap_or_default(),
-                meshed: workload.is_some(),
-                labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    let endpoints: Vec<&mesh::Endpoint> = match mesh.service_for(authority) {
+        Some(service) => service.endpoints.iter().collect(),
+        None => {
+            let addr = authority.parse::<std::net::SocketAddr>().ok();
+            let all = || mesh.services.iter().flat_map(|s| &s.endpoints);
+            match addr.and_then(|a| all().find(|e| e.address == a)) {
+                Some(e) => vec![e],
+                None => return EndpointSet { authority: authority.into(), known: false, endpoints: vec![] },
             }
-        })
-        .collect();
+        }
+    };
+    let endpoints = endpoints.into_iter().map(|e| endpoint(mesh, e)).collect();
     EndpointSet { authority: authority.into(), known: true, endpoints }
+}
+
+fn endpoint(mesh: &Mesh, e: &mesh::Endpoint) -> Endpoint {
+    let workload = e.workload.as_ref().and_then(|w| mesh.workloads.iter().find(|x| &x.name == w));
+    Endpoint {
+        address: e.address.to_string(),
+        weight: e.weight,
+        identity: workload.map(|w| mesh.identity_of(w)).unwrap_or_default(),
+        meshed: workload.is_some(),
+        labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
 }
 
 #[tonic::async_trait]
@@ -160,6 +170,15 @@ mod tests {
             .unwrap();
         assert_eq!(next.endpoints[0].address, "127.0.0.1:9002");
         assert!(!endpoint_set(&mesh, "nope:80").known);
+    }
+
+    #[test]
+    fn an_endpoint_address_is_answered_with_that_endpoint() {
+        let mesh = Mesh::parse("m", MESH).unwrap();
+        let set = endpoint_set(&mesh, "127.0.0.1:9001");
+        assert!(set.known && set.endpoints.len() == 1 && set.endpoints[0].meshed);
+        assert_eq!(set.endpoints[0].identity, "spiffe://weft.local/ns/default/sa/web");
+        assert!(!endpoint_set(&mesh, "127.0.0.1:9002").known);
     }
 
     #[test]

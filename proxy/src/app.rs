@@ -173,7 +173,7 @@ impl Shard {
         let cfg = &self.cfg;
         Ok(Arc::new(HttpProxy {
             dir,
-            client: Client::new(&cfg.http, cfg.connect_timeout),
+            client: Client::new(&cfg.http, cfg.connect_timeout, self.metrics.clone()),
             resolver: Resolver::from_system()?,
             metrics: self.metrics.clone(),
             max_header_bytes: cfg.http.max_header_bytes,

@@ -94,26 +94,28 @@ async fn serve_mesh(
     let peer = crate::tls::peer_identity(tls.get_ref().1);
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     tracing::debug!(%client, peer = peer.as_deref().unwrap_or("-"), "mesh connection");
-    match alpn.as_deref() {
-        Some(crate::tls::ALPN_HTTP) => {
-            let policy = policy_for(&proxy, target).await;
-            let ctx = ConnCtx {
-                client,
-                target: Some(target),
-                protocol: "h2",
-                peer_identity: peer,
-                policy,
-                resets: Default::default(),
-            };
-            http::server::serve(tls, ctx, proxy, &cfg.http, drain).await
-        }
+    let protocol = match alpn.as_deref() {
+        Some(crate::tls::ALPN_HTTP) => "h2",
+        Some(crate::tls::ALPN_H1) => "http1",
         _ => {
             if admitted(&proxy, target, peer.as_deref()).await {
-                tcp::forward(tls, target, dir, &proxy.metrics, cfg.connect_timeout, cfg.tcp_idle_timeout)
-                    .await
+                let timeouts = (cfg.connect_timeout, cfg.tcp_idle_timeout);
+                tcp::forward(tls, target, None, dir, &proxy.metrics, timeouts.0, timeouts.1).await
             }
+            return;
         }
-    }
+    };
+    let policy = policy_for(&proxy, target).await;
+    let ctx = ConnCtx {
+        client,
+        target: Some(target),
+        protocol,
+        peer_identity: peer,
+        target_identity: None,
+        policy,
+        resets: Default::default(),
+    };
+    http::server::serve(tls, ctx, proxy, &cfg.http, drain).await
 }
 
 /// The policy of the app port `target` names, when the proxy has a control plane.
@@ -153,8 +155,25 @@ pub async fn serve(
     let dir = proxy.dir;
     let metrics = proxy.metrics.clone();
     let _open = metrics.conn_open(dir);
-    let forward_tcp =
-        |io, target| tcp::forward(io, target, dir, &metrics, cfg.connect_timeout, cfg.tcp_idle_timeout);
+    // Transparent outbound to an endpoint discovery knows as meshed: mutual TLS.
+    let target_identity = match dest {
+        Dest::Fixed(target) => proxy.mesh_identity_of(target).await,
+        Dest::PerRequest => None,
+    };
+    let forward_tcp = |io, target| {
+        let (proxy, metrics, cfg, identity) = (&proxy, &metrics, &cfg, target_identity.as_deref());
+        async move {
+            let peer = match identity.map(|id| proxy.mesh_peer(id, crate::tls::ALPN_TCP)).transpose() {
+                Ok(peer) => peer,
+                Err(e) => {
+                    tracing::info!(cause = e.cause.as_str(), %target, "closing connection: {}", e.message);
+                    return metrics.tcp_error(dir, e.cause);
+                }
+            };
+            let timeouts = (cfg.connect_timeout, cfg.tcp_idle_timeout);
+            tcp::forward(io, target, peer.as_ref(), dir, metrics, timeouts.0, timeouts.1).await
+        }
+    };
 
     if let Dest::Fixed(target) = dest {
         if cfg.opaque_ports.contains(&target.port()) {
@@ -191,6 +210,7 @@ pub async fn serve(
                 target: fixed,
                 protocol,
                 peer_identity: None,
+                target_identity: target_identity.clone(),
                 policy,
                 resets: Default::default(),
             };

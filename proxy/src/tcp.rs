@@ -32,6 +32,41 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     }
 }
 
+/// A mesh peer: the SPIFFE ID it must prove, and the TLS configuration that checks it
+/// (with the ALPN that says what the connection carries).
+pub struct MeshPeer {
+    pub identity: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// Any stream towards an upstream: plain TCP or mesh mTLS.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Connects to `target`, over mutual TLS when it is a mesh peer. Outbound handshakes
+/// are counted; a failed one is a `tls-handshake` error naming the identity expected.
+pub async fn dial(
+    target: SocketAddr,
+    peer: Option<&MeshPeer>,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<Box<dyn Io>, CauseError> {
+    let tcp = connect(target, timeout).await?;
+    let Some(peer) = peer else { return Ok(Box::new(tcp)) };
+    let res = tokio::time::timeout(timeout, crate::tls::connect(tcp, peer.tls.clone())).await;
+    metrics.tls_handshake(Direction::Outbound, matches!(res, Ok(Ok(_))));
+    match res {
+        Ok(Ok(tls)) => Ok(Box::new(tls)),
+        Ok(Err(e)) => {
+            Err(CauseError::new(Cause::TlsHandshake, format!("mTLS with {target} as {}: {e}", peer.identity)))
+        }
+        Err(_) => Err(CauseError::new(
+            Cause::TlsHandshake,
+            format!("mTLS with {target} as {}: no handshake within {timeout:?}", peer.identity),
+        )),
+    }
+}
+
 /// Copies between `client` and `upstream` until both sides are done or the connection
 /// has been idle for `idle_timeout`. Returns (bytes from client, bytes to client);
 /// `activity` sees the counts as they grow.
@@ -62,10 +97,12 @@ where
 }
 
 /// Forwards an accepted connection (with any bytes already read replayed by `client`)
-/// to `target` as opaque TCP, recording bytes and errors.
+/// to `target` as opaque TCP, inside mutual TLS when `target` is a mesh peer, recording
+/// bytes and errors.
 pub async fn forward<C>(
     client: C,
     target: SocketAddr,
+    peer: Option<&MeshPeer>,
     dir: Direction,
     metrics: &Arc<Metrics>,
     connect_timeout: Duration,
@@ -73,7 +110,7 @@ pub async fn forward<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    match connect(target, connect_timeout).await {
+    match dial(target, peer, connect_timeout, metrics).await {
         Ok(upstream) => splice(client, upstream, idle_timeout, dir, metrics).await,
         Err(e) => {
             tracing::info!(cause = e.cause.as_str(), %target, "closing connection: {e}");

@@ -23,6 +23,24 @@ use crate::identity::Credentials;
 pub const ALPN_HTTP: &[u8] = b"weft.mesh/h2";
 /// ALPN of mesh connections carrying one opaque TCP stream.
 pub const ALPN_TCP: &[u8] = b"weft.mesh/tcp";
+/// ALPN of mesh connections carrying HTTP/1 on a connection of its own: requests that
+/// take over their connection (upgrades such as WebSocket) cannot share HTTP/2.
+pub const ALPN_H1: &[u8] = b"weft.mesh/http1";
+
+/// Whether a ClientHello's ALPN names a mesh connection.
+pub fn is_mesh_alpn(proto: &[u8]) -> bool {
+    [ALPN_HTTP, ALPN_TCP, ALPN_H1].contains(&proto)
+}
+
+/// Opens mutual TLS over `tcp` to a peer proxy; `cfg` checks the identity it must prove.
+pub async fn connect(
+    tcp: tokio::net::TcpStream,
+    cfg: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    // Mesh peers are named by SPIFFE ID, not DNS; the verifier checks the ID.
+    let name = ServerName::try_from("peer.weft.invalid").expect("valid name");
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -73,7 +91,7 @@ pub fn server_config(creds: &Credentials) -> Result<Arc<ServerConfig>, Error> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_HTTP.to_vec(), ALPN_TCP.to_vec(), ALPN_H1.to_vec()];
     Ok(Arc::new(cfg))
 }
 

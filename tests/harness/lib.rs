@@ -172,3 +172,42 @@ pub fn python() -> PathBuf {
 pub fn py_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
 }
+
+/// A Python helper server from tests/py/ (`script server PORT`), killed on drop.
+pub struct PyServer(Child);
+
+impl PyServer {
+    /// Starts it and waits for its `ready` line.
+    pub fn start(script: &str, port: u16) -> PyServer {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(python())
+            .arg(py_script(script))
+            .args(["server", &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "{script} did not start");
+        PyServer(child)
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the client side of a tests/py/ helper (`script client TARGET`) and asserts it succeeds.
+pub fn py_client(script: &str, target: &str, env: &[(&str, &str)]) {
+    let out =
+        run(Command::new(python()).arg(py_script(script)).args(["client", target]).envs(env.iter().copied()));
+    assert!(
+        out.status.success(),
+        "{script} client failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

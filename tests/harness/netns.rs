@@ -104,9 +104,14 @@ impl Net {
     }
 
     fn node_exec(&self, args: &[&str]) -> String {
+        self.node_try_exec(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs a command in the node namespace (on the bridge, outside every pod).
+    pub fn node_try_exec(&self, args: &[&str]) -> Result<String, String> {
         let mut a = vec!["ip", "netns", "exec", &self.node];
         a.extend_from_slice(args);
-        must(&a)
+        sh(&a)
     }
 
     /// Runs a command in pod `i` and returns its stdout; panics on failure.
@@ -127,8 +132,20 @@ impl Net {
 
     /// Starts a long-running process in pod `i`; it is killed at teardown.
     pub fn spawn(&mut self, i: usize, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
+        let ns = self.pods[i].ns.clone();
+        self.spawn_in(&ns, args, envs, log)
+    }
+
+    /// Starts a long-running process in the node namespace (e.g. the control plane, at
+    /// 10.77.0.1); it is killed at teardown.
+    pub fn spawn_node(&mut self, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
+        let ns = self.node.clone();
+        self.spawn_in(&ns, args, envs, log)
+    }
+
+    fn spawn_in(&mut self, ns: &str, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.pods[i].ns]).args(args);
+        cmd.args(["netns", "exec", ns]).args(args);
         for (k, v) in envs {
             cmd.env(k, v);
         }

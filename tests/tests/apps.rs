@@ -2,49 +2,9 @@
 //! grpcio (unary, server streaming, bidi streaming, trailers, error status) and a
 //! WebSocket echo with the `websockets` library.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-};
+use std::process::Command;
 
-use weft_e2e::{free_port, py_script, python, Proxy};
-
-/// A Python helper server, killed on drop.
-struct PyServer(Child);
-
-impl PyServer {
-    fn start(script: &str, port: u16) -> PyServer {
-        let mut child = Command::new(python())
-            .arg(py_script(script))
-            .args(["server", &port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "{script} did not start");
-        PyServer(child)
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn py_client(script: &str, target: &str, env: &[(&str, &str)]) {
-    let out = weft_e2e::run(
-        Command::new(python()).arg(py_script(script)).args(["client", target]).envs(env.iter().copied()),
-    );
-    assert!(
-        out.status.success(),
-        "{script} client failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use weft_e2e::{free_port, py_client, py_script, python, Proxy, PyServer};
 
 #[test]
 fn grpc_unary_and_streaming_through_inbound() {

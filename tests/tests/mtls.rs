@@ -261,3 +261,70 @@ fn certificate_renewal_under_load_loses_no_request() {
     assert!(ok > 20);
     assert!(renewals(&web) >= 3.0 && renewals(&api) >= 3.0, "certificates were not renewed during the run");
 }
+
+/// Sends one masked WebSocket text frame on `s` and returns the payload of the frame
+/// that comes back (RFC 6455 §5.2; short frames only).
+fn ws_round_trip(s: &mut std::net::TcpStream, text: &str) -> String {
+    use std::io::{Read, Write};
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+    s.read_exact(&mut payload).unwrap();
+    String::from_utf8(payload).unwrap()
+}
+
+#[test]
+fn websocket_upgrades_and_connect_tunnels_to_a_meshed_service_ride_mutual_tls() {
+    use std::io::{BufRead, BufReader, Write};
+    // The api app is a WebSocket echo server behind a strict port: only mTLS gets in.
+    let port = weft_e2e::free_port();
+    let _ws = weft_e2e::PyServer::start("ws_echo.py", port);
+    let api_inbound = weft_e2e::free_addr();
+    let control = Control::start(&mesh_with_policy(api_inbound, port, "    mode: strict\n"), &[]);
+    let (app_addr, inbound) = (format!("127.0.0.1:{port}"), api_inbound.to_string());
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = sidecar(&control, "web", &[]);
+
+    // An HTTP/1 upgrade through the web sidecar used as an HTTP proxy.
+    let mut s = std::net::TcpStream::connect(web.outbound).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET http://api:80/chat HTTP/1.1\r\nHost: api:80\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}\n{}", web.logs());
+    assert_eq!(ws_round_trip(&mut s, "hello over the mesh"), "hello over the mesh");
+    // A close frame (masked, empty), answered by the server's own close.
+    s.write_all(&[0x88, 0x80, 0, 0, 0, 0]).unwrap();
+    let mut close = [0u8; 2];
+    std::io::Read::read_exact(&mut s, &mut close).unwrap();
+    assert_eq!(close[0], 0x88);
+    drop((reader, s));
+
+    // CONNECT: the websockets library itself, with http_proxy set to the web sidecar.
+    let proxy = format!("http://{}", web.outbound);
+    weft_e2e::py_client("ws_echo.py", "ws://api:80/chat", &[("http_proxy", &proxy)]);
+
+    // Both crossed as mTLS (the strict port refuses anything else) and were admitted.
+    let handshakes = api.metric(r#"weft_tls_handshakes_total{direction="inbound",result="ok"}"#);
+    assert!(handshakes >= 2.0, "{}", api.metrics());
+    assert_eq!(web.metric(r#"weft_tls_handshakes_total{direction="outbound",result="ok"}"#), handshakes);
+    assert!(!api.metrics().contains("weft_inbound_denied_total{"), "{}", api.metrics());
+}

@@ -16,17 +16,19 @@ const PROXY_UID: &str = "2102";
 /// an HTTP app on port 8080 and a TCP echo on 7000.
 fn mesh(client_env: &[(&str, &str)]) -> Net {
     weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
-    let mut net = Net::new(2);
+    pods(Net::new(2), [client_env, &[]])
+}
+
+/// Starts the sidecars (with `envs[i]` for pod i) and the apps of [`mesh`] in `net`.
+fn pods(mut net: Net, envs: [&[(&str, &str)]; 2]) -> Net {
     let proxy = bin("weft-proxy");
     let proxy = proxy.to_str().unwrap();
     let logs = std::env::temp_dir();
-    for i in 0..2 {
+    for (i, pod_env) in envs.iter().enumerate() {
         net.exec(i, &[proxy, "init"]);
         let log = logs.join(format!("{}-proxy.log", net.pods[i].ns));
         let mut env = vec![("WEFT_LOG", "info"), ("WEFT_ADMIN_ADDR", "0.0.0.0:4191")];
-        if i == 0 {
-            env.extend_from_slice(client_env);
-        }
+        env.extend_from_slice(pod_env);
         let args = ["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", proxy];
         net.spawn(i, &args, &env, &log);
     }
@@ -103,6 +105,92 @@ fn http1_crosses_as_http2_between_meshed_pods() {
         3.0,
         "{b_m}"
     );
+}
+
+/// The mesh file of [`with_control_plane`]: pod B's HTTP app and TCP echo are endpoints
+/// of workload `b`, and both ports are strict (mutual TLS only).
+fn mesh_file(b: std::net::Ipv4Addr) -> String {
+    format!(
+        "workloads:
+  - name: a
+    token: a-token-0123456789
+  - name: b
+    token: b-token-0123456789
+services:
+  - name: web
+    port: 8080
+    endpoints:
+      - address: {b}:8080
+        workload: b
+  - name: echo
+    port: 7000
+    endpoints:
+      - address: {b}:7000
+        workload: b
+policies:
+  - workload: b
+    port: 8080
+    mode: strict
+  - workload: b
+    port: 7000
+    mode: strict
+"
+    )
+}
+
+/// The two pods of [`mesh`] with `weft control` on the node (10.77.0.1), each sidecar
+/// with its workload's identity.
+fn with_control_plane() -> Net {
+    weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
+    let mut net = Net::new(2);
+    let dir = std::env::temp_dir().join(format!("{}-control", net.node));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, mesh_file(net.pods[1].ip)).unwrap();
+    let weft = bin("weft");
+    let args = [weft.to_str().unwrap(), "control", "--mesh", file.to_str().unwrap()];
+    let addrs = ["--grpc-addr", "10.77.0.1:8090", "--admin-addr", "10.77.0.1:9990"];
+    net.spawn_node(&[&args[..], &addrs[..]].concat(), &[], &dir.join("control.log"));
+    let control = ("WEFT_CONTROL_ADDR", "10.77.0.1:8090");
+    let id = |w| format!("spiffe://weft.local/ns/default/sa/{w}");
+    let (id_a, id_b) = (id("a"), id("b"));
+    pods(
+        net,
+        [
+            &[control, ("WEFT_IDENTITY", &id_a), ("WEFT_TOKEN", "a-token-0123456789")],
+            &[control, ("WEFT_IDENTITY", &id_b), ("WEFT_TOKEN", "b-token-0123456789")],
+        ],
+    )
+}
+
+#[test]
+fn pods_talk_over_mutual_tls_with_the_control_plane() {
+    let net = with_control_plane();
+    let b = net.pods[1].ip.to_string();
+    // The app in pod A calls pod B by IP, unaware of the mesh; both ports are strict.
+    for _ in 0..3 {
+        let body = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("http://{b}:8080/")]);
+        assert!(body.contains("Directory listing"), "{body}");
+    }
+    let banner = net.exec(0, &["curl", "-sS", "--max-time", "5", &format!("telnet://{b}:7000")]);
+    assert_eq!(banner, "hello from pod b\n");
+
+    let (a_m, b_m) = (metrics(&net, 0), metrics(&net, 1));
+    // HTTP rode one mTLS HTTP/2 connection (per shard); the TCP stream its own.
+    let h2_in = r#"weft_requests_total{direction="inbound",protocol="h2",status="200",cause=""}"#;
+    assert_eq!(metric_value(&b_m, h2_in), 3.0, "{b_m}");
+    let ok = |dir| format!(r#"weft_tls_handshakes_total{{direction="{dir}",result="ok"}}"#);
+    let (out_tls, in_tls) = (metric_value(&a_m, &ok("outbound")), metric_value(&b_m, &ok("inbound")));
+    assert!(out_tls >= 2.0 && out_tls == in_tls, "handshakes: A out {out_tls}, B in {in_tls}\n{a_m}\n{b_m}");
+
+    // From the node, with no sidecar: plaintext is refused on both strict ports.
+    let out =
+        net.node_try_exec(&["curl", "-sS", "-i", "--max-time", "5", &format!("http://{b}:8080/")]).unwrap();
+    assert!(out.starts_with("HTTP/1.1 403") && out.contains("weft-error: unauthorized"), "{out}");
+    let out = net.node_try_exec(&["curl", "-sS", "--max-time", "5", &format!("telnet://{b}:7000")]);
+    assert!(!out.as_deref().unwrap_or_default().contains("hello"), "{out:?}");
+    let denied = r#"weft_inbound_denied_total{client_identity="",protocol="tcp"}"#;
+    assert_eq!(metric_value(&metrics(&net, 1), denied), 1.0);
 }
 
 #[test]

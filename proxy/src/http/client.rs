@@ -29,26 +29,18 @@ use super::Body;
 use crate::{
     config::HttpConfig,
     errors::{Cause, CauseError},
-    tcp,
+    metrics::Metrics,
+    tcp::{self, MeshPeer},
 };
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
-
-/// Any connection the HTTP/2 client runs on: plain TCP or mesh mTLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
-
-/// A peer proxy reached over mutual TLS: who it must be, and the TLS configuration.
-pub struct Mesh<'a> {
-    pub identity: &'a str,
-    pub tls: Arc<rustls::ClientConfig>,
-}
 
 pub struct Client {
     h1: SharedPool,
     /// Keyed by address and, for mesh peers, the identity they must prove.
     h2: Mutex<HashMap<(SocketAddr, Option<String>), H2Slot>>,
     connect_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 type SharedPool = Arc<Mutex<H1Pool>>;
@@ -100,14 +92,14 @@ impl H1Pool {
 }
 
 impl Client {
-    pub fn new(cfg: &HttpConfig, connect_timeout: Duration) -> Self {
+    pub fn new(cfg: &HttpConfig, connect_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         let pool = H1Pool {
             conns: HashMap::new(),
             swept: Instant::now(),
             idle_timeout: cfg.pool_idle_timeout,
             max_idle: cfg.pool_max_idle_per_host,
         };
-        Self { h1: Arc::new(Mutex::new(pool)), h2: Mutex::default(), connect_timeout }
+        Self { h1: Arc::new(Mutex::new(pool)), h2: Mutex::default(), connect_timeout, metrics }
     }
 
     /// Sends an HTTP/1 request to `target`, in origin form; `Host` must already be set.
@@ -116,13 +108,7 @@ impl Client {
         target: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, CauseError> {
-        let is_connect = req.method() == http::Method::CONNECT;
-        // Origin form (`/path?q`); CONNECT keeps its authority form.
-        if !is_connect {
-            let pq = req.uri().path_and_query().cloned();
-            *req.uri_mut() = pq.map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
-        }
-        *req.version_mut() = http::Version::HTTP_11;
+        let is_connect = origin_form(&mut req);
         loop {
             let pooled = self.h1.lock().expect("h1 pool lock").checkout(target);
             let (mut sender, pooled) = match pooled {
@@ -164,17 +150,25 @@ impl Client {
         }
     }
 
-    async fn connect_h1(&self, target: SocketAddr) -> Result<http1::SendRequest<Body>, CauseError> {
-        let io = tcp::connect(target, self.connect_timeout).await?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|e| {
-            CauseError::new(Cause::UpstreamReset, format!("HTTP/1 connection to {target}: {e}"))
+    /// Sends an HTTP/1 request to a mesh peer over mutual TLS on a connection of its own:
+    /// upgrades (WebSocket) take over their connection, so they cannot share HTTP/2.
+    pub async fn send_h1_mesh(
+        &self,
+        target: SocketAddr,
+        peer: &MeshPeer,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, CauseError> {
+        origin_form(&mut req);
+        let io = tcp::dial(target, Some(peer), self.connect_timeout, &self.metrics).await?;
+        let mut sender = handshake_h1(io, target).await?;
+        let rsp = sender.send_request(req).await.map_err(|e| {
+            CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
         })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%target, "HTTP/1 upstream connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        Ok(rsp.map(|b| b.map_err(Into::into).boxed()))
+    }
+
+    async fn connect_h1(&self, target: SocketAddr) -> Result<http1::SendRequest<Body>, CauseError> {
+        handshake_h1(tcp::connect(target, self.connect_timeout).await?, target).await
     }
 
     /// Sends an HTTP/2 request to `target` over a shared connection, opening it if needed.
@@ -182,7 +176,7 @@ impl Client {
     pub async fn send_h2(
         &self,
         target: SocketAddr,
-        mesh: Option<Mesh<'_>>,
+        mesh: Option<&MeshPeer>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, CauseError> {
         *req.version_mut() = http::Version::HTTP_2;
@@ -199,30 +193,15 @@ impl Client {
     async fn h2_sender(
         &self,
         target: SocketAddr,
-        mesh: Option<Mesh<'_>>,
+        mesh: Option<&MeshPeer>,
     ) -> Result<http2::SendRequest<Body>, CauseError> {
-        let key = (target, mesh.as_ref().map(|m| m.identity.to_string()));
+        let key = (target, mesh.map(|m| m.identity.clone()));
         let slot = self.h2.lock().expect("h2 pool lock").entry(key).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }
-        let tcp = tcp::connect(target, self.connect_timeout).await?;
-        let io: Box<dyn Io> = match mesh {
-            None => Box::new(tcp),
-            Some(mesh) => {
-                // Mesh peers are named by SPIFFE ID, not DNS; the verifier checks the ID.
-                let name = rustls::pki_types::ServerName::try_from("peer.weft.invalid").expect("valid name");
-                let tls =
-                    tokio_rustls::TlsConnector::from(mesh.tls).connect(name, tcp).await.map_err(|e| {
-                        CauseError::new(
-                            Cause::TlsHandshake,
-                            format!("mTLS with {target} as {}: {e}", mesh.identity),
-                        )
-                    })?;
-                Box::new(tls)
-            }
-        };
+        let io = tcp::dial(target, mesh, self.connect_timeout, &self.metrics).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
@@ -283,6 +262,34 @@ impl http_body::Body for PooledBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Rewrites a request for an HTTP/1 upstream: origin form (`/path?q`), except CONNECT,
+/// which keeps its authority form. Returns whether it is a CONNECT.
+fn origin_form(req: &mut Request<Body>) -> bool {
+    let is_connect = req.method() == http::Method::CONNECT;
+    if !is_connect {
+        let pq = req.uri().path_and_query().cloned();
+        *req.uri_mut() = pq.map(Uri::from).unwrap_or_else(|| Uri::from_static("/"));
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    is_connect
+}
+
+async fn handshake_h1<I>(io: I, target: SocketAddr) -> Result<http1::SendRequest<Body>, CauseError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| CauseError::new(Cause::UpstreamReset, format!("HTTP/1 connection to {target}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%target, "HTTP/1 upstream connection ended: {e}");
+        }
+    });
+    Ok(sender)
 }
 
 /// Joins an error and its sources into one line for logs and error bodies.

@@ -19,14 +19,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use super::{
-    client::{Client, Mesh},
-    headers, upgrade, Body,
-};
+use super::{client::Client, headers, upgrade, Body};
 use crate::{
     errors::{respond, Cause, CauseError},
     metrics::{Direction, Metrics},
     resolve::Resolver,
+    tcp::MeshPeer,
 };
 
 /// What a connection knows before its first request.
@@ -41,6 +39,9 @@ pub struct ConnCtx {
     pub protocol: &'static str,
     /// The client's SPIFFE ID, on mesh mTLS connections.
     pub peer_identity: Option<String>,
+    /// Outbound to a fixed target that discovery knows as a mesh peer: the SPIFFE ID
+    /// that peer must prove.
+    pub target_identity: Option<String>,
     /// The inbound port's policy, taken when the connection was accepted.
     pub policy: Option<Arc<weft_api::v1::InboundPolicy>>,
     pub resets: ResetWatch,
@@ -169,19 +170,22 @@ impl HttpProxy {
             return Err(CauseError::new(Cause::HeaderTooLarge, msg));
         }
         let (target, peer) = match conn.target {
-            Some(t) => (t, None),
+            Some(t) => (t, conn.target_identity.clone()),
             None => self.route(&req).await?,
         };
         let is_connect = req.method() == Method::CONNECT;
         if is_connect && conn.target.is_none() {
+            // To a mesh peer the tunnel is one opaque stream inside mutual TLS.
+            let mesh = peer.as_deref().map(|id| self.mesh_peer(id, crate::tls::ALPN_TCP)).transpose()?;
             let (dir, metrics) = (self.dir, self.metrics.clone());
-            return upgrade::tunnel(req, target, self.connect_timeout, self.tcp_idle_timeout, dir, metrics)
-                .await;
+            let timeouts = (self.connect_timeout, self.tcp_idle_timeout);
+            return upgrade::tunnel(req, target, mesh, timeouts, dir, metrics).await;
         }
         let is_upgrade = headers::wants_upgrade(&req) || is_connect;
         let hop = match &peer {
-            Some(identity) if !is_upgrade => Hop::Mesh(self.mesh_tls(identity)?),
-            _ => self.hop(&req, target, is_upgrade),
+            Some(identity) if !is_upgrade => Hop::Mesh(self.mesh_peer(identity, crate::tls::ALPN_HTTP)?),
+            Some(identity) => Hop::MeshH1(self.mesh_peer(identity, crate::tls::ALPN_H1)?),
+            None => self.hop(&req, target, is_upgrade),
         };
         req.headers_mut().remove(headers::ORIG_PROTO);
         headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
@@ -193,20 +197,18 @@ impl HttpProxy {
                 carry_h1_over_h2(&mut req, target)?;
                 self.client.send_h2(target, None, req).await?
             }
-            Hop::Mesh(tls) => {
+            Hop::Mesh(peer) => {
                 if req.version() != Version::HTTP_2 {
                     carry_h1_over_h2(&mut req, target)?;
                 }
-                let identity = peer.as_deref().unwrap_or_default();
-                self.client.send_h2(target, Some(Mesh { identity, tls }), req).await?
+                self.client.send_h2(target, Some(&peer), req).await?
+            }
+            Hop::MeshH1(peer) => {
+                set_host(&mut req, target)?;
+                self.client.send_h1_mesh(target, &peer, req).await?
             }
             Hop::H1 => {
-                if !req.headers().contains_key(header::HOST) {
-                    let host = HeaderValue::try_from(authority_or(&req, target)).map_err(|_| {
-                        CauseError::new(Cause::BadRequest, "request authority is not a valid Host")
-                    })?;
-                    req.headers_mut().insert(header::HOST, host);
-                }
+                set_host(&mut req, target)?;
                 self.client.send_h1(target, req).await?
             }
         };
@@ -253,17 +255,27 @@ impl HttpProxy {
         }
     }
 
-    /// The TLS configuration for a mesh peer that must prove `identity`.
-    fn mesh_tls(&self, identity: &str) -> Result<Arc<rustls::ClientConfig>, CauseError> {
+    /// A mesh peer that must prove `identity`, for a connection carrying `alpn`.
+    pub fn mesh_peer(&self, identity: &str, alpn: &'static [u8]) -> Result<MeshPeer, CauseError> {
         let creds = self.identity.as_ref().and_then(|c| c.borrow().clone()).ok_or_else(|| {
             CauseError::new(
                 Cause::NoIdentity,
                 "this proxy has no certificate yet; check WEFT_CONTROL_ADDR and its log",
             )
         })?;
-        creds
-            .client_config(identity, crate::tls::ALPN_HTTP)
-            .map_err(|e| CauseError::new(Cause::TlsHandshake, e.to_string()))
+        let tls = creds
+            .client_config(identity, alpn)
+            .map_err(|e| CauseError::new(Cause::TlsHandshake, e.to_string()))?;
+        Ok(MeshPeer { identity: identity.to_string(), tls })
+    }
+
+    /// Outbound, transparent mode: the SPIFFE ID that the endpoint at `target` must
+    /// prove, when discovery knows it as meshed (asked by address, as the app dialled it).
+    pub async fn mesh_identity_of(&self, target: SocketAddr) -> Option<String> {
+        if self.dir != Direction::Outbound {
+            return None;
+        }
+        self.discovery.as_ref()?.resolve(&target.to_string()).await?.identity
     }
 
     /// Explicit mode: the destination comes from the request itself, through discovery
@@ -310,7 +322,9 @@ impl HttpProxy {
 /// How a request travels to its upstream.
 enum Hop {
     /// To a peer proxy over mutual TLS; HTTP/1 rides HTTP/2 as in `H1OverH2`.
-    Mesh(Arc<rustls::ClientConfig>),
+    Mesh(MeshPeer),
+    /// An upgrade to a peer proxy: HTTP/1 over mutual TLS on a connection of its own.
+    MeshH1(MeshPeer),
     H2,
     H1,
     /// An HTTP/1 request carried over HTTP/2 to a peer proxy, marked with `weft-orig-proto`.
@@ -325,6 +339,16 @@ fn carry_h1_over_h2(req: &mut Request<Body>, target: SocketAddr) -> Result<(), C
     *req.uri_mut() = uri(&format!("http://{authority}{pq}"))?;
     req.headers_mut().remove(header::HOST);
     req.headers_mut().insert(headers::ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    Ok(())
+}
+
+/// An HTTP/1 upstream needs `Host`: the authority the client addressed, or the target.
+fn set_host(req: &mut Request<Body>, target: SocketAddr) -> Result<(), CauseError> {
+    if !req.headers().contains_key(header::HOST) {
+        let host = HeaderValue::try_from(authority_or(req, target))
+            .map_err(|_| CauseError::new(Cause::BadRequest, "request authority is not a valid Host"))?;
+        req.headers_mut().insert(header::HOST, host);
+    }
     Ok(())
 }
 

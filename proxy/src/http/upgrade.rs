@@ -12,7 +12,7 @@ use super::Body;
 use crate::{
     errors::CauseError,
     metrics::{Direction, Metrics},
-    tcp,
+    tcp::{self, MeshPeer},
 };
 
 /// Once both sides have switched protocols, copies bytes between them.
@@ -33,16 +33,17 @@ pub fn splice(
     });
 }
 
-/// Explicit-mode `CONNECT host:port`: dial the target, answer 200, then tunnel bytes.
+/// Explicit-mode `CONNECT host:port`: dial the target (inside mutual TLS when it is a
+/// mesh peer), answer 200, then tunnel bytes.
 pub async fn tunnel(
     mut req: Request<Body>,
     target: SocketAddr,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    peer: Option<MeshPeer>,
+    (connect_timeout, idle_timeout): (Duration, Duration),
     dir: Direction,
     metrics: Arc<Metrics>,
 ) -> Result<Response<Body>, CauseError> {
-    let upstream = tcp::connect(target, connect_timeout).await?;
+    let upstream = tcp::dial(target, peer.as_ref(), connect_timeout, &metrics).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
