@@ -4,12 +4,12 @@ import statistics
 import sys
 
 runs = [json.loads(line) for line in open(sys.argv[1])]
-targets = ["direct", "nginx", "weft1", "weft2", "mtls2"]
+targets = [t for t in ["direct", "nginx", "weft1", "nginx2", "weft2", "mtls2"] if any(r["target"] == t for r in runs)]
 idle = {r["target"]: r["rss_idle_kib"] for r in runs if r["kind"] == "idle"}
 
 
-def median(t, f):
-    vals = [f(r) for r in runs if r["kind"] == "run" and r["target"] == t]
+def median(t, f, kind="run"):
+    vals = [f(r) for r in runs if r["kind"] == kind and r["target"] == t]
     return statistics.median(vals) if vals else None
 
 
@@ -18,6 +18,12 @@ def cpu_us_per_req(r):
     secs = r["cpu_ticks"] / r["clk_tck"]
     reqs = r["fixed"]["rate"] * (r["warmup_s"] + r["lat_s"])
     return secs / reqs * 1e6
+
+
+def cpu_us_per_conn(r):
+    # CPU over the connection phase (warm-up included), per connection made in it.
+    conns = r["conn"]["conns_per_s"] * r["conn_s"]
+    return r["conn_cpu_ticks"] / r["clk_tck"] / conns * 1e6 if conns else None
 
 
 summary = {}
@@ -32,19 +38,25 @@ for t in targets:
         "cpu_us_per_req": None if t == "direct" else median(t, cpu_us_per_req),
         "rss_idle_mib": idle[t] / 1024 if t in idle else None,
         "rss_peak_mib": None if t == "direct" else median(t, lambda r: r["rss_peak_kib"] / 1024),
+        "conns_per_s": median(t, lambda r: r["conn"]["conns_per_s"], "conn"),
+        "conn_errors": median(t, lambda r: r["conn"]["errors"], "conn"),
+        "cpu_us_per_conn": None if t == "direct" else median(t, cpu_us_per_conn, "conn"),
     }
 
-rate = runs[-1]["fixed"]["rate"]
+rate = next(r["fixed"]["rate"] for r in runs if r["kind"] == "run")
 fmt = lambda v, spec: "-" if v is None else format(v, spec)
 print()
-print(f"{'':8} {'max rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU us/req':>11} {'RSS idle MiB':>13} {'RSS peak MiB':>13}   (latency at {rate} req/s)")
+print(f"{'':8} {'max rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU us/req':>11} {'RSS idle MiB':>13} {'RSS peak MiB':>13} {'conns/s':>9} {'CPU us/conn':>12}   (latency at {rate} req/s)")
 for t in targets:
     s = summary[t]
     print(f"{t:8} {fmt(s['max_rps'], '10.0f')} {fmt(s['p50_ms'], '8.3f')} {fmt(s['p99_ms'], '8.3f')} {fmt(s['p999_ms'], '9.3f')} "
-          f"{fmt(s['cpu_us_per_req'], '11.1f')} {fmt(s['rss_idle_mib'], '13.1f')} {fmt(s['rss_peak_mib'], '13.1f')}")
+          f"{fmt(s['cpu_us_per_req'], '11.1f')} {fmt(s['rss_idle_mib'], '13.1f')} {fmt(s['rss_peak_mib'], '13.1f')} "
+          f"{fmt(s['conns_per_s'], '9.0f')} {fmt(s['cpu_us_per_conn'], '12.1f')}")
 
 
 def ratio(a, b, key):
+    if a not in summary or b not in summary:
+        return None
     x, y = summary[a][key], summary[b][key]
     return None if not x or not y else x / y
 
@@ -52,18 +64,25 @@ def ratio(a, b, key):
 ratios = {}
 for w in ["weft1", "weft2", "mtls2"]:
     for base in ["nginx", "direct"]:
-        for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms"] + (["cpu_us_per_req"] if base == "nginx" else []):
+        for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms", "conns_per_s"] + (["cpu_us_per_req"] if base == "nginx" else []):
             ratios[f"{w}/{base} {key}"] = ratio(w, base, key)
+for w in ["weft2", "mtls2"]:
+    for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req"]:
+        ratios[f"{w}/nginx2 {key}"] = ratio(w, "nginx2", key)
+ratios["nginx2/direct max_rps"] = ratio("nginx2", "direct", "max_rps")
+ratios["nginx2/direct p99_ms"] = ratio("nginx2", "direct", "p99_ms")
+ratios["mtls2/weft2 conns_per_s"] = ratio("mtls2", "weft2", "conns_per_s")
+ratios["mtls2/weft2 cpu_us_per_conn"] = ratio("mtls2", "weft2", "cpu_us_per_conn")
 print()
 for k, v in ratios.items():
     print(f"{k:32} {fmt(v, '.2f')}")
 targets_met = {
     "weft1/nginx throughput >= 1.0": (ratios["weft1/nginx max_rps"] or 0) >= 1.0,
     "weft1/nginx p99 <= 1.2": (ratios["weft1/nginx p99_ms"] or 99) <= 1.2,
-    "weft1 RSS idle <= 8 MiB": (summary["weft1"]["rss_idle_mib"] or 99) <= 8,
+    "weft1 RSS idle <= 8 MiB": (summary.get("weft1", {}).get("rss_idle_mib") or 99) <= 8,
     "mtls2/direct throughput >= 0.25": (ratios["mtls2/direct max_rps"] or 0) >= 0.25,
     "mtls2/direct p99 <= 3.0": (ratios["mtls2/direct p99_ms"] or 99) <= 3.0,
-    "mtls2 CPU per request <= 100 us (two proxies)": (summary["mtls2"]["cpu_us_per_req"] or 999) <= 100,
+    "mtls2 CPU per request <= 100 us (two proxies)": (summary.get("mtls2", {}).get("cpu_us_per_req") or 999) <= 100,
 }
 print()
 for k, v in targets_met.items():

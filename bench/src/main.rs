@@ -4,6 +4,12 @@
 //! free, so a stall shows up in the percentiles instead of silently lowering the offered
 //! load (the method of wrk2, which Debian does not package). Release happens within one
 //! timer tick of the schedule; that slack of our own timer is not counted.
+//!
+//! With `--new-connections` it measures connection setup instead: `--connections`
+//! workers each open a connection (through a `CONNECT` tunnel when `--tunnel` names an
+//! authority, so a mesh proxy makes one new mTLS connection per tunnel), send one
+//! request, read the answer and close, as fast as they can; it reports connections per
+//! second.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -40,15 +46,21 @@ struct Args {
     /// Seconds of unmeasured load first.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Keep-alive connections.
+    /// Keep-alive connections (with --new-connections: concurrent workers).
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Measure connection setup: a new connection for every request, closed loop.
+    #[arg(long)]
+    new_connections: bool,
+    /// With --new-connections: open each connection as a CONNECT tunnel to this authority.
+    #[arg(long)]
+    tunnel: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let report = rt.block_on(run(args))?;
+    let report = if args.new_connections { rt.block_on(connections(args))? } else { rt.block_on(run(args))? };
     println!("{report}");
     Ok(())
 }
@@ -162,4 +174,73 @@ async fn worker(
             }
         }
     }
+}
+
+/// Closed loop: every worker opens a connection, sends one request, closes, again.
+async fn connections(args: Args) -> anyhow::Result<serde_json::Value> {
+    let host = args.host.clone().unwrap_or_else(|| args.addr.to_string());
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let end = measure_from + Duration::from_secs(args.seconds);
+    let mut workers = Vec::new();
+    for _ in 0..args.connections {
+        let (host, path, tunnel, addr) = (host.clone(), args.path.clone(), args.tunnel.clone(), args.addr);
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0u64, 0u64);
+            while Instant::now() < end {
+                let res = one_connection(addr, tunnel.as_deref(), &host, &path).await;
+                if Instant::now() >= measure_from {
+                    match res {
+                        Ok(()) => ok += 1,
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    let (mut ok, mut errors) = (0, 0);
+    for w in workers {
+        let (o, e) = w.await?;
+        ok += o;
+        errors += e;
+    }
+    let elapsed = Instant::now().saturating_duration_since(measure_from).as_secs_f64();
+    Ok(serde_json::json!({ "ok": ok, "errors": errors, "conns_per_s": ok as f64 / elapsed.max(1e-9) }))
+}
+
+async fn one_connection(
+    addr: SocketAddr,
+    tunnel: Option<&str>,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    if let Some(authority) = tunnel {
+        stream
+            .write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .await?;
+        // The proxy's answer is a bare head: read until its blank line.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if stream.read(&mut b).await? == 0 {
+                anyhow::bail!("tunnel closed");
+            }
+            head.push(b[0]);
+        }
+        anyhow::ensure!(head.starts_with(b"HTTP/1.1 200"), "CONNECT refused");
+    }
+    let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req =
+        http::Request::get(path).header(http::header::HOST, host).header(http::header::CONNECTION, "close");
+    let rsp = sender.send_request(req.body(Empty::new())?).await?;
+    anyhow::ensure!(rsp.status().is_success(), "status {}", rsp.status());
+    rsp.into_body().collect().await?;
+    drop(sender);
+    let _ = conn.await;
+    Ok(())
 }

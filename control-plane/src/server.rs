@@ -25,7 +25,7 @@ use weft_api::v1::{
 use crate::{
     ca::Ca,
     identity::{IdentityService, MeshTokens},
-    source::FileSource,
+    source::{FileSource, Source},
     watch::{DiscoveryService, PolicyService},
 };
 
@@ -42,6 +42,7 @@ pub struct Options {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (source, state) = FileSource::load(opts.mesh.clone())?;
+    let source: Box<dyn Source> = Box::new(source);
     let trust_domain = state.borrow().trust_domain.clone();
     let ca = match (&opts.ca_cert, &opts.ca_key) {
         (Some(cert), Some(key)) => {
@@ -60,8 +61,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("give both --ca-cert and --ca-key, or neither to generate a local root"),
     };
-    let valid = source.valid.clone();
-    tokio::spawn(source.watch(Duration::from_millis(250)));
+    let valid = source.valid();
+    tokio::spawn(source.run());
 
     let grpc = tokio::net::TcpListener::bind(opts.grpc_addr)
         .await

@@ -1,7 +1,8 @@
-//! Where the control plane's world comes from. Today: a mesh file, re-read when it
-//! changes. A change that does not parse or validate is refused with the reason in the
-//! log and a metric, and the last good state keeps being served. The Kubernetes source
-//! will publish into the same channel.
+//! Where the control plane's world comes from, behind the [`Source`] trait. Today: a
+//! mesh file, re-read when it changes. A change that does not parse or validate is
+//! refused with the reason in the log and a metric, and the last good state keeps being
+//! served. The Kubernetes source will implement the same trait and publish into the
+//! same channel.
 
 use std::{
     path::PathBuf,
@@ -18,6 +19,26 @@ use crate::mesh::{self, Mesh};
 
 /// The current state, as every service sees it.
 pub type State = watch::Receiver<Arc<Mesh>>;
+
+/// A source of the mesh's world. It publishes every state it accepts into the channel
+/// the services read (made when the source is loaded) and never publishes a bad one.
+pub trait Source: Send + 'static {
+    /// Follows the source's input until the process stops.
+    fn run(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()>;
+    /// Whether the latest input was accepted; false while the last good state is served
+    /// in place of a refused change (the `weft_control_mesh_file_valid` metric).
+    fn valid(&self) -> Arc<AtomicBool>;
+}
+
+impl Source for FileSource {
+    fn run(self: Box<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(self.watch(Duration::from_millis(250)))
+    }
+
+    fn valid(&self) -> Arc<AtomicBool> {
+        self.valid.clone()
+    }
+}
 
 pub struct FileSource {
     path: PathBuf,

@@ -60,6 +60,10 @@ impl<K: Eq + Hash, T: Send + Sync + 'static> Watches<K, T> {
             let mut watches = self.watches.lock().expect("watches lock");
             watches.entry(key).or_insert_with(|| spawn(what, open)).clone()
         };
+        // The common case, once per request: the answer is there; no timer needed.
+        if let Some(answer) = rx.borrow().clone() {
+            return Some(answer);
+        }
         let answer = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(Option::is_some)).await {
             Ok(Ok(answer)) => answer.clone(),
             _ => None,
