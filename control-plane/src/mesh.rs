@@ -74,6 +74,19 @@ pub struct Service {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// How proxies spread requests over the endpoints.
+    #[serde(default)]
+    pub balancer: Balancer,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balancer {
+    /// Power of two choices over peak-EWMA latency, candidates drawn by weight.
+    #[default]
+    PeakEwma,
+    /// Smooth weighted round robin.
+    RoundRobin,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -252,6 +265,15 @@ policies:
         assert!(m.service_for("backend:8080").is_some());
         assert_eq!(m.policies[0].mode, Mode::Permissive);
         assert_eq!(m.tokens().len(), 2);
+    }
+
+    #[test]
+    fn the_documented_example_and_the_demo_are_valid() {
+        let doc = include_str!("../../docs/mesh-file.md");
+        let yaml = doc.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
+        let m = Mesh::parse("docs/mesh-file.md", yaml).unwrap();
+        assert_eq!(m.services[0].balancer, Balancer::PeakEwma);
+        Mesh::parse("examples/demo.yaml", include_str!("../../examples/demo.yaml")).unwrap();
     }
 
     fn err(text: &str) -> String {

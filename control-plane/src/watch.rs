@@ -59,19 +59,34 @@ pub struct DiscoveryService {
 /// dialled) is answered with that endpoint alone, so the proxy learns whether it is
 /// meshed and which identity it must prove.
 pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
+    let mut balancer = mesh::Balancer::PeakEwma;
     let endpoints: Vec<&mesh::Endpoint> = match mesh.service_for(authority) {
-        Some(service) => service.endpoints.iter().collect(),
+        Some(service) => {
+            balancer = service.balancer;
+            service.endpoints.iter().collect()
+        }
         None => {
             let addr = authority.parse::<std::net::SocketAddr>().ok();
             let all = || mesh.services.iter().flat_map(|s| &s.endpoints);
             match addr.and_then(|a| all().find(|e| e.address == a)) {
                 Some(e) => vec![e],
-                None => return EndpointSet { authority: authority.into(), known: false, endpoints: vec![] },
+                None => {
+                    return EndpointSet {
+                        authority: authority.into(),
+                        known: false,
+                        endpoints: vec![],
+                        balancer: 0,
+                    }
+                }
             }
         }
     };
     let endpoints = endpoints.into_iter().map(|e| endpoint(mesh, e)).collect();
-    EndpointSet { authority: authority.into(), known: true, endpoints }
+    let balancer = match balancer {
+        mesh::Balancer::PeakEwma => weft_api::v1::Balancer::PeakEwma,
+        mesh::Balancer::RoundRobin => weft_api::v1::Balancer::RoundRobin,
+    };
+    EndpointSet { authority: authority.into(), known: true, endpoints, balancer: balancer as i32 }
 }
 
 fn endpoint(mesh: &Mesh, e: &mesh::Endpoint) -> Endpoint {

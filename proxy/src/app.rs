@@ -191,6 +191,8 @@ impl Shard {
                 Direction::Inbound => self.policies.clone(),
                 Direction::Outbound => None,
             },
+            balancers: Default::default(),
+            queue_timeout: cfg.queue_timeout,
         }))
     }
 }

@@ -51,6 +51,7 @@ pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
 pub const CONNECT_TIMEOUT: &str = "WEFT_CONNECT_TIMEOUT";
 pub const TCP_IDLE_TIMEOUT: &str = "WEFT_TCP_IDLE_TIMEOUT";
+pub const QUEUE_TIMEOUT: &str = "WEFT_QUEUE_TIMEOUT";
 pub const MAX_HEADER_BYTES: &str = "WEFT_MAX_HEADER_BYTES";
 pub const HEADER_READ_TIMEOUT: &str = "WEFT_HEADER_READ_TIMEOUT";
 pub const POOL_IDLE_TIMEOUT: &str = "WEFT_POOL_IDLE_TIMEOUT";
@@ -88,6 +89,9 @@ pub struct Config {
     pub mesh_networks: Vec<IpNet>,
     pub connect_timeout: Duration,
     pub tcp_idle_timeout: Duration,
+    /// How long a request to a service with no endpoints waits for one before it fails
+    /// with 503 `no-endpoints`.
+    pub queue_timeout: Duration,
     pub http: HttpConfig,
     pub drain_grace: Duration,
     pub log: LogConfig,
@@ -174,6 +178,7 @@ impl Config {
             mesh_networks: list(env, MESH_NETWORKS, "", "comma-separated CIDRs like 10.0.0.0/8")?,
             connect_timeout: duration(env, CONNECT_TIMEOUT, "1s")?,
             tcp_idle_timeout: duration(env, TCP_IDLE_TIMEOUT, "1h")?,
+            queue_timeout: duration(env, QUEUE_TIMEOUT, "3s")?,
             http: HttpConfig {
                 max_header_bytes: parse(env, MAX_HEADER_BYTES, "65536", "a byte count like 65536")?,
                 header_read_timeout: duration(env, HEADER_READ_TIMEOUT, "10s")?,

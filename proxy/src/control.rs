@@ -56,19 +56,37 @@ impl<K: Eq + Hash, T: Send + Sync + 'static> Watches<K, T> {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send,
     {
+        self.get_when(key, what, open, FIRST_ANSWER, |_| true).await
+    }
+
+    /// Like [`Self::get`], waiting up to `wait` for an answer that satisfies `ready`; after
+    /// that, whatever the current answer is.
+    pub async fn get_when<F, Fut>(
+        &self,
+        key: K,
+        what: String,
+        open: F,
+        wait: Duration,
+        ready: impl Fn(&T) -> bool,
+    ) -> Answer<T>
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send,
+    {
         let mut rx = {
             let mut watches = self.watches.lock().expect("watches lock");
             watches.entry(key).or_insert_with(|| spawn(what, open)).clone()
         };
         // The common case, once per request: the answer is there; no timer needed.
-        if let Some(answer) = rx.borrow().clone() {
+        if let Some(answer) = rx.borrow().clone().filter(|a| ready(a)) {
             return Some(answer);
         }
-        let answer = match tokio::time::timeout(FIRST_ANSWER, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(answer)) => answer.clone(),
+        let found = match tokio::time::timeout(wait, rx.wait_for(|a| a.as_deref().is_some_and(&ready))).await
+        {
+            Ok(Ok(answer)) => Some(answer.clone()),
             _ => None,
         };
-        answer
+        found.unwrap_or_else(|| rx.borrow().clone())
     }
 }
 

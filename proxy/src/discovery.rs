@@ -1,7 +1,7 @@
 //! Service discovery from the control plane: one streaming watch per authority, started
 //! on first use and shared by all shards (see [`crate::control`] for reconnects).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use weft_api::v1::{discovery_client::DiscoveryClient, EndpointSet, WatchRequest};
 
@@ -33,54 +33,35 @@ impl Discovery {
         })
     }
 
-    /// An endpoint for `authority`, or `None` when the mesh does not know it (or the
-    /// control plane has not answered yet): the caller then resolves it with DNS.
-    pub async fn resolve(&self, authority: &str) -> Option<Endpoint> {
+    /// The endpoint set of `authority`, or `None` when the mesh does not know it (or the
+    /// control plane has not answered yet): the caller then resolves it with DNS. A known
+    /// service with no endpoints is waited for up to `queue_timeout`, and then returned
+    /// empty (the caller fails the request with `no-endpoints`).
+    pub async fn resolve(&self, authority: &str, queue_timeout: Duration) -> Option<Arc<EndpointSet>> {
         let (client, token, auth) = (self.client.clone(), self.token.clone(), authority.to_string());
         let open = move || {
             let (mut client, req) =
                 (client.clone(), control::authorized(WatchRequest { authority: auth.clone() }, &token));
             async move { client.watch(req).await.map(tonic::Response::into_inner) }
         };
-        let set = self.watches.get(authority.to_string(), format!("discovery of {authority}"), open).await?;
-        if !set.known {
+        let what = format!("discovery of {authority}");
+        let first = self.watches.get(authority.to_string(), what.clone(), open.clone()).await?;
+        if !first.known {
             return None;
         }
-        let e = pick_weighted(&set.endpoints, fastrand::u64(..))?;
-        Some(Endpoint { addr: e.address.parse().ok()?, identity: e.meshed.then(|| e.identity.clone()) })
-    }
-}
-
-/// A random endpoint in proportion to its weight (`r` is a uniformly random number).
-/// Latency-aware balancing replaces this with the traffic-management work.
-fn pick_weighted(endpoints: &[weft_api::v1::Endpoint], r: u64) -> Option<&weft_api::v1::Endpoint> {
-    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight.max(1))).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut at = r % total;
-    endpoints.iter().find(|e| {
-        let w = u64::from(e.weight.max(1));
-        if at < w {
-            return true;
+        if !first.endpoints.is_empty() {
+            return Some(first);
         }
-        at -= w;
-        false
-    })
-}
+        let ready = |s: &EndpointSet| !s.known || !s.endpoints.is_empty();
+        let set = self.watches.get_when(authority.to_string(), what, open, queue_timeout, ready).await?;
+        set.known.then_some(set)
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_in_proportion_to_weight() {
-        let eps: Vec<_> = [("a", 1), ("b", 3)]
-            .iter()
-            .map(|(a, w)| weft_api::v1::Endpoint { address: a.to_string(), weight: *w, ..Default::default() })
-            .collect();
-        let picks: Vec<_> = (0..8).map(|r| pick_weighted(&eps, r).unwrap().address.clone()).collect();
-        assert_eq!(picks, ["a", "b", "b", "b", "a", "b", "b", "b"]);
-        assert!(pick_weighted(&[], 7).is_none());
+    /// Transparent mode: the SPIFFE ID the endpoint at `addr` must prove, when the mesh
+    /// knows that address as a meshed endpoint.
+    pub async fn identity_at(&self, addr: SocketAddr) -> Option<String> {
+        let set = self.resolve(&addr.to_string(), Duration::ZERO).await?;
+        let e = set.endpoints.iter().find(|e| e.address.parse() == Ok(addr))?;
+        e.meshed.then(|| e.identity.clone())
     }
 }

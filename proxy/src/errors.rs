@@ -43,6 +43,8 @@ pub enum Cause {
     /// The port's policy does not admit this client (plaintext on a strict port, or an
     /// identity not on the allow list).
     Unauthorized,
+    /// The service has no endpoints, and none appeared within the queue timeout.
+    NoEndpoints,
 }
 
 impl Cause {
@@ -62,6 +64,7 @@ impl Cause {
             Cause::NoIdentity => "no-identity",
             Cause::TlsHandshake => "tls-handshake",
             Cause::Unauthorized => "unauthorized",
+            Cause::NoEndpoints => "no-endpoints",
         }
     }
 
@@ -77,6 +80,7 @@ impl Cause {
             }
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::Unauthorized => StatusCode::FORBIDDEN,
+            Cause::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod conn;
 pub mod control;

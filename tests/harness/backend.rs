@@ -66,6 +66,11 @@ fn runtime() -> tokio::runtime::Runtime {
 /// the request; `?delay_ms=N` waits first, `?status=N` answers with that status,
 /// `?size=N` answers with N bytes of `x` instead of the summary.
 pub fn http(name: &'static str) -> Backend {
+    http_slow(name, Duration::ZERO)
+}
+
+/// [`http`], answering every request only after `delay`: a slow endpoint.
+pub fn http_slow(name: &'static str, delay: Duration) -> Backend {
     let rt = runtime();
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -79,7 +84,7 @@ pub fn http(name: &'static str) -> Backend {
             c.fetch_add(1, Ordering::SeqCst);
             let (h, s) = (h.clone(), s.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(name, req, h.clone(), s.clone()));
+                let svc = service_fn(move |req| handle(name, delay, req, h.clone(), s.clone()));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -91,6 +96,7 @@ pub fn http(name: &'static str) -> Backend {
 
 async fn handle(
     name: &'static str,
+    delay: Duration,
     req: Request<Incoming>,
     hits: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -118,8 +124,10 @@ async fn handle(
     };
     hits.fetch_add(1, Ordering::SeqCst);
     seen.lock().unwrap().push(s.clone());
-    if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    let asked = query.get("delay_ms").and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    let delay = delay + asked.unwrap_or_default();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let status = query.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
     let json = serde_json::json!({

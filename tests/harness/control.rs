@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{bin, free_addr, http_get};
+use crate::{bin, free_addr, http_get, Proxy};
 
 pub struct Control {
     pub child: Child,
@@ -43,6 +43,28 @@ impl Control {
             std::thread::sleep(Duration::from_millis(20));
         }
         Control { child, grpc, admin, mesh }
+    }
+}
+
+impl Control {
+    /// A weft-proxy for workload `name` of the mesh file (identity
+    /// `spiffe://weft.local/ns/default/sa/<name>`, token `<name>-token-0123456789`), ready.
+    pub fn sidecar(&self, name: &str, extra: &[(&str, &str)]) -> Proxy {
+        let addr = self.grpc.to_string();
+        let id = format!("spiffe://weft.local/ns/default/sa/{name}");
+        let token = format!("{name}-token-0123456789");
+        let mut env = vec![
+            ("WEFT_CONTROL_ADDR", addr.as_str()),
+            ("WEFT_IDENTITY", id.as_str()),
+            ("WEFT_TOKEN", token.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        Proxy::start(&env)
+    }
+
+    /// Replaces the mesh file; the control plane applies it within its 250 ms poll.
+    pub fn rewrite(&self, mesh_yaml: &str) {
+        std::fs::write(&self.mesh, mesh_yaml).unwrap();
     }
 }
 

@@ -43,16 +43,7 @@ impl Drop for KillOnDrop {
 }
 
 fn sidecar(control: &Control, name: &str, extra: &[(&str, &str)]) -> Proxy {
-    let addr = control.grpc.to_string();
-    let id = format!("spiffe://weft.local/ns/default/sa/{name}");
-    let token = format!("{name}-token-0123456789");
-    let mut env = vec![
-        ("WEFT_CONTROL_ADDR", addr.as_str()),
-        ("WEFT_IDENTITY", id.as_str()),
-        ("WEFT_TOKEN", token.as_str()),
-    ];
-    env.extend_from_slice(extra);
-    Proxy::start(&env)
+    control.sidecar(name, extra)
 }
 
 #[test]

@@ -21,6 +21,7 @@ use ipnet::IpNet;
 
 use super::{client::Client, headers, upgrade, Body};
 use crate::{
+    balance::{Attempt, Balancer},
     errors::{respond, Cause, CauseError},
     metrics::{Direction, Metrics},
     resolve::Resolver,
@@ -105,6 +106,10 @@ pub struct HttpProxy {
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
     /// Inbound only: the control plane's policies.
     pub policies: Option<Arc<crate::policy::Policies>>,
+    /// Outbound: one balancer per service authority, for this shard.
+    pub balancers: std::sync::Mutex<std::collections::HashMap<String, Balancer>>,
+    /// How long a request waits for a service with no endpoints to get one.
+    pub queue_timeout: std::time::Duration,
 }
 
 impl HttpProxy {
@@ -169,8 +174,8 @@ impl HttpProxy {
             );
             return Err(CauseError::new(Cause::HeaderTooLarge, msg));
         }
-        let (target, peer) = match conn.target {
-            Some(t) => (t, conn.target_identity.clone()),
+        let (target, peer, balanced) = match conn.target {
+            Some(t) => (t, conn.target_identity.clone(), None),
             None => self.route(&req).await?,
         };
         let is_connect = req.method() == Method::CONNECT;
@@ -191,26 +196,39 @@ impl HttpProxy {
         headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let mut rsp = match hop {
-            Hop::H2 => self.client.send_h2(target, None, req).await?,
-            Hop::H1OverH2 => {
-                carry_h1_over_h2(&mut req, target)?;
-                self.client.send_h2(target, None, req).await?
-            }
-            Hop::Mesh(peer) => {
-                if req.version() != Version::HTTP_2 {
+        let send: Attempt<'_> = Box::pin(async move {
+            match hop {
+                Hop::H2 => self.client.send_h2(target, None, req).await,
+                Hop::H1OverH2 => {
                     carry_h1_over_h2(&mut req, target)?;
+                    self.client.send_h2(target, None, req).await
                 }
-                self.client.send_h2(target, Some(&peer), req).await?
+                Hop::Mesh(peer) => {
+                    if req.version() != Version::HTTP_2 {
+                        carry_h1_over_h2(&mut req, target)?;
+                    }
+                    self.client.send_h2(target, Some(&peer), req).await
+                }
+                Hop::MeshH1(peer) => {
+                    set_host(&mut req, target)?;
+                    self.client.send_h1_mesh(target, &peer, req).await
+                }
+                Hop::H1 => {
+                    set_host(&mut req, target)?;
+                    self.client.send_h1(target, req).await
+                }
             }
-            Hop::MeshH1(peer) => {
-                set_host(&mut req, target)?;
-                self.client.send_h1_mesh(target, &peer, req).await?
+        });
+        // A balanced request counts in its endpoint's load until the response head.
+        let mut rsp = match balanced {
+            Some((authority, endpoint)) => {
+                let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
+                    Some(b) => b.dispatch(&endpoint, send),
+                    None => send,
+                };
+                dispatched.await?
             }
-            Hop::H1 => {
-                set_host(&mut req, target)?;
-                self.client.send_h1(target, req).await?
-            }
+            None => send.await?,
         };
 
         let switched =
@@ -275,13 +293,13 @@ impl HttpProxy {
         if self.dir != Direction::Outbound {
             return None;
         }
-        self.discovery.as_ref()?.resolve(&target.to_string()).await?.identity
+        self.discovery.as_ref()?.identity_at(target).await
     }
 
-    /// Explicit mode: the destination comes from the request itself, through discovery
-    /// when the mesh knows the authority (then with the identity the peer must prove),
-    /// else through DNS.
-    async fn route(&self, req: &Request<Body>) -> Result<(SocketAddr, Option<String>), CauseError> {
+    /// Explicit mode: the destination comes from the request itself. When the mesh knows
+    /// the authority, the balancer picks one of its endpoints (with the identity the peer
+    /// must prove, and the balancer key); otherwise DNS names the target.
+    async fn route(&self, req: &Request<Body>) -> Result<Routed, CauseError> {
         let authority = headers::authority(req).ok_or_else(|| {
             CauseError::new(
                 Cause::NoRoute,
@@ -297,8 +315,9 @@ impl HttpProxy {
             };
         let port = authority.port_u16().unwrap_or(default_port);
         if let Some(discovery) = &self.discovery {
-            if let Some(e) = discovery.resolve(&format!("{}:{port}", authority.host())).await {
-                return Ok((e.addr, e.identity));
+            let key = format!("{}:{port}", authority.host());
+            if let Some(set) = discovery.resolve(&key, self.queue_timeout).await {
+                return self.pick(key, &set);
             }
         }
         let target = self.resolver.resolve(authority.host(), port).await?;
@@ -308,7 +327,18 @@ impl HttpProxy {
                 format!("{authority} is this proxy's own listener; name the application instead"),
             ));
         }
-        Ok((target, None))
+        Ok((target, None, None))
+    }
+
+    /// One of the service's endpoints, chosen by this shard's balancer for `key`.
+    fn pick(&self, key: String, set: &Arc<weft_api::v1::EndpointSet>) -> Result<Routed, CauseError> {
+        let mut balancers = self.balancers.lock().expect("balancers lock");
+        let balancer = balancers.entry(key.clone()).or_default();
+        balancer.update(set);
+        match balancer.pick(|| fastrand::u64(..)) {
+            Some(e) => Ok((e.addr, e.identity.clone(), Some((key, e)))),
+            None => Err(crate::balance::no_endpoints(&key, self.queue_timeout)),
+        }
     }
 
     fn is_own_addr(&self, target: SocketAddr) -> bool {
@@ -318,6 +348,10 @@ impl HttpProxy {
         })
     }
 }
+
+/// Where a request goes: the target, the identity it must prove when it is a mesh peer,
+/// and, when a balancer chose it, the balancer's key and the endpoint.
+type Routed = (SocketAddr, Option<String>, Option<(String, crate::discovery::Endpoint)>);
 
 /// How a request travels to its upstream.
 enum Hop {

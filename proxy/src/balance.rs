@@ -1,0 +1,311 @@
+//! Per-request load balancing over a service's endpoints, as discovery announces them.
+//!
+//! The default is power of two choices over peak-EWMA load (Finagle's algorithm, as in
+//! tower and Linkerd): two distinct candidates are drawn at random and the one with the lower
+//! cost wins, cost being the latency estimate × (requests in flight + 1) ÷ weight, so
+//! latency steers traffic away from slow endpoints and weights scale what an endpoint
+//! is trusted with (as Envoy's weighted least-request does). Round robin (smooth
+//! weighted, as nginx does it) is the alternative. tower's p2c and `PeakEwma` have no
+//! weights and keep their cost opaque, so both are written here.
+//!
+//! A balancer lives per proxy shard and per authority. When the endpoint set changes,
+//! endpoints that stay keep their load history; removed ones get no new requests while
+//! their requests in flight finish on their own connections.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use http::Response;
+use weft_api::v1::{Balancer as Mode, EndpointSet};
+
+use crate::{
+    discovery::Endpoint,
+    errors::{Cause, CauseError},
+    http::Body,
+};
+
+/// Before an endpoint has answered, its latency is assumed to be this.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast a latency peak decays towards the average.
+const DECAY: Duration = Duration::from_secs(10);
+
+/// One request to one endpoint, from sending to the response head.
+pub type Attempt<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, CauseError>> + Send + 'a>>;
+
+/// Peak-EWMA load of one endpoint: a latency estimate that jumps to any slower
+/// observation and decays towards the average otherwise, and the requests in flight.
+#[derive(Debug)]
+struct Ewma {
+    rtt_ns: f64,
+    updated: Instant,
+    pending: u32,
+}
+
+impl Ewma {
+    fn new() -> Arc<Mutex<Ewma>> {
+        Arc::new(Mutex::new(Ewma {
+            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+            updated: Instant::now(),
+            pending: 0,
+        }))
+    }
+
+    /// The estimate decayed to `now`: the longer since the last answer, the less a
+    /// past peak weighs.
+    fn decayed(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        let keep = (-elapsed / DECAY.as_nanos() as f64).exp();
+        self.rtt_ns *= keep;
+        self.updated = now;
+        self.rtt_ns
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        if sample > self.rtt_ns {
+            self.rtt_ns = sample;
+        } else {
+            let keep = (-elapsed / DECAY.as_nanos() as f64).exp();
+            self.rtt_ns = self.rtt_ns * keep + sample * (1.0 - keep);
+        }
+        self.updated = now;
+    }
+}
+
+/// Counts a request in flight until dropped, then records its latency.
+struct InFlight {
+    load: Arc<Mutex<Ewma>>,
+    sent: Instant,
+}
+
+impl InFlight {
+    fn start(load: &Arc<Mutex<Ewma>>) -> InFlight {
+        load.lock().expect("ewma lock").pending += 1;
+        InFlight { load: load.clone(), sent: Instant::now() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut l = self.load.lock().expect("ewma lock");
+        l.pending -= 1;
+        l.observe(now - self.sent, now);
+    }
+}
+
+struct Slot {
+    endpoint: Endpoint,
+    weight: u32,
+    load: Arc<Mutex<Ewma>>,
+    /// Smooth weighted round robin's running weight.
+    current: i64,
+}
+
+pub struct Balancer {
+    /// The endpoint set this balancer was built from.
+    set: Option<Arc<EndpointSet>>,
+    mode: Mode,
+    slots: Vec<Slot>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer { set: None, mode: Mode::PeakEwma, slots: Vec::new() }
+    }
+}
+
+impl Balancer {
+    /// Follows a new endpoint set; endpoints that stay keep their load history.
+    pub fn update(&mut self, set: &Arc<EndpointSet>) {
+        if self.set.as_ref().is_some_and(|s| Arc::ptr_eq(s, set)) {
+            return;
+        }
+        let mut old = std::mem::take(&mut self.slots);
+        for e in &set.endpoints {
+            let Ok(addr) = e.address.parse::<SocketAddr>() else {
+                tracing::warn!(
+                    address = e.address,
+                    "discovery sent an endpoint that is not ip:port; skipped"
+                );
+                continue;
+            };
+            let endpoint = Endpoint { addr, identity: e.meshed.then(|| e.identity.clone()) };
+            let kept = old.iter().position(|s| s.endpoint == endpoint).map(|i| old.swap_remove(i));
+            let load = kept.map(|s| s.load).unwrap_or_else(Ewma::new);
+            self.slots.push(Slot { endpoint, weight: e.weight.max(1), load, current: 0 });
+        }
+        self.mode = Mode::try_from(set.balancer).unwrap_or(Mode::PeakEwma);
+        self.set = Some(set.clone());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The endpoint for the next request. `rand` draws uniform random numbers.
+    pub fn pick(&mut self, mut rand: impl FnMut() -> u64) -> Option<Endpoint> {
+        let i = match self.mode {
+            Mode::RoundRobin => self.round_robin()?,
+            Mode::PeakEwma => {
+                let n = self.slots.len() as u64;
+                if n == 0 {
+                    return None;
+                }
+                if n == 1 {
+                    return Some(self.slots[0].endpoint.clone());
+                }
+                // Two distinct candidates: a slow endpoint must never win by being drawn twice.
+                let a = (rand() % n) as usize;
+                let b = (rand() % (n - 1)) as usize;
+                let b = if b >= a { b + 1 } else { b };
+                let now = Instant::now();
+                if self.cost(b, now) < self.cost(a, now) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        Some(self.slots[i].endpoint.clone())
+    }
+
+    /// Runs `attempt` against `endpoint`, counting it in the endpoint's load until the
+    /// response head arrives. An endpoint that left the set meanwhile just runs it.
+    pub fn dispatch<'a>(
+        &mut self,
+        endpoint: &Endpoint,
+        attempt: Attempt<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, CauseError>> + Send + 'a>> {
+        match self.slots.iter().find(|s| &s.endpoint == endpoint) {
+            Some(slot) => {
+                let in_flight = InFlight::start(&slot.load);
+                Box::pin(async move {
+                    let result = attempt.await;
+                    drop(in_flight);
+                    result
+                })
+            }
+            None => attempt,
+        }
+    }
+
+    /// Latency estimate × (requests in flight + 1) ÷ weight.
+    fn cost(&self, i: usize, now: Instant) -> f64 {
+        let slot = &self.slots[i];
+        let mut l = slot.load.lock().expect("ewma lock");
+        l.decayed(now) * f64::from(l.pending + 1) / f64::from(slot.weight)
+    }
+
+    /// nginx's smooth weighted round robin: weights 5,1,1 give a,a,b,a,c,a,a.
+    fn round_robin(&mut self) -> Option<usize> {
+        let total: i64 = self.slots.iter().map(|s| i64::from(s.weight)).sum();
+        for s in &mut self.slots {
+            s.current += i64::from(s.weight);
+        }
+        let (i, _) = self.slots.iter().enumerate().max_by_key(|(i, s)| (s.current, -(*i as i64)))?;
+        self.slots[i].current -= total;
+        Some(i)
+    }
+}
+
+/// The error when a service has no endpoints to send to.
+pub fn no_endpoints(authority: &str, waited: Duration) -> CauseError {
+    CauseError::new(
+        Cause::NoEndpoints,
+        format!("{authority} has no endpoints (waited {waited:?}); check its endpoints in the mesh"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::v1::Endpoint as ApiEndpoint;
+
+    fn set(weights: &[u32], mode: Mode) -> Arc<EndpointSet> {
+        Arc::new(EndpointSet {
+            authority: "svc:80".into(),
+            known: true,
+            endpoints: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| ApiEndpoint {
+                    address: format!("127.0.0.1:{}", 9000 + i),
+                    weight: *w,
+                    ..Default::default()
+                })
+                .collect(),
+            balancer: mode as i32,
+        })
+    }
+
+    fn port(e: Endpoint) -> u16 {
+        e.addr.port() - 9000
+    }
+
+    #[test]
+    fn round_robin_is_smooth_and_weighted() {
+        let mut b = Balancer::default();
+        b.update(&set(&[5, 1, 1], Mode::RoundRobin));
+        let order: Vec<u16> = (0..7).map(|_| port(b.pick(|| 0).unwrap())).collect();
+        assert_eq!(order, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn p2c_prefers_the_endpoint_with_less_load() {
+        let mut b = Balancer::default();
+        b.update(&set(&[1, 1], Mode::PeakEwma));
+        let busy = Endpoint { addr: "127.0.0.1:9000".parse().unwrap(), identity: None };
+        // A request in flight on endpoint 0 makes it cost more.
+        let _in_flight = b.dispatch(&busy, Box::pin(std::future::pending()));
+        for r in 0..2 {
+            // Candidates (0, 1) and (1, 0): endpoint 1 either way.
+            let mut draws = [r, 0].into_iter();
+            assert_eq!(port(b.pick(|| draws.next().unwrap()).unwrap()), 1);
+        }
+    }
+
+    #[test]
+    fn weight_divides_the_cost() {
+        let mut b = Balancer::default();
+        b.update(&set(&[1, 2], Mode::PeakEwma));
+        let now = Instant::now();
+        let (light, heavy) = (b.cost(0, now), b.cost(1, now));
+        assert!((heavy * 2.0 - light).abs() < light * 0.01, "{light} {heavy}");
+        // Candidates (0, 1): the weight-2 endpoint wins at equal latency.
+        let mut draws = [0, 0].into_iter();
+        assert_eq!(port(b.pick(|| draws.next().unwrap()).unwrap()), 1);
+    }
+
+    #[test]
+    fn a_slow_answer_raises_the_estimate_at_once() {
+        let now = Instant::now();
+        let mut e = Ewma { rtt_ns: 1e6, updated: now, pending: 0 };
+        e.observe(Duration::from_millis(50), now);
+        assert_eq!(e.rtt_ns, 50e6);
+        // Fast answers bring it down gradually.
+        e.observe(Duration::from_millis(1), now + Duration::from_secs(5));
+        assert!(e.rtt_ns < 50e6 && e.rtt_ns > 20e6, "{}", e.rtt_ns);
+    }
+
+    #[test]
+    fn an_update_keeps_the_load_of_endpoints_that_stay() {
+        let mut b = Balancer::default();
+        b.update(&set(&[1, 1], Mode::PeakEwma));
+        let stay = b.slots[1].endpoint.clone();
+        let _in_flight = b.dispatch(&stay, Box::pin(std::future::pending()));
+        let mut moved = (*set(&[1, 1, 1], Mode::PeakEwma)).clone();
+        moved.endpoints.remove(0);
+        b.update(&Arc::new(moved));
+        assert_eq!(b.slots.len(), 2);
+        assert_eq!(b.slots[0].endpoint, stay);
+        let now = Instant::now();
+        assert!(b.cost(1, now) < b.cost(0, now), "the in-flight request is still counted");
+    }
+}

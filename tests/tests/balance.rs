@@ -1,0 +1,170 @@
+//! Per-request load balancing in the outbound proxy, with the real control plane: peak
+//! EWMA steers traffic away from a slow endpoint (round robin does not), weights are
+//! honoured, a service without endpoints fails fast with 503 `no-endpoints` (or succeeds
+//! if one appears within the queue timeout), and a removed endpoint finishes what it
+//! has in flight.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{backend, control::Control, curl, Proxy};
+
+/// A mesh with the client workload `web` and the service `api:80` over `endpoints`
+/// (address, weight), not meshed: the proxy talks to them directly.
+fn mesh(endpoints: &[(SocketAddr, u32)], balancer: &str) -> String {
+    let mut s = format!(
+        "workloads:\n  - name: web\n    token: web-token-0123456789\nservices:\n  - name: api\n    port: 80\n    \
+         balancer: {balancer}\n    endpoints:"
+    );
+    if endpoints.is_empty() {
+        s.push_str(" []");
+    }
+    for (addr, weight) in endpoints {
+        s.push_str(&format!("\n      - address: {addr}\n        weight: {weight}"));
+    }
+    s.push('\n');
+    s
+}
+
+/// Sends `per_client` sequential requests from each of `clients` concurrent curls
+/// through `web` to `api:80`; returns how many each backend answered.
+fn spread(web: &Proxy, clients: usize, per_client: usize) -> BTreeMap<String, usize> {
+    let proxy = format!("http://{}", web.outbound);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let proxy = proxy.clone();
+            std::thread::spawn(move || {
+                let urls = vec!["http://api:80/"; per_client];
+                let mut args = vec!["-x", proxy.as_str()];
+                args.extend(urls);
+                let (code, body, err) = curl(&args);
+                assert_eq!(code, 200, "{err}");
+                body
+            })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for t in threads {
+        let body = t.join().unwrap();
+        for part in body.split("\"backend\":\"").skip(1) {
+            let name = part.split('"').next().unwrap().to_string();
+            *counts.entry(name).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(counts.values().sum::<usize>(), clients * per_client, "{counts:?}");
+    counts
+}
+
+fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
+    *counts.get(name).unwrap_or(&0) as f64 / counts.values().sum::<usize>() as f64
+}
+
+#[test]
+fn peak_ewma_sends_a_slow_endpoint_less_than_round_robin() {
+    let (a, b) = (backend::http("fast-a"), backend::http("fast-b"));
+    let slow = backend::http_slow("slow", Duration::from_millis(30));
+    let eps = [(a.addr, 1), (b.addr, 1), (slow.addr, 1)];
+    let control = Control::start(&mesh(&eps, "peak-ewma"), &[]);
+    let web = control.sidecar("web", &[]);
+    let ewma = spread(&web, 6, 60);
+    control.rewrite(&mesh(&eps, "round-robin"));
+    std::thread::sleep(Duration::from_millis(800));
+    let rr = spread(&web, 6, 60);
+    let (ewma_slow, rr_slow) = (share(&ewma, "slow"), share(&rr, "slow"));
+    eprintln!("slow endpoint's share: peak-EWMA {ewma_slow:.3} {ewma:?}; round robin {rr_slow:.3} {rr:?}");
+    assert!(ewma_slow < 0.1, "peak-EWMA gave the slow endpoint {ewma_slow:.3}: {ewma:?}");
+    assert!((0.28..=0.39).contains(&rr_slow), "round robin gave the slow endpoint {rr_slow:.3}: {rr:?}");
+}
+
+#[test]
+fn weights_are_honoured() {
+    // Equal latencies well above scheduling noise, so weights alone make the difference.
+    let same = Duration::from_millis(5);
+    let (a, b, c) =
+        (backend::http_slow("a", same), backend::http_slow("b", same), backend::http_slow("c", same));
+    let eps = [(a.addr, 1), (b.addr, 1), (c.addr, 2)];
+    // Round robin on one connection (one proxy shard): exactly in proportion.
+    let control = Control::start(&mesh(&eps, "round-robin"), &[]);
+    let web = control.sidecar("web", &[]);
+    let rr = spread(&web, 1, 200);
+    assert_eq!((rr["a"], rr["b"], rr["c"]), (50, 50, 100), "{rr:?}");
+    // Peak EWMA divides an endpoint's cost by its weight (weight is capacity, as in
+    // Envoy's weighted least-request): at equal latency and low concurrency the weight-2
+    // endpoint wins every pair it is drawn into, about two thirds of one client's
+    // sequential requests (fewer when a latency peak of its own makes it lose for a while;
+    // with requests in flight, their count evens the costs out towards 1:1:2).
+    control.rewrite(&mesh(&eps, "peak-ewma"));
+    std::thread::sleep(Duration::from_millis(800));
+    let ewma = spread(&web, 1, 400);
+    eprintln!("weights 1:1:2 under peak-EWMA: {ewma:?}");
+    let c = share(&ewma, "c");
+    assert!((0.5..=0.8).contains(&c), "{ewma:?}");
+    for name in ["a", "b"] {
+        let s = share(&ewma, name);
+        assert!(s >= 0.05 && c > 1.3 * s, "{ewma:?}");
+    }
+}
+
+#[test]
+fn no_endpoints_fails_fast_and_a_late_endpoint_is_used() {
+    let app = backend::http("late");
+    let control = Control::start(&mesh(&[], "peak-ewma"), &[]);
+    let web = control.sidecar("web", &[("WEFT_QUEUE_TIMEOUT", "300ms")]);
+    let proxy = format!("http://{}", web.outbound);
+    let start = Instant::now();
+    let (code, body, _) = curl(&["-i", "-x", &proxy, "http://api:80/"]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("weft-error: no-endpoints"), "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "a request with no endpoints hung: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        web.metric(
+            r#"weft_requests_total{direction="outbound",protocol="http1",status="503",cause="no-endpoints"}"#
+        ),
+        1.0
+    );
+
+    // With a longer queue timeout, an endpoint that appears while the request waits serves it.
+    let patient = control.sidecar("web", &[("WEFT_QUEUE_TIMEOUT", "5s")]);
+    let proxy = format!("http://{}", patient.outbound);
+    let waiting = std::thread::spawn(move || curl(&["-x", &proxy, "http://api:80/"]));
+    std::thread::sleep(Duration::from_millis(500));
+    control.rewrite(&mesh(&[(app.addr, 1)], "peak-ewma"));
+    let (code, body, err) = waiting.join().unwrap();
+    assert_eq!(code, 200, "{body}{err}");
+    assert!(body.contains("\"backend\":\"late\""), "{body}");
+}
+
+#[test]
+fn a_removed_endpoint_finishes_its_requests_in_flight() {
+    let (old, new) = (backend::http("old"), backend::http("new"));
+    let control = Control::start(&mesh(&[(old.addr, 1)], "peak-ewma"), &[]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let in_flight = {
+        let proxy = proxy.clone();
+        std::thread::spawn(move || curl(&["-x", &proxy, "http://api:80/?delay_ms=1500"]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    control.rewrite(&mesh(&[(new.addr, 1)], "peak-ewma"));
+    // New requests move to the new endpoint while the old one still works on its request.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (code, body, _) = curl(&["-x", &proxy, "http://api:80/"]);
+        assert_eq!(code, 200, "{body}");
+        if body.contains("\"backend\":\"new\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new endpoint set never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body, err) = in_flight.join().unwrap();
+    assert_eq!(code, 200, "the in-flight request was cut: {body}{err}");
+    assert!(body.contains("\"backend\":\"old\""), "{body}");
+}
