@@ -7,6 +7,7 @@ pub mod example_app;
 pub mod http_client;
 pub mod identity;
 pub mod mesh;
+pub mod routes;
 pub mod server;
 pub mod source;
 pub mod up;

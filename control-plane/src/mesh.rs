@@ -30,6 +30,9 @@ pub struct Mesh {
     pub services: Vec<Service>,
     #[serde(default)]
     pub policies: Vec<InboundPolicy>,
+    /// Outbound routing of services (see [`crate::routes`]).
+    #[serde(default)]
+    pub routes: Vec<crate::routes::Route>,
 }
 
 fn default_trust_domain() -> String {
@@ -196,7 +199,7 @@ impl Mesh {
                 id.parse::<SpiffeId>().map_err(|e| invalid(path.clone(), e.to_string()))?;
             }
         }
-        Ok(())
+        crate::routes::validate(self).map_err(|(path, msg)| invalid(path, msg))
     }
 
     pub fn identity_of(&self, w: &Workload) -> String {

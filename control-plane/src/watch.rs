@@ -7,7 +7,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use weft_api::v1::{
     discovery_server::Discovery, policy_server::Policy, Endpoint, EndpointSet, InboundPolicy, InboundRequest,
-    Mode, WatchRequest,
+    Mode, RouteSet, WatchRequest,
 };
 
 use crate::{
@@ -147,6 +147,20 @@ impl Policy for PolicyService {
         let port = u16::try_from(req.into_inner().port)
             .map_err(|_| Status::invalid_argument("port must be between 1 and 65535"))?;
         Ok(Response::new(watch_answers(self.state.clone(), move |m| inbound_policy(m, &workload, port))))
+    }
+
+    type WatchRoutesStream = Watch<RouteSet>;
+
+    async fn watch_routes(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchRoutesStream>, Status> {
+        caller(&self.state, &req)?;
+        let authority = req.into_inner().authority;
+        if authority.is_empty() {
+            return Err(Status::invalid_argument("authority is empty: send host:port"));
+        }
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| crate::routes::route_set(m, &authority))))
     }
 }
 

@@ -1,0 +1,463 @@
+//! Routes in the mesh file: HTTPRoute-style rules for a service (Gateway API, as GAMMA
+//! uses it for mesh traffic) — matches on path, method, headers, query or gRPC method;
+//! weighted backends (canary and blue/green splits); request header changes; timeouts;
+//! retries; fault injection. Validation names the route, rule and field; [`route_set`]
+//! turns them into what the proxies receive.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+use weft_api::v1 as api;
+
+use crate::mesh::{Mesh, Service};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Route {
+    pub name: String,
+    /// The parent service: `name` or `name.namespace`.
+    pub service: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rule {
+    /// Any one must match; none: every request.
+    #[serde(default)]
+    pub matches: Vec<Match>,
+    /// Weighted split; none: the parent service.
+    #[serde(default)]
+    pub backends: Vec<BackendRef>,
+    #[serde(default)]
+    pub request_headers: HeaderChanges,
+    /// The whole request, retries included, e.g. `2s`.
+    pub timeout: Option<String>,
+    pub retry: Option<Retry>,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Match {
+    pub path: Option<PathMatch>,
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    pub grpc: Option<GrpcMatch>,
+}
+
+/// Exactly one of the two.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMatch {
+    pub service: String,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRef {
+    /// `name` or `name.namespace` of a service in the file.
+    pub service: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderChanges {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Retry {
+    /// Attempts in all, the first included.
+    #[serde(default = "three")]
+    pub attempts: u32,
+    /// Statuses retried: codes like 503, or classes like "5xx".
+    #[serde(default)]
+    pub statuses: Vec<StatusSpec>,
+    /// gRPC codes retried, by name: `unavailable`, `resource-exhausted`, ...
+    #[serde(default)]
+    pub grpc_codes: Vec<String>,
+    /// Also retry non-idempotent methods (POST, PATCH).
+    #[serde(default)]
+    pub non_idempotent: bool,
+    pub per_try_timeout: Option<String>,
+    /// Bodies up to this size are kept for replay; larger ones are not retried.
+    #[serde(default = "max_body")]
+    pub max_body_bytes: u32,
+    /// The first backoff; it doubles per retry, with jitter.
+    pub backoff: Option<String>,
+}
+
+fn three() -> u32 {
+    3
+}
+
+fn max_body() -> u32 {
+    64 * 1024
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StatusSpec {
+    Code(u16),
+    Class(String),
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub percent: f64,
+    pub duration: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub percent: f64,
+    pub status: u16,
+}
+
+/// gRPC status codes by the names routes use.
+const GRPC_CODES: [(&str, u32); 16] = [
+    ("cancelled", 1),
+    ("unknown", 2),
+    ("invalid-argument", 3),
+    ("deadline-exceeded", 4),
+    ("not-found", 5),
+    ("already-exists", 6),
+    ("permission-denied", 7),
+    ("resource-exhausted", 8),
+    ("failed-precondition", 9),
+    ("aborted", 10),
+    ("out-of-range", 11),
+    ("unimplemented", 12),
+    ("internal", 13),
+    ("unavailable", 14),
+    ("data-loss", 15),
+    ("unauthenticated", 16),
+];
+
+/// `300ms`, `2s`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 300ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 300ms, 2s or 1m")),
+    }
+}
+
+fn statuses(specs: &[StatusSpec]) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for s in specs {
+        match s {
+            StatusSpec::Code(c) if (100..=599).contains(c) => out.push(u32::from(*c)),
+            StatusSpec::Class(c) if c.len() == 3 && c.ends_with("xx") => {
+                let d = c[..1].parse::<u32>().ok().filter(|d| (1..=5).contains(d));
+                let d = d.ok_or_else(|| format!("status class {c:?} must be 1xx to 5xx"))?;
+                out.extend(d * 100..d * 100 + 100);
+            }
+            StatusSpec::Class(c) if c.parse::<u16>().is_ok() => {
+                out.extend(statuses(&[StatusSpec::Code(c.parse().expect("checked"))])?)
+            }
+            other => return Err(format!("status {other:?} must be a code like 503 or a class like \"5xx\"")),
+        }
+    }
+    Ok(out)
+}
+
+/// Checks every route; errors name the route, rule and field.
+pub fn validate(mesh: &Mesh) -> Result<(), (String, String)> {
+    let mut names = std::collections::HashSet::new();
+    let mut parents = std::collections::HashSet::new();
+    for (i, r) in mesh.routes.iter().enumerate() {
+        let at = format!("routes[{i}] ({})", r.name);
+        if !names.insert(&r.name) {
+            return Err((at, "duplicate route name".into()));
+        }
+        let parent = service_named(mesh, &r.service).ok_or_else(|| {
+            (at.clone(), format!("unknown service {:?}; name a service of this file", r.service))
+        })?;
+        if !parents.insert((&parent.name, &parent.namespace)) {
+            return Err((
+                at,
+                format!("service {:?} already has a route; put all its rules in one", r.service),
+            ));
+        }
+        if r.rules.is_empty() {
+            return Err((at, "a route needs at least one rule".into()));
+        }
+        for (j, rule) in r.rules.iter().enumerate() {
+            let at = format!("{at}.rules[{j}]");
+            convert_rule(mesh, r, j, rule).map_err(|e| (at, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The route of the service `authority` names, as the proxies receive it.
+pub fn route_set(mesh: &Mesh, authority: &str) -> api::RouteSet {
+    let rules = mesh
+        .service_for(authority)
+        .and_then(|s| mesh.routes.iter().find(|r| service_named(mesh, &r.service) == Some(s)))
+        .map(|r| {
+            r.rules.iter().enumerate().filter_map(|(j, rule)| convert_rule(mesh, r, j, rule).ok()).collect()
+        })
+        .unwrap_or_default();
+    api::RouteSet { authority: authority.into(), rules }
+}
+
+/// `name` (namespace `default`) or `name.namespace`.
+fn service_named<'a>(mesh: &'a Mesh, name: &str) -> Option<&'a Service> {
+    let (name, ns) = name.split_once('.').unwrap_or((name, "default"));
+    mesh.services.iter().find(|s| s.name == name && s.namespace == ns)
+}
+
+fn kv(m: &BTreeMap<String, String>) -> Vec<api::KeyValue> {
+    m.iter().map(|(k, v)| api::KeyValue { name: k.to_ascii_lowercase(), value: v.clone() }).collect()
+}
+
+fn header_name(n: &str) -> Result<(), String> {
+    http::HeaderName::from_bytes(n.as_bytes())
+        .map(drop)
+        .map_err(|_| format!("{n:?} is not a valid header name"))
+}
+
+fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api::Rule, String> {
+    let mut matches = Vec::new();
+    for (k, m) in rule.matches.iter().enumerate() {
+        let at = format!("matches[{k}]");
+        let mut out = api::Match::default();
+        if let Some(path) = &m.path {
+            match (&path.exact, &path.prefix) {
+                (Some(p), None) | (None, Some(p)) if !p.starts_with('/') => {
+                    return Err(format!("{at}.path: {p:?} must start with '/'"))
+                }
+                (Some(p), None) => out.path_exact = p.clone(),
+                (None, Some(p)) => out.path_prefix = p.clone(),
+                _ => return Err(format!("{at}.path: give exactly one of exact or prefix")),
+            }
+        }
+        if let Some(method) = &m.method {
+            http::Method::from_bytes(method.as_bytes())
+                .map_err(|_| format!("{at}.method: {method:?} is not an HTTP method"))?;
+            out.method = method.clone();
+        }
+        for name in m.headers.keys() {
+            header_name(name).map_err(|e| format!("{at}.headers: {e}"))?;
+        }
+        out.headers = kv(&m.headers);
+        out.query =
+            m.query.iter().map(|(k, v)| api::KeyValue { name: k.clone(), value: v.clone() }).collect();
+        if let Some(g) = &m.grpc {
+            if g.service.is_empty() || g.service.contains('/') {
+                return Err(format!(
+                    "{at}.grpc.service: {:?} must be a package-qualified service like pkg.Svc",
+                    g.service
+                ));
+            }
+            out.grpc_service = g.service.clone();
+            out.grpc_method = g.method.clone().unwrap_or_default();
+        }
+        matches.push(out);
+    }
+    let mut backends = Vec::new();
+    for (k, b) in rule.backends.iter().enumerate() {
+        let s = service_named(mesh, &b.service)
+            .ok_or_else(|| format!("backends[{k}]: unknown service {:?}", b.service))?;
+        backends.push(api::Backend {
+            authority: format!("{}.{}:{}", s.name, s.namespace, s.port),
+            weight: b.weight,
+        });
+    }
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        return Err("backends: at least one weight must be above 0".into());
+    }
+    for name in rule.request_headers.set.keys().chain(&rule.request_headers.remove) {
+        header_name(name).map_err(|e| format!("requestHeaders: {e}"))?;
+    }
+    let ms = |d: &Option<String>, field: &str| -> Result<u64, String> {
+        d.as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map(|d| d.map_or(0, |d| d.as_millis() as u64))
+            .map_err(|e| format!("{field}: {e}"))
+    };
+    let retry = match &rule.retry {
+        None => None,
+        Some(r) => {
+            if !(1..=10).contains(&r.attempts) {
+                return Err("retry.attempts: must be between 1 and 10".into());
+            }
+            let mut grpc_codes = Vec::new();
+            for name in &r.grpc_codes {
+                let code = GRPC_CODES.iter().find(|(n, _)| n == name).map(|(_, c)| *c).ok_or_else(|| {
+                    format!("retry.grpcCodes: unknown code {name:?}; use names like unavailable or resource-exhausted")
+                })?;
+                grpc_codes.push(code);
+            }
+            Some(api::Retry {
+                attempts: r.attempts,
+                statuses: statuses(&r.statuses).map_err(|e| format!("retry.statuses: {e}"))?,
+                grpc_codes,
+                non_idempotent: r.non_idempotent,
+                per_try_timeout_ms: ms(&r.per_try_timeout, "retry.perTryTimeout")?,
+                max_body_bytes: r.max_body_bytes,
+                backoff_ms: match &r.backoff {
+                    Some(_) => ms(&r.backoff, "retry.backoff")?,
+                    None => 25,
+                },
+            })
+        }
+    };
+    let permille = |p: f64, field: &str| -> Result<u32, String> {
+        if (0.0..=100.0).contains(&p) {
+            Ok((p * 10.0).round() as u32)
+        } else {
+            Err(format!("{field}: {p} must be a percentage between 0 and 100"))
+        }
+    };
+    let fault = match &rule.fault {
+        None => None,
+        Some(f) => {
+            let mut out = api::Fault::default();
+            if let Some(d) = &f.delay {
+                out.delay_permille = permille(d.percent, "fault.delay.percent")?;
+                out.delay_ms = ms(&Some(d.duration.clone()), "fault.delay.duration")?;
+            }
+            if let Some(a) = &f.abort {
+                out.abort_permille = permille(a.percent, "fault.abort.percent")?;
+                if !(200..=599).contains(&a.status) {
+                    return Err(format!("fault.abort.status: {} must be an HTTP status 200-599", a.status));
+                }
+                out.abort_status = u32::from(a.status);
+            }
+            Some(out)
+        }
+    };
+    Ok(api::Rule {
+        name: format!("{}/{j}", route.name),
+        matches,
+        backends,
+        set_request_headers: kv(&rule.request_headers.set),
+        remove_request_headers: rule.request_headers.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        timeout_ms: ms(&rule.timeout, "timeout")?,
+        retry,
+        fault,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = r#"
+workloads:
+  - name: web
+    token: web-token-0123456789
+services:
+  - {name: words, port: 8080}
+  - {name: words-v1, port: 8080}
+  - {name: words-v2, port: 8080}
+routes:
+  - name: words-split
+    service: words
+    rules:
+      - matches: [{headers: {X-Canary: "1"}}]
+        backends: [{service: words-v2}]
+      - matches: [{path: {prefix: /api}, method: GET}, {grpc: {service: pkg.Words}}]
+        backends: [{service: words-v1, weight: 90}, {service: words-v2, weight: 10}]
+        timeout: 2s
+        retry: {attempts: 3, statuses: ["5xx", 429], grpcCodes: [unavailable], perTryTimeout: 300ms}
+        fault: {abort: {percent: 12.5, status: 503}}
+"#;
+
+    #[test]
+    fn rules_become_what_proxies_receive() {
+        let mesh = Mesh::parse("m", MESH).unwrap();
+        let set = route_set(&mesh, "words:8080");
+        assert_eq!(set.rules.len(), 2);
+        assert_eq!(set.rules[0].matches[0].headers[0].name, "x-canary");
+        assert_eq!(set.rules[0].backends[0].authority, "words-v2.default:8080");
+        let r = &set.rules[1];
+        assert_eq!(r.name, "words-split/1");
+        assert_eq!(r.matches[0].path_prefix, "/api");
+        assert_eq!(r.matches[1].grpc_service, "pkg.Words");
+        assert_eq!(r.timeout_ms, 2000);
+        let retry = r.retry.as_ref().unwrap();
+        assert_eq!(retry.statuses.len(), 101);
+        assert!(retry.statuses.contains(&429) && retry.statuses.contains(&503));
+        assert_eq!(
+            (retry.grpc_codes.as_slice(), retry.per_try_timeout_ms, retry.backoff_ms),
+            (&[14][..], 300, 25)
+        );
+        assert_eq!(r.fault.as_ref().unwrap().abort_permille, 125);
+        assert!(route_set(&mesh, "words-v1:8080").rules.is_empty());
+    }
+
+    fn err(text: &str) -> String {
+        Mesh::parse("m", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_routes_are_named() {
+        let e = err(&MESH.replace("backends: [{service: words-v2}]", "backends: [{service: nope}]"));
+        assert!(
+            e.contains("routes[0] (words-split).rules[0]") && e.contains("unknown service \"nope\""),
+            "{e}"
+        );
+        let e = err(&MESH.replace("timeout: 2s", "timeout: soon"));
+        assert!(e.contains("rules[1]") && e.contains("timeout") && e.contains("300ms"), "{e}");
+        let e = err(&MESH.replace("status: 503", "status: 42"));
+        assert!(e.contains("fault.abort.status"), "{e}");
+        let e = err(&MESH.replace("percent: 12.5", "percent: 120"));
+        assert!(e.contains("fault.abort.percent"), "{e}");
+        let e = err(&MESH.replace("grpcCodes: [unavailable]", "grpcCodes: [down]"));
+        assert!(e.contains("unknown code \"down\""), "{e}");
+        let e = err(&MESH.replace("prefix: /api", "prefix: api"));
+        assert!(e.contains("must start with '/'"), "{e}");
+        let e = err(&MESH.replace("service: words\n", "service: letters\n"));
+        assert!(e.contains("unknown service \"letters\""), "{e}");
+        let e = err(&MESH.replace("attempts: 3", "attempts: 0"));
+        assert!(e.contains("retry.attempts"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2h").is_err() && parse_duration("ms").is_err());
+    }
+}
