@@ -49,6 +49,8 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     // also while the control plane is away.
     let discovery = cfg.control.as_ref().map(crate::discovery::Discovery::new).transpose()?.map(Arc::new);
     let policies = cfg.control.as_ref().map(crate::policy::Policies::new).transpose()?.map(Arc::new);
+    let routes = cfg.control.as_ref().map(crate::routes::Routes::new).transpose()?.map(Arc::new);
+    let budgets = Arc::new(crate::http::retry::Budgets::default());
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -73,6 +75,8 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             identity: identity.clone(),
             discovery: discovery.clone(),
             policies: policies.clone(),
+            routes: routes.clone(),
+            budgets: budgets.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -128,6 +132,8 @@ struct Shard {
     identity: Option<crate::identity::Current>,
     discovery: Option<Arc<crate::discovery::Discovery>>,
     policies: Option<Arc<crate::policy::Policies>>,
+    routes: Option<Arc<crate::routes::Routes>>,
+    budgets: Arc<crate::http::retry::Budgets>,
 }
 
 impl Shard {
@@ -193,6 +199,11 @@ impl Shard {
             },
             balancers: Default::default(),
             queue_timeout: cfg.queue_timeout,
+            routes: match dir {
+                Direction::Outbound => self.routes.clone(),
+                Direction::Inbound => None,
+            },
+            budgets: self.budgets.clone(),
         }))
     }
 }

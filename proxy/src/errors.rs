@@ -45,6 +45,10 @@ pub enum Cause {
     Unauthorized,
     /// The service has no endpoints, and none appeared within the queue timeout.
     NoEndpoints,
+    /// The route's request timeout (or the last attempt's timeout) passed.
+    Timeout,
+    /// The route's fault injection answered instead of the service.
+    FaultInjected,
 }
 
 impl Cause {
@@ -65,6 +69,8 @@ impl Cause {
             Cause::TlsHandshake => "tls-handshake",
             Cause::Unauthorized => "unauthorized",
             Cause::NoEndpoints => "no-endpoints",
+            Cause::Timeout => "timeout",
+            Cause::FaultInjected => "fault-injected",
         }
     }
 
@@ -81,6 +87,9 @@ impl Cause {
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::Unauthorized => StatusCode::FORBIDDEN,
             Cause::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            // The status is the route's; this is only the default.
+            Cause::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -116,11 +125,27 @@ impl Cause {
 pub struct CauseError {
     pub cause: Cause,
     pub message: String,
+    /// A status other than the cause's own (fault injection answers with the route's).
+    pub status: Option<StatusCode>,
 }
 
 impl CauseError {
     pub fn new(cause: Cause, message: impl Into<String>) -> Self {
-        Self { cause, message: message.into() }
+        Self { cause, message: message.into(), status: None }
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// The response the client gets.
+    pub fn respond(&self) -> Response<Body> {
+        let mut rsp = respond(self.cause, &self.message);
+        if let Some(s) = self.status {
+            *rsp.status_mut() = s;
+        }
+        rsp
     }
 }
 

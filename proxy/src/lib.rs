@@ -26,5 +26,6 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod policy;
 pub mod resolve;
+pub mod routes;
 pub mod tcp;
 pub mod tls;

@@ -69,6 +69,14 @@ pub struct Metrics {
     tls_handshakes: Family<TlsLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
     cert_expiry: Gauge,
+    retries: Family<RouteLabels, Counter>,
+    retry_budget_exhausted: Family<RouteLabels, Counter>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    /// `<route>/<rule index>` from the mesh file: bounded by its routes.
+    route: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -160,7 +168,17 @@ impl Metrics {
             "Inbound requests and connections refused by policy",
             denied.clone(),
         );
+        let retries = Family::default();
+        registry.register("retries", "Retried attempts, by route rule", retries.clone());
+        let retry_budget_exhausted = Family::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the rule's retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
         Arc::new(Metrics {
+            retries,
+            retry_budget_exhausted,
             denied,
             tls_handshakes,
             certify,
@@ -182,6 +200,14 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn retried(&self, route: &str) {
+        self.retries.get_or_create(&RouteLabels { route: route.to_string() }).inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, route: &str) {
+        self.retry_budget_exhausted.get_or_create(&RouteLabels { route: route.to_string() }).inc();
     }
 
     pub fn response(

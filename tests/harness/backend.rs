@@ -71,6 +71,16 @@ pub fn http(name: &'static str) -> Backend {
 
 /// [`http`], answering every request only after `delay`: a slow endpoint.
 pub fn http_slow(name: &'static str, delay: Duration) -> Backend {
+    http_with(name, delay, 0)
+}
+
+/// [`http`] failing `percent` % (a multiple of 10) of its requests with 503, spread out
+/// so that failures rarely follow each other.
+pub fn http_flaky(name: &'static str, percent: usize) -> Backend {
+    http_with(name, Duration::ZERO, percent)
+}
+
+fn http_with(name: &'static str, delay: Duration, fail_percent: usize) -> Backend {
     let rt = runtime();
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -84,7 +94,8 @@ pub fn http_slow(name: &'static str, delay: Duration) -> Backend {
             c.fetch_add(1, Ordering::SeqCst);
             let (h, s) = (h.clone(), s.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(name, delay, req, h.clone(), s.clone()));
+                let svc =
+                    service_fn(move |req| handle(name, (delay, fail_percent), req, h.clone(), s.clone()));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -96,7 +107,7 @@ pub fn http_slow(name: &'static str, delay: Duration) -> Backend {
 
 async fn handle(
     name: &'static str,
-    delay: Duration,
+    (delay, fail_percent): (Duration, usize),
     req: Request<Incoming>,
     hits: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -122,14 +133,17 @@ async fn handle(
             .collect(),
         body_len: body.len(),
     };
-    hits.fetch_add(1, Ordering::SeqCst);
+    let hit = hits.fetch_add(1, Ordering::SeqCst);
     seen.lock().unwrap().push(s.clone());
     let asked = query.get("delay_ms").and_then(|v| v.parse().ok()).map(Duration::from_millis);
     let delay = delay + asked.unwrap_or_default();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let status = query.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
+    // Failures spread out (1, 4, 7, 0, ... of every ten): never many in a row.
+    const SPREAD: [usize; 10] = [1, 4, 7, 0, 3, 6, 9, 2, 5, 8];
+    let fails = SPREAD[..fail_percent / 10].contains(&(hit % 10));
+    let status = query.get("status").and_then(|v| v.parse().ok()).unwrap_or(if fails { 503 } else { 200 });
     let json = serde_json::json!({
         "backend": name, "method": s.method, "path": s.path, "version": s.version,
         "headers": s.headers, "body_len": s.body_len,

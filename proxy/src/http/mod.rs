@@ -1,9 +1,12 @@
-//! HTTP proxying: the server side facing clients, the forwarding service, the pooled
-//! client facing upstreams, and the header rules between them.
+//! HTTP proxying: the server side facing clients, the forwarding service, outbound
+//! routing and retries, the pooled client facing upstreams, and the header rules
+//! between them.
 
 pub mod client;
 pub mod headers;
 pub mod proxy;
+pub mod retry;
+pub mod route;
 pub mod server;
 pub mod upgrade;
 

@@ -19,10 +19,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use super::{client::Client, headers, upgrade, Body};
+use super::{client::Client, headers, retry::Budgets, route::Plan, upgrade, Body};
 use crate::{
     balance::{Attempt, Balancer},
-    errors::{respond, Cause, CauseError},
+    errors::{Cause, CauseError},
     metrics::{Direction, Metrics},
     resolve::Resolver,
     tcp::MeshPeer,
@@ -110,6 +110,10 @@ pub struct HttpProxy {
     pub balancers: std::sync::Mutex<std::collections::HashMap<String, Balancer>>,
     /// How long a request waits for a service with no endpoints to get one.
     pub queue_timeout: std::time::Duration,
+    /// Outbound: the control plane's routes.
+    pub routes: Option<Arc<crate::routes::Routes>>,
+    /// Outbound: retry budgets per route rule, shared by all shards.
+    pub budgets: Arc<Budgets>,
 }
 
 impl HttpProxy {
@@ -146,7 +150,7 @@ impl HttpProxy {
                     direction = self.dir.as_str(), cause = e.cause.as_str(), client = %conn.client,
                     %method, authority, path, "proxy error: {}", e.message
                 );
-                (respond(e.cause, &e.message), Some(e.cause))
+                (e.respond(), Some(e.cause))
             }
         };
         let elapsed = start.elapsed();
@@ -174,28 +178,65 @@ impl HttpProxy {
             );
             return Err(CauseError::new(Cause::HeaderTooLarge, msg));
         }
-        let (target, peer, balanced) = match conn.target {
-            Some(t) => (t, conn.target_identity.clone(), None),
-            None => self.route(&req).await?,
+        let plan = match conn.target {
+            Some(t) => Plan::fixed(t, conn.target_identity.clone()),
+            None => self.plan(&req).await?,
         };
         let is_connect = req.method() == Method::CONNECT;
         if is_connect && conn.target.is_none() {
             // To a mesh peer the tunnel is one opaque stream inside mutual TLS.
+            let (target, peer, _) = self.endpoint(&plan.dest)?;
             let mesh = peer.as_deref().map(|id| self.mesh_peer(id, crate::tls::ALPN_TCP)).transpose()?;
             let (dir, metrics) = (self.dir, self.metrics.clone());
             let timeouts = (self.connect_timeout, self.tcp_idle_timeout);
             return upgrade::tunnel(req, target, mesh, timeouts, dir, metrics).await;
         }
+        if let Some(rule) = plan.rule() {
+            self.apply_rule(rule, &mut req).await?;
+        }
         let is_upgrade = headers::wants_upgrade(&req) || is_connect;
+        headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
+        let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let mut rsp = self.attempts(req, &plan, is_upgrade).await?;
+
+        let switched =
+            rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
+        if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
+            let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+            upgrade::splice(
+                client_upgrade,
+                upstream_upgrade,
+                self.tcp_idle_timeout,
+                self.dir,
+                self.metrics.clone(),
+            );
+            let (mut parts, _) = rsp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Ok(Response::from_parts(
+                parts,
+                http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+            ));
+        }
+        headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        Ok(rsp)
+    }
+
+    /// Sends a request to one endpoint over the right hop; a balanced request counts in
+    /// its endpoint's load until the response head.
+    pub(super) async fn send_once(
+        &self,
+        mut req: Request<Body>,
+        (target, peer, balanced): Routed,
+        is_upgrade: bool,
+    ) -> Result<Response<Body>, CauseError> {
         let hop = match &peer {
             Some(identity) if !is_upgrade => Hop::Mesh(self.mesh_peer(identity, crate::tls::ALPN_HTTP)?),
             Some(identity) => Hop::MeshH1(self.mesh_peer(identity, crate::tls::ALPN_H1)?),
             None => self.hop(&req, target, is_upgrade),
         };
+        // Only the hop choice above reads it; it never travels further.
         req.headers_mut().remove(headers::ORIG_PROTO);
-        headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
-        let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
-
         let send: Attempt<'_> = Box::pin(async move {
             match hop {
                 Hop::H2 => self.client.send_h2(target, None, req).await,
@@ -219,38 +260,16 @@ impl HttpProxy {
                 }
             }
         });
-        // A balanced request counts in its endpoint's load until the response head.
-        let mut rsp = match balanced {
+        match balanced {
             Some((authority, endpoint)) => {
                 let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
                     Some(b) => b.dispatch(&endpoint, send),
                     None => send,
                 };
-                dispatched.await?
+                dispatched.await
             }
-            None => send.await?,
-        };
-
-        let switched =
-            rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
-        if let Some(client_upgrade) = client_upgrade.filter(|_| switched) {
-            let upstream_upgrade = hyper::upgrade::on(&mut rsp);
-            upgrade::splice(
-                client_upgrade,
-                upstream_upgrade,
-                self.tcp_idle_timeout,
-                self.dir,
-                self.metrics.clone(),
-            );
-            let (mut parts, _) = rsp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers, true);
-            return Ok(Response::from_parts(
-                parts,
-                http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
-            ));
+            None => send.await,
         }
-        headers::strip_hop_by_hop(rsp.headers_mut(), false);
-        Ok(rsp)
     }
 
     /// The protocol of the next hop.
@@ -296,52 +315,7 @@ impl HttpProxy {
         self.discovery.as_ref()?.identity_at(target).await
     }
 
-    /// Explicit mode: the destination comes from the request itself. When the mesh knows
-    /// the authority, the balancer picks one of its endpoints (with the identity the peer
-    /// must prove, and the balancer key); otherwise DNS names the target.
-    async fn route(&self, req: &Request<Body>) -> Result<Routed, CauseError> {
-        let authority = headers::authority(req).ok_or_else(|| {
-            CauseError::new(
-                Cause::NoRoute,
-                "the request names no destination: send an absolute URI (curl -x http://127.0.0.1:4140 \
-                 http://host:port/) or a Host header",
-            )
-        })?;
-        let default_port =
-            if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) || req.method() == Method::CONNECT {
-                443
-            } else {
-                80
-            };
-        let port = authority.port_u16().unwrap_or(default_port);
-        if let Some(discovery) = &self.discovery {
-            let key = format!("{}:{port}", authority.host());
-            if let Some(set) = discovery.resolve(&key, self.queue_timeout).await {
-                return self.pick(key, &set);
-            }
-        }
-        let target = self.resolver.resolve(authority.host(), port).await?;
-        if self.is_own_addr(target) {
-            return Err(CauseError::new(
-                Cause::LoopDetected,
-                format!("{authority} is this proxy's own listener; name the application instead"),
-            ));
-        }
-        Ok((target, None, None))
-    }
-
-    /// One of the service's endpoints, chosen by this shard's balancer for `key`.
-    fn pick(&self, key: String, set: &Arc<weft_api::v1::EndpointSet>) -> Result<Routed, CauseError> {
-        let mut balancers = self.balancers.lock().expect("balancers lock");
-        let balancer = balancers.entry(key.clone()).or_default();
-        balancer.update(set);
-        match balancer.pick(|| fastrand::u64(..)) {
-            Some(e) => Ok((e.addr, e.identity.clone(), Some((key, e)))),
-            None => Err(crate::balance::no_endpoints(&key, self.queue_timeout)),
-        }
-    }
-
-    fn is_own_addr(&self, target: SocketAddr) -> bool {
+    pub(super) fn is_own_addr(&self, target: SocketAddr) -> bool {
         self.own_addrs.iter().any(|own| {
             own.port() == target.port()
                 && (own.ip() == target.ip() || (own.ip().is_unspecified() && target.ip().is_loopback()))
@@ -351,7 +325,7 @@ impl HttpProxy {
 
 /// Where a request goes: the target, the identity it must prove when it is a mesh peer,
 /// and, when a balancer chose it, the balancer's key and the endpoint.
-type Routed = (SocketAddr, Option<String>, Option<(String, crate::discovery::Endpoint)>);
+pub type Routed = (SocketAddr, Option<String>, Option<(String, crate::discovery::Endpoint)>);
 
 /// How a request travels to its upstream.
 enum Hop {

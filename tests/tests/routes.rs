@@ -1,0 +1,195 @@
+//! Route rules from the mesh file, applied by the outbound proxy with the real control
+//! plane: weighted splits and header matches, retries that hide a flaky backend for
+//! idempotent requests only and stay within their budget, bodies that cannot be
+//! replayed, request timeouts and fault injection.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{backend, control::Control, curl, Proxy};
+
+/// Services `api` (its own endpoint: `base`), `api-v1`, `api-v2`, and the route rules
+/// of `api` in YAML (indented for `rules:`).
+fn mesh(base: SocketAddr, v1: SocketAddr, v2: SocketAddr, rules: &str) -> String {
+    format!(
+        "workloads:
+  - name: web
+    token: web-token-0123456789
+services:
+  - name: api
+    port: 80
+    endpoints: [{{address: {base}}}]
+  - name: api-v1
+    port: 80
+    endpoints: [{{address: {v1}}}]
+  - name: api-v2
+    port: 80
+    endpoints: [{{address: {v2}}}]
+routes:
+  - name: api
+    service: api
+    rules:
+{rules}"
+    )
+}
+
+/// `n` requests to `url` through `web` from `clients` concurrent curls (extra curl
+/// arguments first); returns the count per backend name and per status.
+fn send(web: &Proxy, clients: usize, n: usize, url: &str, extra: &[&str]) -> BTreeMap<String, usize> {
+    let proxy = format!("http://{}", web.outbound);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (proxy, url) = (proxy.clone(), url.to_string());
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            std::thread::spawn(move || {
+                let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+                args.extend(["-x", proxy.as_str(), "-w", "\nstatus=%{http_code}\n"]);
+                let urls = vec![url.as_str(); n / clients];
+                args.extend(urls);
+                curl(&args).1
+            })
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    for t in threads {
+        let out = t.join().unwrap();
+        for part in out.split("\"backend\":\"").skip(1) {
+            *counts.entry(part.split('"').next().unwrap().to_string()).or_insert(0) += 1;
+        }
+        for line in out.lines().filter_map(|l| l.strip_prefix("status=")) {
+            *counts.entry(format!("status {line}")).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn a_90_10_split_lands_near_90_10_and_a_header_match_overrides_it() {
+    let (base, v1, v2) = (backend::http("base"), backend::http("v1"), backend::http("v2"));
+    let rules = "      - matches: [{headers: {x-canary: \"1\"}}]
+        backends: [{service: api-v2}]
+      - matches: [{path: {prefix: /}}]
+        backends: [{service: api-v1, weight: 90}, {service: api-v2, weight: 10}]
+";
+    let control = Control::start(&mesh(base.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let split = send(&web, 4, 2000, "http://api:80/", &[]);
+    let share = split["v2"] as f64 / 2000.0;
+    eprintln!("90/10 split over 2,000 requests: {split:?} (v2 {share:.3})");
+    assert_eq!(split["v1"] + split["v2"], 2000, "{split:?}");
+    assert!((0.07..=0.13).contains(&share), "{split:?}");
+    let canary = send(&web, 1, 50, "http://api:80/", &["-H", "x-canary: 1"]);
+    assert_eq!(canary.get("v2"), Some(&50), "{canary:?}");
+    assert_eq!(base.hits(), 0, "no request should reach the parent's own endpoint");
+}
+
+#[test]
+fn retries_hide_a_flaky_backend_for_get_but_not_for_post() {
+    let flaky = backend::http_flaky("flaky", 30);
+    let (v1, v2) = (backend::http("v1"), backend::http("v2"));
+    let rules =
+        |extra: &str| format!("      - retry: {{attempts: 3, statuses: [503], backoff: 5ms{extra}}}\n");
+    let control = Control::start(&mesh(flaky.addr, v1.addr, v2.addr, &rules("")), &[]);
+    let web = control.sidecar("web", &[]);
+    let gets = send(&web, 1, 200, "http://api:80/", &[]);
+    assert_eq!(gets.get("status 200"), Some(&200), "a GET failed despite retries: {gets:?}");
+    let retries = web.metric(r#"weft_retries_total{route="api/0"}"#);
+    eprintln!(
+        "200 GETs over a 30 % flaky backend: all 200, {retries} retries, {} upstream attempts",
+        flaky.hits()
+    );
+    assert!((40.0..=120.0).contains(&retries), "{retries}");
+    assert_eq!(flaky.hits() as f64, 200.0 + retries);
+
+    // The response says how many attempts it took.
+    let (_, head, _) = curl(&[
+        "-s",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-x",
+        &format!("http://{}", web.outbound),
+        "http://api:80/",
+    ]);
+    assert!(head.to_ascii_lowercase().contains("weft-attempts: "), "{head}");
+
+    // POST is not idempotent: its 503s reach the client.
+    let posts = send(&web, 1, 100, "http://api:80/", &["-d", "x=1"]);
+    assert!((20..=40).contains(posts.get("status 503").unwrap_or(&0)), "{posts:?}");
+    // Unless the rule says so.
+    control.rewrite(&mesh(flaky.addr, v1.addr, v2.addr, &rules(", nonIdempotent: true")));
+    std::thread::sleep(Duration::from_millis(800));
+    let posts = send(&web, 1, 100, "http://api:80/", &["-d", "x=1"]);
+    assert_eq!(posts.get("status 200"), Some(&100), "{posts:?}");
+}
+
+#[test]
+fn bodies_that_cannot_be_replayed_are_not_retried() {
+    let flaky = backend::http("always-503");
+    let (v1, v2) = (backend::http("v1"), backend::http("v2"));
+    let rules =
+        "      - retry: {attempts: 3, statuses: [503], nonIdempotent: true, maxBodyBytes: 16, backoff: 1ms}\n";
+    let control = Control::start(&mesh(flaky.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let url = "http://api:80/?status=503";
+    // Small: replayed, three attempts.
+    curl(&["-x", &proxy, "-d", "small", url]);
+    assert_eq!(flaky.hits(), 3);
+    // Larger than maxBodyBytes: one attempt.
+    curl(&["-x", &proxy, "-d", &"x".repeat(100), url]);
+    assert_eq!(flaky.hits(), 4);
+    // Streaming (chunked, no length): one attempt.
+    curl(&["-x", &proxy, "-H", "Transfer-Encoding: chunked", "-d", "tiny", url]);
+    assert_eq!(flaky.hits(), 5);
+}
+
+#[test]
+fn the_retry_budget_caps_extra_load_during_an_outage() {
+    let down = backend::http("down");
+    let (v1, v2) = (backend::http("v1"), backend::http("v2"));
+    let rules = "      - retry: {attempts: 5, statuses: [503], backoff: 1ms}\n";
+    let control = Control::start(&mesh(down.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let out = send(&web, 4, 400, "http://api:80/?status=503", &[]);
+    assert_eq!(out.get("status 503"), Some(&400), "{out:?}");
+    let attempts = down.hits();
+    let exhausted = web.metric(r#"weft_retry_budget_exhausted_total{route="api/0"}"#);
+    eprintln!("outage: 400 requests, {attempts} upstream attempts (5 each would be 2,000), budget exhausted {exhausted} times");
+    // 20 % of requests plus the 10-per-second floor over the budget's 10 s window.
+    assert!(attempts <= 400 + 80 + 100 + 20, "{attempts}");
+    assert!(exhausted > 0.0);
+}
+
+#[test]
+fn request_timeouts_and_fault_injection() {
+    let (base, v1, v2) = (backend::http("base"), backend::http("v1"), backend::http("v2"));
+    let rules = "      - matches: [{path: {prefix: /slow}}]
+        timeout: 300ms
+      - matches: [{path: {prefix: /teapot}}]
+        fault: {abort: {percent: 100, status: 418}}
+      - matches: [{path: {prefix: /delayed}}]
+        fault: {delay: {percent: 100, duration: 400ms}}
+";
+    let control = Control::start(&mesh(base.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let (code, body, _) = curl(&["-i", "-x", &proxy, "http://api:80/slow?delay_ms=2000"]);
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("weft-error: timeout"), "{body}");
+    let (code, body, _) = curl(&["-i", "-x", &proxy, "http://api:80/teapot"]);
+    assert_eq!(code, 418, "{body}");
+    assert!(body.contains("weft-error: fault-injected"), "{body}");
+    assert_eq!(base.hits(), 1, "only the timed-out request reached the backend");
+    let start = Instant::now();
+    let (code, _, _) = curl(&["-x", &proxy, "http://api:80/delayed"]);
+    assert_eq!(code, 200);
+    assert!(start.elapsed() >= Duration::from_millis(400), "the injected delay was not applied");
+    let series =
+        r#"weft_requests_total{direction="outbound",protocol="http1",status="418",cause="fault-injected"}"#;
+    assert_eq!(web.metric(series), 1.0);
+}
