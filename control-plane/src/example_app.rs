@@ -23,8 +23,9 @@ use tokio::net::TcpListener;
 use crate::http_client::Client;
 
 pub enum App {
-    /// Answers every request with `<workload>: <message>`.
-    Backend { message: String },
+    /// Answers every request with `<workload>: <message>`, failing `fail_percent` % of
+    /// them at random with 503 (a flaky service, for retries to hide).
+    Backend { message: String, fail_percent: u32 },
     /// Answers with its own name and the answers of every URL in `calls`.
     Frontend { calls: Vec<String> },
     /// Sends `rate` GET requests per second to `target` and reports every `every`.
@@ -34,11 +35,19 @@ pub enum App {
 pub async fn run(app: App) -> anyhow::Result<()> {
     let name = std::env::var("WEFT_WORKLOAD").unwrap_or_else(|_| "app".into());
     match app {
-        App::Backend { message } => {
+        App::Backend { message, fail_percent } => {
             let answer = Bytes::from(format!("{name}: {message}\n"));
+            let failure =
+                Bytes::from(format!("{name}: failing on purpose (--fail-percent {fail_percent})\n"));
             serve(move |_req| {
-                let answer = answer.clone();
-                async move { (StatusCode::OK, answer) }
+                let (answer, failure) = (answer.clone(), failure.clone());
+                async move {
+                    if fastrand::u32(0..100) < fail_percent {
+                        (StatusCode::SERVICE_UNAVAILABLE, failure)
+                    } else {
+                        (StatusCode::OK, answer)
+                    }
+                }
             })
             .await
         }

@@ -68,6 +68,9 @@ enum ExampleApp {
     Backend {
         #[arg(long, default_value = "hello")]
         message: String,
+        /// Answer this percentage of requests with 503, at random.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+        fail_percent: u32,
     },
     /// Call every --call URL per request and answer with what they said.
     Frontend {
@@ -114,7 +117,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::ExampleApp { app } => {
             let app = match app {
-                ExampleApp::Backend { message } => example_app::App::Backend { message },
+                ExampleApp::Backend { message, fail_percent } => {
+                    example_app::App::Backend { message, fail_percent }
+                }
                 ExampleApp::Frontend { calls } => example_app::App::Frontend { calls },
                 ExampleApp::Load { target, rate, every } => {
                     example_app::App::Load { target, rate, every: Duration::from_secs(every.max(1)) }
