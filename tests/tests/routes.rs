@@ -193,3 +193,41 @@ fn request_timeouts_and_fault_injection() {
         r#"weft_requests_total{direction="outbound",protocol="http1",status="418",cause="fault-injected"}"#;
     assert_eq!(web.metric(series), 1.0);
 }
+
+#[test]
+fn a_deadline_shrinks_hop_by_hop() {
+    let app = backend::http("api-app");
+    let api_inbound = weft_e2e::free_addr();
+    let mesh = format!(
+        "workloads:
+  - {{name: web, token: web-token-0123456789}}
+  - {{name: api, token: api-token-0123456789}}
+services:
+  - name: api
+    port: 80
+    endpoints: [{{address: {api_inbound}, workload: api}}]
+"
+    );
+    let control = Control::start(&mesh, &[]);
+    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
+    let _api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    // Client -> web's outbound -> mTLS -> api's inbound -> app: the app sees what is left.
+    let (code, body, _) =
+        curl(&["-x", &proxy, "-H", "weft-timeout-ms: 300", "-H", "grpc-timeout: 300m", "http://api:80/"]);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let left: u64 = v["headers"]["weft-timeout-ms"].as_str().unwrap().parse().unwrap();
+    let grpc = v["headers"]["grpc-timeout"].as_str().unwrap();
+    eprintln!("a 300 ms deadline arrived at the app as weft-timeout-ms {left}, grpc-timeout {grpc}");
+    assert!(left < 300 && left > 100, "{left}");
+    assert!(grpc != "300m", "{grpc}");
+    // An app slower than the deadline: the client gets 504 at the deadline, not later.
+    let start = Instant::now();
+    let (code, body, _) =
+        curl(&["-i", "-x", &proxy, "-H", "weft-timeout-ms: 300", "http://api:80/?delay_ms=2000"]);
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("weft-error: timeout"), "{body}");
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+}

@@ -3,6 +3,7 @@
 //! between them.
 
 pub mod client;
+pub mod deadline;
 pub mod headers;
 pub mod proxy;
 pub mod retry;

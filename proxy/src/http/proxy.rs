@@ -198,7 +198,9 @@ impl HttpProxy {
         headers::strip_hop_by_hop(req.headers_mut(), is_upgrade);
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let mut rsp = self.attempts(req, &plan, is_upgrade).await?;
+        let asked =
+            if is_upgrade { None } else { super::deadline::from_headers(req.headers(), Instant::now()) };
+        let mut rsp = self.attempts(req, &plan, is_upgrade, asked).await?;
 
         let switched =
             rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());

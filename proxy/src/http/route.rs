@@ -4,13 +4,17 @@
 //! then the attempts: an endpoint picked per attempt, the rule's timeout over all of
 //! them, retries within the rule's budget, and `weft-attempts` on the response.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use weft_api::v1::{EndpointSet, RouteSet, Rule};
 
 use super::{
-    headers,
+    deadline, headers,
     proxy::{HttpProxy, Routed},
     retry::{self, Budget, Replayable},
     Body,
@@ -131,22 +135,31 @@ impl HttpProxy {
         Ok(())
     }
 
-    /// Sends the request: once, or with the rule's retries; all within the rule's timeout.
+    /// Sends the request: once, or with the rule's retries; all before the earlier of the
+    /// request's own deadline (its headers) and the rule's timeout.
     pub(super) async fn attempts(
         &self,
         req: Request<Body>,
         plan: &Plan,
         is_upgrade: bool,
+        asked: Option<Instant>,
     ) -> Result<Response<Body>, CauseError> {
         let rule = plan.rule();
-        let all = self.with_retries(req, plan, is_upgrade);
-        match rule.map(|r| r.timeout_ms).filter(|t| *t > 0) {
-            None => all.await,
-            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), all).await.unwrap_or_else(|_| {
-                let name = rule.map_or("", |r| r.name.as_str());
-                Err(CauseError::new(Cause::Timeout, format!("route rule {name}: no response within {ms} ms")))
-            }),
-        }
+        let start = Instant::now();
+        let rule_deadline =
+            rule.map(|r| r.timeout_ms).filter(|t| *t > 0).map(|ms| start + Duration::from_millis(ms));
+        let deadline = deadline::earliest(asked, rule_deadline);
+        let all = self.with_retries(req, plan, is_upgrade, deadline);
+        let Some(d) = deadline else { return all.await };
+        tokio::time::timeout_at(d.into(), all).await.unwrap_or_else(|_| {
+            let why = if deadline == rule_deadline {
+                format!("the timeout of route rule {}", rule.map_or("", |r| r.name.as_str()))
+            } else {
+                "the request's deadline (grpc-timeout or weft-timeout-ms)".to_string()
+            };
+            let waited = Instant::now().saturating_duration_since(start);
+            Err(CauseError::new(Cause::Timeout, format!("no response within {why}: waited {waited:?}")))
+        })
     }
 
     async fn with_retries(
@@ -154,6 +167,7 @@ impl HttpProxy {
         req: Request<Body>,
         plan: &Plan,
         is_upgrade: bool,
+        deadline: Option<Instant>,
     ) -> Result<Response<Body>, CauseError> {
         let rule = plan.rule();
         let retry = rule.and_then(|r| r.retry.as_ref()).filter(|r| {
@@ -161,18 +175,18 @@ impl HttpProxy {
         });
         let per_try = retry.map(|r| r.per_try_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
         let (Some(retry), Some(rule)) = (retry, rule) else {
-            return self.attempt(req, &plan.dest, is_upgrade, None).await;
+            return self.attempt(req, &plan.dest, is_upgrade, None, deadline).await;
         };
         let req = match Replayable::keep(req, u64::from(retry.max_body_bytes)).await? {
             Ok(kept) => kept,
             // A streaming or large body cannot be sent twice.
-            Err(req) => return self.attempt(req, &plan.dest, is_upgrade, per_try).await,
+            Err(req) => return self.attempt(req, &plan.dest, is_upgrade, per_try, deadline).await,
         };
         let budget = self.budgets.of(&rule.name);
         budget.deposit();
         let mut n = 1;
         loop {
-            let result = self.attempt(req.request(), &plan.dest, false, per_try).await;
+            let result = self.attempt(req.request(), &plan.dest, false, per_try, deadline).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
                 Err(e) => retry::retryable_error(e),
@@ -190,14 +204,19 @@ impl HttpProxy {
         }
     }
 
-    /// One attempt: an endpoint, then the send, within the per-attempt timeout.
+    /// One attempt: an endpoint, then the send, within the per-attempt timeout; the
+    /// next hop learns what is left of the deadline.
     async fn attempt(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         dest: &Dest,
         is_upgrade: bool,
         per_try: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<Response<Body>, CauseError> {
+        if let Some(d) = deadline {
+            deadline::stamp(req.headers_mut(), d, Instant::now());
+        }
         let routed = self.endpoint(dest)?;
         let send = self.send_once(req, routed, is_upgrade);
         match per_try {
