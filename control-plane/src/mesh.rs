@@ -80,6 +80,43 @@ pub struct Service {
     /// How proxies spread requests over the endpoints.
     #[serde(default)]
     pub balancer: Balancer,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// Circuit breaking per endpoint (see docs/mesh-file.md).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint; 0 turns ejection off.
+    #[serde(default = "five")]
+    pub consecutive_failures: u32,
+    #[serde(default = "five_secs")]
+    pub ejection_time: String,
+    #[serde(default = "one_minute")]
+    pub max_ejection_time: String,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            ejection_time: five_secs(),
+            max_ejection_time: one_minute(),
+        }
+    }
+}
+
+fn five() -> u32 {
+    5
+}
+
+fn five_secs() -> String {
+    "5s".into()
+}
+
+fn one_minute() -> String {
+    "1m".into()
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -172,6 +209,13 @@ impl Mesh {
                 if !authorities.insert(a.clone()) {
                     return Err(invalid(path, format!("authority {a} is claimed by another service")));
                 }
+            }
+            for (field, d) in [
+                ("ejectionTime", &s.outlier_detection.ejection_time),
+                ("maxEjectionTime", &s.outlier_detection.max_ejection_time),
+            ] {
+                crate::routes::parse_duration(d)
+                    .map_err(|e| invalid(format!("{path}.outlierDetection.{field}"), e))?;
             }
             for (j, e) in s.endpoints.iter().enumerate() {
                 if let Some(w) = &e.workload {

@@ -59,10 +59,10 @@ pub struct DiscoveryService {
 /// dialled) is answered with that endpoint alone, so the proxy learns whether it is
 /// meshed and which identity it must prove.
 pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
-    let mut balancer = mesh::Balancer::PeakEwma;
+    let (mut balancer, mut outlier) = (mesh::Balancer::PeakEwma, mesh::OutlierDetection::default());
     let endpoints: Vec<&mesh::Endpoint> = match mesh.service_for(authority) {
         Some(service) => {
-            balancer = service.balancer;
+            (balancer, outlier) = (service.balancer, service.outlier_detection.clone());
             service.endpoints.iter().collect()
         }
         None => {
@@ -76,6 +76,7 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
                         known: false,
                         endpoints: vec![],
                         balancer: 0,
+                        outlier_detection: None,
                     }
                 }
             }
@@ -86,7 +87,19 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
         mesh::Balancer::PeakEwma => weft_api::v1::Balancer::PeakEwma,
         mesh::Balancer::RoundRobin => weft_api::v1::Balancer::RoundRobin,
     };
-    EndpointSet { authority: authority.into(), known: true, endpoints, balancer: balancer as i32 }
+    let ms = |d: &str| crate::routes::parse_duration(d).map_or(0, |d| d.as_millis() as u64);
+    let outlier_detection = Some(weft_api::v1::OutlierDetection {
+        consecutive_failures: outlier.consecutive_failures,
+        base_ejection_ms: ms(&outlier.ejection_time),
+        max_ejection_ms: ms(&outlier.max_ejection_time),
+    });
+    EndpointSet {
+        authority: authority.into(),
+        known: true,
+        endpoints,
+        balancer: balancer as i32,
+        outlier_detection,
+    }
 }
 
 fn endpoint(mesh: &Mesh, e: &mesh::Endpoint) -> Endpoint {

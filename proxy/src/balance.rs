@@ -21,12 +21,14 @@ use std::{
 };
 
 use http::Response;
-use weft_api::v1::{Balancer as Mode, EndpointSet};
+use weft_api::v1::{Balancer as Mode, EndpointSet, OutlierDetection};
 
+pub use crate::outlier::Event;
 use crate::{
     discovery::Endpoint,
     errors::{Cause, CauseError},
     http::Body,
+    outlier::Health,
 };
 
 /// Before an endpoint has answered, its latency is assumed to be this.
@@ -104,6 +106,7 @@ struct Slot {
     endpoint: Endpoint,
     weight: u32,
     load: Arc<Mutex<Ewma>>,
+    health: Health,
     /// Smooth weighted round robin's running weight.
     current: i64,
 }
@@ -113,11 +116,12 @@ pub struct Balancer {
     set: Option<Arc<EndpointSet>>,
     mode: Mode,
     slots: Vec<Slot>,
+    outlier: OutlierDetection,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
-        Balancer { set: None, mode: Mode::PeakEwma, slots: Vec::new() }
+        Balancer { set: None, mode: Mode::PeakEwma, slots: Vec::new(), outlier: OutlierDetection::default() }
     }
 }
 
@@ -128,6 +132,7 @@ impl Balancer {
             return;
         }
         let mut old = std::mem::take(&mut self.slots);
+        self.outlier = set.outlier_detection.unwrap_or_default();
         for e in &set.endpoints {
             let Ok(addr) = e.address.parse::<SocketAddr>() else {
                 tracing::warn!(
@@ -138,8 +143,9 @@ impl Balancer {
             };
             let endpoint = Endpoint { addr, identity: e.meshed.then(|| e.identity.clone()) };
             let kept = old.iter().position(|s| s.endpoint == endpoint).map(|i| old.swap_remove(i));
-            let load = kept.map(|s| s.load).unwrap_or_else(Ewma::new);
-            self.slots.push(Slot { endpoint, weight: e.weight.max(1), load, current: 0 });
+            let (load, health) =
+                kept.map(|s| (s.load, s.health)).unwrap_or_else(|| (Ewma::new(), Health::default()));
+            self.slots.push(Slot { endpoint, weight: e.weight.max(1), load, health, current: 0 });
         }
         self.mode = Mode::try_from(set.balancer).unwrap_or(Mode::PeakEwma);
         self.set = Some(set.clone());
@@ -150,30 +156,51 @@ impl Balancer {
     }
 
     /// The endpoint for the next request. `rand` draws uniform random numbers.
-    pub fn pick(&mut self, mut rand: impl FnMut() -> u64) -> Option<Endpoint> {
+    /// Ejected endpoints are left out, unless every endpoint is ejected; so are those
+    /// in `avoid` (where a retried request already failed) while others remain.
+    pub fn pick(&mut self, avoid: &[Endpoint], mut rand: impl FnMut() -> u64) -> Option<Endpoint> {
+        let now = Instant::now();
+        let available: Vec<usize> =
+            (0..self.slots.len()).filter(|i| self.slots[*i].health.available(now)).collect();
+        let mut usable: Vec<usize> =
+            available.iter().copied().filter(|i| !avoid.contains(&self.slots[*i].endpoint)).collect();
+        if usable.is_empty() {
+            usable = available;
+        }
+        if usable.is_empty() {
+            usable = (0..self.slots.len()).collect();
+        }
         let i = match self.mode {
-            Mode::RoundRobin => self.round_robin()?,
+            Mode::RoundRobin => self.round_robin(&usable)?,
             Mode::PeakEwma => {
-                let n = self.slots.len() as u64;
-                if n == 0 {
-                    return None;
-                }
-                if n == 1 {
-                    return Some(self.slots[0].endpoint.clone());
-                }
-                // Two distinct candidates: a slow endpoint must never win by being drawn twice.
-                let a = (rand() % n) as usize;
-                let b = (rand() % (n - 1)) as usize;
-                let b = if b >= a { b + 1 } else { b };
-                let now = Instant::now();
-                if self.cost(b, now) < self.cost(a, now) {
-                    b
-                } else {
-                    a
+                let n = usable.len() as u64;
+                match n {
+                    0 => return None,
+                    1 => usable[0],
+                    _ => {
+                        // Two distinct candidates: a slow endpoint must never win by being drawn twice.
+                        let a = (rand() % n) as usize;
+                        let b = (rand() % (n - 1)) as usize;
+                        let (a, b) = (usable[a], usable[if b >= a { b + 1 } else { b }]);
+                        if self.cost(b, now) < self.cost(a, now) {
+                            b
+                        } else {
+                            a
+                        }
+                    }
                 }
             }
         };
+        self.slots[i].health.picked(now);
         Some(self.slots[i].endpoint.clone())
+    }
+
+    /// Records how a request to `endpoint` went (a response below 500 is a success);
+    /// returns what that changed in its ejection state.
+    pub fn record(&mut self, endpoint: &Endpoint, ok: bool) -> Option<Event> {
+        let outlier = &self.outlier;
+        let slot = self.slots.iter_mut().find(|s| &s.endpoint == endpoint)?;
+        slot.health.record(ok, Instant::now(), outlier)
     }
 
     /// Runs `attempt` against `endpoint`, counting it in the endpoint's load until the
@@ -203,13 +230,14 @@ impl Balancer {
         l.decayed(now) * f64::from(l.pending + 1) / f64::from(slot.weight)
     }
 
-    /// nginx's smooth weighted round robin: weights 5,1,1 give a,a,b,a,c,a,a.
-    fn round_robin(&mut self) -> Option<usize> {
-        let total: i64 = self.slots.iter().map(|s| i64::from(s.weight)).sum();
-        for s in &mut self.slots {
+    /// nginx's smooth weighted round robin over `usable`: weights 5,1,1 give a,a,b,a,c,a,a.
+    fn round_robin(&mut self, usable: &[usize]) -> Option<usize> {
+        let total: i64 = usable.iter().map(|i| i64::from(self.slots[*i].weight)).sum();
+        for i in usable {
+            let s = &mut self.slots[*i];
             s.current += i64::from(s.weight);
         }
-        let (i, _) = self.slots.iter().enumerate().max_by_key(|(i, s)| (s.current, -(*i as i64)))?;
+        let i = *usable.iter().max_by_key(|i| (self.slots[**i].current, -(**i as i64)))?;
         self.slots[i].current -= total;
         Some(i)
     }
@@ -242,6 +270,7 @@ mod tests {
                 })
                 .collect(),
             balancer: mode as i32,
+            outlier_detection: None,
         })
     }
 
@@ -253,7 +282,7 @@ mod tests {
     fn round_robin_is_smooth_and_weighted() {
         let mut b = Balancer::default();
         b.update(&set(&[5, 1, 1], Mode::RoundRobin));
-        let order: Vec<u16> = (0..7).map(|_| port(b.pick(|| 0).unwrap())).collect();
+        let order: Vec<u16> = (0..7).map(|_| port(b.pick(&[], || 0).unwrap())).collect();
         assert_eq!(order, [0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -267,7 +296,7 @@ mod tests {
         for r in 0..2 {
             // Candidates (0, 1) and (1, 0): endpoint 1 either way.
             let mut draws = [r, 0].into_iter();
-            assert_eq!(port(b.pick(|| draws.next().unwrap()).unwrap()), 1);
+            assert_eq!(port(b.pick(&[], || draws.next().unwrap()).unwrap()), 1);
         }
     }
 
@@ -280,7 +309,7 @@ mod tests {
         assert!((heavy * 2.0 - light).abs() < light * 0.01, "{light} {heavy}");
         // Candidates (0, 1): the weight-2 endpoint wins at equal latency.
         let mut draws = [0, 0].into_iter();
-        assert_eq!(port(b.pick(|| draws.next().unwrap()).unwrap()), 1);
+        assert_eq!(port(b.pick(&[], || draws.next().unwrap()).unwrap()), 1);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod log;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
+pub mod outlier;
 pub mod policy;
 pub mod resolve;
 pub mod routes;

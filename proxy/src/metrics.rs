@@ -71,6 +71,14 @@ pub struct Metrics {
     cert_expiry: Gauge,
     retries: Family<RouteLabels, Counter>,
     retry_budget_exhausted: Family<RouteLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    restored: Family<ServiceLabels, Counter>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    /// The service authority the balancer serves: bounded by the mesh's services.
+    service: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -176,7 +184,21 @@ impl Metrics {
             "Retries not made because the rule's retry budget was spent",
             retry_budget_exhausted.clone(),
         );
+        let ejections = Family::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected from a service's balancer after failures in a row",
+            ejections.clone(),
+        );
+        let restored = Family::default();
+        registry.register(
+            "outlier_restored",
+            "Ejected endpoints brought back by a successful probe",
+            restored.clone(),
+        );
         Arc::new(Metrics {
+            ejections,
+            restored,
             retries,
             retry_budget_exhausted,
             denied,
@@ -200,6 +222,14 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn outlier(&self, service: &str, event: &crate::outlier::Event) {
+        let labels = ServiceLabels { service: service.to_string() };
+        match event {
+            crate::outlier::Event::Ejected(_) => self.ejections.get_or_create(&labels).inc(),
+            crate::outlier::Event::Restored => self.restored.get_or_create(&labels).inc(),
+        };
     }
 
     pub fn retried(&self, route: &str) {

@@ -71,20 +71,25 @@ pub fn http(name: &'static str) -> Backend {
 
 /// [`http`], answering every request only after `delay`: a slow endpoint.
 pub fn http_slow(name: &'static str, delay: Duration) -> Backend {
-    http_with(name, delay, 0)
+    http_with(name, delay, 0, None)
+}
+
+/// [`http`] on a chosen address (to bring an endpoint back where it was).
+pub fn http_on(name: &'static str, addr: SocketAddr) -> Backend {
+    http_with(name, Duration::ZERO, 0, Some(addr))
 }
 
 /// [`http`] failing `percent` % (a multiple of 10) of its requests with 503, spread out
 /// so that failures rarely follow each other.
 pub fn http_flaky(name: &'static str, percent: usize) -> Backend {
-    http_with(name, Duration::ZERO, percent)
+    http_with(name, Duration::ZERO, percent, None)
 }
 
-fn http_with(name: &'static str, delay: Duration, fail_percent: usize) -> Backend {
+fn http_with(name: &'static str, delay: Duration, fail_percent: usize, at: Option<SocketAddr>) -> Backend {
     let rt = runtime();
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = rt.block_on(TcpListener::bind(at.unwrap_or(([127, 0, 0, 1], 0).into()))).unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let (h, s, c) = (hits.clone(), seen.clone(), conns.clone());

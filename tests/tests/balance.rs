@@ -168,3 +168,68 @@ fn a_removed_endpoint_finishes_its_requests_in_flight() {
     assert_eq!(code, 200, "the in-flight request was cut: {body}{err}");
     assert!(body.contains("\"backend\":\"old\""), "{body}");
 }
+
+#[test]
+fn a_killed_endpoint_is_ejected_without_client_errors_and_restored_when_back() {
+    let (a, c) = (backend::http("a"), backend::http("c"));
+    let b = backend::http("b");
+    let b_addr = b.addr;
+    let mesh = format!(
+        "workloads:\n  - name: web\n    token: web-token-0123456789\nservices:\n  - name: api\n    port: 80\n    \
+         outlierDetection: {{consecutiveFailures: 3, ejectionTime: 1s}}\n    endpoints:\n      \
+         - address: {}\n      - address: {b_addr}\n      - address: {}\nroutes:\n  - name: api\n    service: api\n    \
+         rules:\n      - retry: {{attempts: 3, statuses: [502, 503], backoff: 1ms}}\n",
+        a.addr, c.addr
+    );
+    let control = Control::start(&mesh, &[]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    // Steady load: batches of sequential GETs, every status recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut args = vec!["-x", proxy.as_str(), "-w", "\nstatus=%{http_code}\n"];
+                args.extend(["http://api:80/"; 20]);
+                let (_, out, _) = curl(&args);
+                for s in out.lines().filter_map(|l| l.strip_prefix("status=")) {
+                    if s == "200" {
+                        ok += 1
+                    } else {
+                        failed.push(s.to_string())
+                    }
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    drop(b); // endpoint b dies: its port refuses connections
+    let ejected = r#"weft_outlier_ejections_total{service="api:80"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while web.metric(ejected) < 1.0 {
+        assert!(Instant::now() < deadline, "b was never ejected:\n{}", web.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let b = backend::http_on("b", b_addr); // back where it was
+    let restored = r#"weft_outlier_restored_total{service="api:80"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while web.metric(restored) < 1.0 || b.hits() < 5 {
+        assert!(Instant::now() < deadline, "b was never restored (hits {}):\n{}", b.hits(), web.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.join().unwrap();
+    eprintln!(
+        "endpoint killed under load: {ok} ok, {} failed; ejections {}, restorations {}, retries {}",
+        failed.len(),
+        web.metric(ejected),
+        web.metric(restored),
+        web.metric(r#"weft_retries_total{route="api/0"}"#)
+    );
+    assert!(failed.is_empty(), "clients saw errors: {failed:?}");
+    assert!(ok > 100);
+}

@@ -185,7 +185,7 @@ impl HttpProxy {
         let is_connect = req.method() == Method::CONNECT;
         if is_connect && conn.target.is_none() {
             // To a mesh peer the tunnel is one opaque stream inside mutual TLS.
-            let (target, peer, _) = self.endpoint(&plan.dest)?;
+            let (target, peer, _) = self.endpoint(&plan.dest, &[])?;
             let mesh = peer.as_deref().map(|id| self.mesh_peer(id, crate::tls::ALPN_TCP)).transpose()?;
             let (dir, metrics) = (self.dir, self.metrics.clone());
             let timeouts = (self.connect_timeout, self.tcp_idle_timeout);
@@ -262,16 +262,28 @@ impl HttpProxy {
                 }
             }
         });
-        match balanced {
-            Some((authority, endpoint)) => {
-                let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
-                    Some(b) => b.dispatch(&endpoint, send),
-                    None => send,
-                };
-                dispatched.await
-            }
-            None => send.await,
+        let Some((authority, endpoint)) = balanced else { return send.await };
+        let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
+            Some(b) => b.dispatch(&endpoint, send),
+            None => send,
+        };
+        let result = dispatched.await;
+        // Outlier detection: 5xx and failures to get a response count against the endpoint.
+        let ok = match &result {
+            Ok(rsp) => !rsp.status().is_server_error(),
+            Err(e) => matches!(e.cause, Cause::NoIdentity | Cause::BadRequest),
+        };
+        let event = self
+            .balancers
+            .lock()
+            .expect("balancers lock")
+            .get_mut(&authority)
+            .and_then(|b| b.record(&endpoint, ok));
+        if let Some(event) = event {
+            tracing::info!(service = authority, endpoint = %endpoint.addr, "outlier detection: {event:?}");
+            self.metrics.outlier(&authority, &event);
         }
+        result
     }
 
     /// The protocol of the next hop.

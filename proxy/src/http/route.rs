@@ -19,7 +19,10 @@ use super::{
     retry::{self, Budget, Replayable},
     Body,
 };
-use crate::errors::{Cause, CauseError};
+use crate::{
+    discovery::Endpoint,
+    errors::{Cause, CauseError},
+};
 
 /// Where a request's attempts go.
 pub enum Dest {
@@ -96,8 +99,8 @@ impl HttpProxy {
         Ok(Plan::fixed(target, None))
     }
 
-    /// The endpoint for one attempt.
-    pub(super) fn endpoint(&self, dest: &Dest) -> Result<Routed, CauseError> {
+    /// The endpoint for one attempt, avoiding those earlier attempts failed on.
+    pub(super) fn endpoint(&self, dest: &Dest, avoid: &[Endpoint]) -> Result<Routed, CauseError> {
         let (key, set) = match dest {
             Dest::Addr(addr, identity) => return Ok((*addr, identity.clone(), None)),
             Dest::Service(key, set) => (key, set),
@@ -105,7 +108,7 @@ impl HttpProxy {
         let mut balancers = self.balancers.lock().expect("balancers lock");
         let balancer = balancers.entry(key.clone()).or_default();
         balancer.update(set);
-        match balancer.pick(|| fastrand::u64(..)) {
+        match balancer.pick(avoid, || fastrand::u64(..)) {
             Some(e) => Ok((e.addr, e.identity.clone(), Some((key.clone(), e)))),
             None => Err(crate::balance::no_endpoints(key, self.queue_timeout)),
         }
@@ -175,18 +178,20 @@ impl HttpProxy {
         });
         let per_try = retry.map(|r| r.per_try_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
         let (Some(retry), Some(rule)) = (retry, rule) else {
-            return self.attempt(req, &plan.dest, is_upgrade, None, deadline).await;
+            return self.attempt(req, &plan.dest, is_upgrade, None, deadline, &mut Vec::new()).await;
         };
         let req = match Replayable::keep(req, u64::from(retry.max_body_bytes)).await? {
             Ok(kept) => kept,
             // A streaming or large body cannot be sent twice.
-            Err(req) => return self.attempt(req, &plan.dest, is_upgrade, per_try, deadline).await,
+            Err(req) => {
+                return self.attempt(req, &plan.dest, is_upgrade, per_try, deadline, &mut Vec::new()).await
+            }
         };
         let budget = self.budgets.of(&rule.name);
         budget.deposit();
-        let mut n = 1;
+        let (mut n, mut tried) = (1, Vec::new());
         loop {
-            let result = self.attempt(req.request(), &plan.dest, false, per_try, deadline).await;
+            let result = self.attempt(req.request(), &plan.dest, false, per_try, deadline, &mut tried).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
                 Err(e) => retry::retryable_error(e),
@@ -204,8 +209,9 @@ impl HttpProxy {
         }
     }
 
-    /// One attempt: an endpoint, then the send, within the per-attempt timeout; the
-    /// next hop learns what is left of the deadline.
+    /// One attempt: an endpoint (not one in `tried`, to which it is added), then the
+    /// send, within the per-attempt timeout; the next hop learns what is left of the
+    /// deadline.
     async fn attempt(
         &self,
         mut req: Request<Body>,
@@ -213,11 +219,15 @@ impl HttpProxy {
         is_upgrade: bool,
         per_try: Option<Duration>,
         deadline: Option<Instant>,
+        tried: &mut Vec<Endpoint>,
     ) -> Result<Response<Body>, CauseError> {
         if let Some(d) = deadline {
             deadline::stamp(req.headers_mut(), d, Instant::now());
         }
-        let routed = self.endpoint(dest)?;
+        let routed = self.endpoint(dest, tried)?;
+        if let Some((_, e)) = &routed.2 {
+            tried.push(e.clone());
+        }
         let send = self.send_once(req, routed, is_upgrade);
         match per_try {
             None => send.await,
