@@ -82,6 +82,8 @@ pub struct Service {
     pub balancer: Balancer,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Requests in flight from one proxy to this service at most (503 beyond).
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// Circuit breaking per endpoint (see docs/mesh-file.md).
@@ -162,6 +164,18 @@ pub struct InboundPolicy {
     pub mode: Mode,
     /// SPIFFE IDs allowed to connect; absent means every meshed identity.
     pub allow: Option<Vec<String>>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A local rate limit of HTTP requests on an inbound port (429 beyond).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the rate; default: one second's worth.
+    pub burst: Option<u32>,
+    /// At most this many per second for any one client identity.
+    pub per_identity: Option<u32>,
 }
 
 impl Mesh {
@@ -241,6 +255,9 @@ impl Mesh {
             }
             for id in p.allow.iter().flatten() {
                 id.parse::<SpiffeId>().map_err(|e| invalid(path.clone(), e.to_string()))?;
+            }
+            if p.rate_limit.as_ref().is_some_and(|r| r.requests_per_second == 0) {
+                return Err(invalid(path, "rateLimit.requestsPerSecond must be at least 1".into()));
             }
         }
         crate::routes::validate(self).map_err(|(path, msg)| invalid(path, msg))

@@ -60,9 +60,11 @@ pub struct DiscoveryService {
 /// meshed and which identity it must prove.
 pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
     let (mut balancer, mut outlier) = (mesh::Balancer::PeakEwma, mesh::OutlierDetection::default());
+    let mut max_concurrent_requests = 0;
     let endpoints: Vec<&mesh::Endpoint> = match mesh.service_for(authority) {
         Some(service) => {
             (balancer, outlier) = (service.balancer, service.outlier_detection.clone());
+            max_concurrent_requests = service.max_concurrent_requests.unwrap_or(0);
             service.endpoints.iter().collect()
         }
         None => {
@@ -70,15 +72,7 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
             let all = || mesh.services.iter().flat_map(|s| &s.endpoints);
             match addr.and_then(|a| all().find(|e| e.address == a)) {
                 Some(e) => vec![e],
-                None => {
-                    return EndpointSet {
-                        authority: authority.into(),
-                        known: false,
-                        endpoints: vec![],
-                        balancer: 0,
-                        outlier_detection: None,
-                    }
-                }
+                None => return EndpointSet { authority: authority.into(), ..Default::default() },
             }
         }
     };
@@ -99,6 +93,7 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
         endpoints,
         balancer: balancer as i32,
         outlier_detection,
+        max_concurrent_requests,
     }
 }
 
@@ -140,11 +135,17 @@ pub fn inbound_policy(mesh: &Mesh, workload: &str, port: u16) -> InboundPolicy {
         mesh::Mode::Permissive => Mode::Permissive,
     };
     let allow = rule.and_then(|r| r.allow.clone());
+    let rate_limit = rule.and_then(|r| r.rate_limit.as_ref()).map(|r| weft_api::v1::RateLimit {
+        requests_per_second: r.requests_per_second,
+        burst: r.burst.unwrap_or(r.requests_per_second),
+        per_identity: r.per_identity.unwrap_or(0),
+    });
     InboundPolicy {
         port: u32::from(port),
         mode: mode as i32,
         allow_all_meshed: allow.is_none(),
         allowed_identities: allow.unwrap_or_default(),
+        rate_limit,
     }
 }
 
@@ -200,6 +201,7 @@ mod tests {
             port: 1,
             mode: mesh::Mode::Strict,
             allow: None,
+            rate_limit: None,
         });
         tx.send(Arc::new(other)).unwrap();
         let mut moved = mesh.clone();

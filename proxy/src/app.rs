@@ -51,6 +51,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let policies = cfg.control.as_ref().map(crate::policy::Policies::new).transpose()?.map(Arc::new);
     let routes = cfg.control.as_ref().map(crate::routes::Routes::new).transpose()?.map(Arc::new);
     let budgets = Arc::new(crate::http::retry::Budgets::default());
+    let in_flight = Arc::new(crate::limits::InFlight::default());
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -77,6 +78,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             policies: policies.clone(),
             routes: routes.clone(),
             budgets: budgets.clone(),
+            in_flight: in_flight.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -134,6 +136,7 @@ struct Shard {
     policies: Option<Arc<crate::policy::Policies>>,
     routes: Option<Arc<crate::routes::Routes>>,
     budgets: Arc<crate::http::retry::Budgets>,
+    in_flight: Arc<crate::limits::InFlight>,
 }
 
 impl Shard {
@@ -204,6 +207,7 @@ impl Shard {
                 Direction::Inbound => None,
             },
             budgets: self.budgets.clone(),
+            in_flight: self.in_flight.clone(),
         }))
     }
 }

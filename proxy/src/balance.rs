@@ -270,7 +270,7 @@ mod tests {
                 })
                 .collect(),
             balancer: mode as i32,
-            outlier_detection: None,
+            ..Default::default()
         })
     }
 

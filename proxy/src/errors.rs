@@ -49,6 +49,10 @@ pub enum Cause {
     Timeout,
     /// The route's fault injection answered instead of the service.
     FaultInjected,
+    /// The inbound port's rate limit (or the client's share of it) is spent.
+    RateLimited,
+    /// The service already has its maximum of requests in flight from this proxy.
+    ConcurrencyLimit,
 }
 
 impl Cause {
@@ -71,6 +75,8 @@ impl Cause {
             Cause::NoEndpoints => "no-endpoints",
             Cause::Timeout => "timeout",
             Cause::FaultInjected => "fault-injected",
+            Cause::RateLimited => "rate-limited",
+            Cause::ConcurrencyLimit => "concurrency-limit",
         }
     }
 
@@ -90,6 +96,8 @@ impl Cause {
             Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
             // The status is the route's; this is only the default.
             Cause::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Cause::ConcurrencyLimit => StatusCode::SERVICE_UNAVAILABLE,
             Cause::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod io;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod orig_dst;

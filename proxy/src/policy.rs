@@ -9,6 +9,7 @@ use weft_api::v1::{policy_client::PolicyClient, InboundPolicy, InboundRequest, M
 use crate::{
     config::{ControlConfig, TokenSource},
     control::{self, Watches},
+    limits::RateLimiter,
 };
 
 /// Why a client was refused.
@@ -37,6 +38,7 @@ pub fn default_policy(port: u16) -> InboundPolicy {
         mode: Mode::Permissive as i32,
         allowed_identities: vec![],
         allow_all_meshed: true,
+        rate_limit: None,
     }
 }
 
@@ -44,6 +46,8 @@ pub struct Policies {
     client: PolicyClient<tonic::transport::Channel>,
     token: TokenSource,
     watches: Watches<u16, InboundPolicy>,
+    /// Rate limiters by port, kept while the port's limit stays the same.
+    limiters: std::sync::Mutex<std::collections::HashMap<u16, Arc<RateLimiter>>>,
 }
 
 impl Policies {
@@ -52,7 +56,21 @@ impl Policies {
             client: PolicyClient::new(control::channel(cfg)?),
             token: cfg.token.clone(),
             watches: Watches::default(),
+            limiters: Default::default(),
         })
+    }
+
+    /// The rate limiter of the port `policy` is for, when it has a limit; shared by all
+    /// shards, and renewed when the limit changes.
+    pub fn rate_limiter(&self, policy: &InboundPolicy) -> Option<Arc<RateLimiter>> {
+        let cfg = policy.rate_limit?;
+        let port = u16::try_from(policy.port).ok()?;
+        let mut limiters = self.limiters.lock().expect("limiters lock");
+        let limiter = limiters.entry(port).or_insert_with(|| Arc::new(RateLimiter::new(cfg)));
+        if limiter.cfg != cfg {
+            *limiter = Arc::new(RateLimiter::new(cfg));
+        }
+        Some(limiter.clone())
     }
 
     /// The current policy of `port`; the default until the control plane has answered.
@@ -83,6 +101,7 @@ mod tests {
             mode: mode as i32,
             allow_all_meshed: allow.is_none(),
             allowed_identities: allow.unwrap_or_default().iter().map(|s| s.to_string()).collect(),
+            rate_limit: None,
         }
     }
 

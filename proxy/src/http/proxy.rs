@@ -114,6 +114,8 @@ pub struct HttpProxy {
     pub routes: Option<Arc<crate::routes::Routes>>,
     /// Outbound: retry budgets per route rule, shared by all shards.
     pub budgets: Arc<Budgets>,
+    /// Outbound: requests in flight per service, shared by all shards.
+    pub in_flight: Arc<crate::limits::InFlight>,
 }
 
 impl HttpProxy {
@@ -140,7 +142,10 @@ impl HttpProxy {
                         format!("the port's policy does not admit {who} ({denied:?})"),
                     ))
                 }
-                _ => self.forward(req, &conn).await,
+                _ => match self.rate_limited(&conn) {
+                    Some(e) => Err(e),
+                    None => self.forward(req, &conn).await,
+                },
             };
         let (rsp, cause) = match result {
             Ok(rsp) => (rsp, None),
@@ -168,6 +173,21 @@ impl HttpProxy {
         }
         guard.answered = true;
         Ok(rsp)
+    }
+
+    /// Inbound: the error when the port's rate limit refuses this request.
+    fn rate_limited(&self, conn: &ConnCtx) -> Option<CauseError> {
+        let (policy, policies) = (conn.policy.as_deref()?, self.policies.as_ref()?);
+        let limiter = policies.rate_limiter(policy)?;
+        if limiter.admit(conn.peer_identity.as_deref(), Instant::now()) {
+            return None;
+        }
+        let who = conn.peer_identity.as_deref().unwrap_or("plaintext clients");
+        let msg = format!(
+            "port {} is over its rate limit ({}/s, {}/s per client) for {who}; slow down and retry later",
+            policy.port, limiter.cfg.requests_per_second, limiter.cfg.per_identity
+        );
+        Some(CauseError::new(Cause::RateLimited, msg))
     }
 
     async fn forward(&self, mut req: Request<Body>, conn: &ConnCtx) -> Result<Response<Body>, CauseError> {

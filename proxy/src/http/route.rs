@@ -152,6 +152,17 @@ impl HttpProxy {
         let rule_deadline =
             rule.map(|r| r.timeout_ms).filter(|t| *t > 0).map(|ms| start + Duration::from_millis(ms));
         let deadline = deadline::earliest(asked, rule_deadline);
+        // The service's limit of requests in flight holds for all the attempts.
+        let _slot = match &plan.dest {
+            Dest::Service(key, set) if set.max_concurrent_requests > 0 => {
+                let max = set.max_concurrent_requests;
+                Some(self.in_flight.acquire(key, max).ok_or_else(|| {
+                    let msg = format!("{key} already has {max} requests in flight from this proxy");
+                    CauseError::new(Cause::ConcurrencyLimit, msg)
+                })?)
+            }
+            _ => None,
+        };
         let all = self.with_retries(req, plan, is_upgrade, deadline);
         let Some(d) = deadline else { return all.await };
         tokio::time::timeout_at(d.into(), all).await.unwrap_or_else(|_| {
