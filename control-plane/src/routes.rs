@@ -83,6 +83,8 @@ pub struct HeaderChanges {
     #[serde(default)]
     pub set: BTreeMap<String, String>,
     #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
     pub remove: Vec<String>,
 }
 
@@ -304,7 +306,8 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         return Err("backends: at least one weight must be above 0".into());
     }
-    for name in rule.request_headers.set.keys().chain(&rule.request_headers.remove) {
+    let changes = &rule.request_headers;
+    for name in changes.set.keys().chain(changes.add.keys()).chain(&changes.remove) {
         header_name(name).map_err(|e| format!("requestHeaders: {e}"))?;
     }
     let ms = |d: &Option<String>, field: &str| -> Result<u64, String> {
@@ -371,6 +374,7 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
         matches,
         backends,
         set_request_headers: kv(&rule.request_headers.set),
+        add_request_headers: kv(&rule.request_headers.add),
         remove_request_headers: rule.request_headers.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
         timeout_ms: ms(&rule.timeout, "timeout")?,
         retry,

@@ -131,10 +131,19 @@ async fn handle(
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
         version: format!("{:?}", parts.version),
+        // A repeated header's values joined with ", ", as RFC 9110 allows.
         headers: parts
             .headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .keys()
+            .map(|k| {
+                let values: Vec<_> = parts
+                    .headers
+                    .get_all(k)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                (k.to_string(), values.join(", "))
+            })
             .collect(),
         body_len: body.len(),
     };

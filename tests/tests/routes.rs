@@ -174,6 +174,8 @@ fn request_timeouts_and_fault_injection() {
         fault: {abort: {percent: 100, status: 418}}
       - matches: [{path: {prefix: /delayed}}]
         fault: {delay: {percent: 100, duration: 400ms}}
+      - matches: [{path: {prefix: /headers}}]
+        requestHeaders: {set: {x-route: one}, add: {x-tag: added}, remove: [x-secret]}
 ";
     let control = Control::start(&mesh(base.addr, v1.addr, v2.addr, rules), &[]);
     let web = control.sidecar("web", &[]);
@@ -192,6 +194,14 @@ fn request_timeouts_and_fault_injection() {
     let series =
         r#"weft_requests_total{direction="outbound",protocol="http1",status="418",cause="fault-injected"}"#;
     assert_eq!(web.metric(series), 1.0);
+    // Header changes: set replaces, add appends, remove removes.
+    let args = ["-x", &proxy, "-H", "x-route: client", "-H", "x-tag: mine", "-H", "x-secret: s"];
+    let (code, body, _) = curl(&[&args[..], &["http://api:80/headers"]].concat());
+    assert_eq!(code, 200, "{body}");
+    let seen = base.last();
+    assert_eq!(seen.headers.get("x-route").map(String::as_str), Some("one"), "{:?}", seen.headers);
+    assert_eq!(seen.headers.get("x-tag").map(String::as_str), Some("mine, added"), "{:?}", seen.headers);
+    assert!(!seen.headers.contains_key("x-secret"), "{:?}", seen.headers);
 }
 
 #[test]

@@ -125,6 +125,11 @@ impl HttpProxy {
                 req.headers_mut().insert(name, value);
             }
         }
+        for h in &rule.add_request_headers {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(&h.name), HeaderValue::try_from(&h.value)) {
+                req.headers_mut().append(name, value);
+            }
+        }
         let Some(fault) = &rule.fault else { return Ok(()) };
         if fault.delay_permille > 0 && fastrand::u32(0..1000) < fault.delay_permille {
             tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
