@@ -241,3 +241,41 @@ services:
     assert!(body.contains("weft-error: timeout"), "{body}");
     assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
 }
+
+#[test]
+fn grpc_rules_match_the_service() {
+    // The parent's own endpoint is dead: only a matching gRPC rule reaches the server.
+    let port = weft_e2e::free_port();
+    let _server = weft_e2e::PyServer::start("grpc_echo.py", port);
+    let mesh = format!(
+        "workloads:
+  - {{name: web, token: web-token-0123456789}}
+services:
+  - name: echo
+    port: 80
+    endpoints: [{{address: 127.0.0.1:1}}]
+  - name: echo-v2
+    port: 80
+    endpoints: [{{address: 127.0.0.1:{port}}}]
+routes:
+  - name: echo
+    service: echo
+    rules:
+      - matches: [{{grpc: {{service: weft.test.Echo}}}}]
+        backends: [{{service: echo-v2}}]
+"
+    );
+    let control = Control::start(&mesh, &[]);
+    let web = control.sidecar("web", &[]);
+    // grpcio's unary, streaming and bidi calls, and a call that fails with FAILED_PRECONDITION.
+    let out = weft_e2e::run(
+        std::process::Command::new(weft_e2e::python()).arg(weft_e2e::py_script("grpc_echo.py")).args([
+            "client",
+            &web.outbound.to_string(),
+            "echo:80",
+        ]),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ok = r#"weft_requests_total{direction="outbound",protocol="h2",status="200",cause=""}"#;
+    assert_eq!(web.metric(ok), 4.0, "{}", web.metrics());
+}
