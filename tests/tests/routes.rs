@@ -143,9 +143,12 @@ fn bodies_that_cannot_be_replayed_are_not_retried() {
     // Larger than maxBodyBytes: one attempt.
     curl(&["-x", &proxy, "-d", &"x".repeat(100), url]);
     assert_eq!(flaky.hits(), 4);
-    // Streaming (chunked, no length): one attempt.
-    curl(&["-x", &proxy, "-H", "Transfer-Encoding: chunked", "-d", "tiny", url]);
+    // A stream (chunked, no length) larger than maxBodyBytes: one attempt.
+    curl(&["-x", &proxy, "-H", "Transfer-Encoding: chunked", "-d", &"y".repeat(100), url]);
     assert_eq!(flaky.hits(), 5);
+    // A stream that ended within the limit was recorded as it went: replayed.
+    curl(&["-x", &proxy, "-H", "Transfer-Encoding: chunked", "-d", "tiny", url]);
+    assert_eq!(flaky.hits(), 8);
 }
 
 #[test]
@@ -243,7 +246,7 @@ services:
 }
 
 #[test]
-fn grpc_rules_match_the_service() {
+fn grpc_rules_match_the_service_and_retry_listed_codes() {
     // The parent's own endpoint is dead: only a matching gRPC rule reaches the server.
     let port = weft_e2e::free_port();
     let _server = weft_e2e::PyServer::start("grpc_echo.py", port);
@@ -263,6 +266,7 @@ routes:
     rules:
       - matches: [{{grpc: {{service: weft.test.Echo}}}}]
         backends: [{{service: echo-v2}}]
+        retry: {{attempts: 3, grpcCodes: [failed-precondition], nonIdempotent: true, backoff: 1ms}}
 "
     );
     let control = Control::start(&mesh, &[]);
@@ -278,4 +282,6 @@ routes:
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ok = r#"weft_requests_total{direction="outbound",protocol="h2",status="200",cause=""}"#;
     assert_eq!(web.metric(ok), 4.0, "{}", web.metrics());
+    // Only the failing call was retried (twice): its status is in the response head.
+    assert_eq!(web.metric(r#"weft_retries_total{route="echo/0"}"#), 2.0, "{}", web.metrics());
 }

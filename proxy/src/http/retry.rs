@@ -1,5 +1,6 @@
 //! Retries of a route rule: which requests may be retried (idempotent methods unless the
-//! rule says otherwise, bodies small enough to keep), which outcomes are retried
+//! rule says otherwise; bodies recorded while they stream, up to a limit), which
+//! outcomes are retried
 //! (proxy-side failures to reach an endpoint, and the rule's statuses and gRPC codes),
 //! exponential backoff with jitter, and a budget per rule (tower's `TpsBudget`: retries
 //! stay under 20 % of requests plus 10 per second), so retries cannot multiply load
@@ -30,45 +31,120 @@ pub fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-/// A request kept whole so it can be sent again.
-pub struct Replayable {
+/// A request that may be sent again: its head, and its body as the first attempt sent
+/// it, recorded up to a limit while it streamed through (nothing waits for the body).
+pub struct Replay {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-    body: Bytes,
+    recorded: Arc<Mutex<Recorded>>,
 }
 
-impl Replayable {
-    /// Reads the body if it is known to be at most `max` bytes; otherwise hands the
-    /// request back untouched (it will not be retried).
-    pub async fn keep(req: Request<Body>, max: u64) -> Result<Result<Replayable, Request<Body>>, CauseError> {
-        let fits = req.body().is_end_stream() || req.body().size_hint().upper().is_some_and(|n| n <= max);
-        if !fits {
-            return Ok(Err(req));
+#[derive(Default)]
+struct Recorded {
+    chunks: Vec<Bytes>,
+    size: u64,
+    /// The body ended (and fitted): it can be sent again.
+    complete: bool,
+    /// Larger than the limit, or with trailers: it cannot.
+    given_up: bool,
+}
+
+pin_project_lite::pin_project! {
+    /// Passes a body through, keeping a copy of its data for a retry.
+    struct Recording {
+        #[pin]
+        inner: Body,
+        recorded: Arc<Mutex<Recorded>>,
+        max: u64,
+    }
+}
+
+impl http_body::Body for Recording {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let mut rec = this.recorded.lock().expect("recording lock");
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) if !rec.given_up => match frame.data_ref() {
+                Some(data) if rec.size + data.len() as u64 <= *this.max => {
+                    rec.size += data.len() as u64;
+                    rec.chunks.push(data.clone());
+                }
+                _ => {
+                    rec.given_up = true;
+                    rec.chunks.clear();
+                }
+            },
+            std::task::Poll::Ready(None) => rec.complete = !rec.given_up,
+            std::task::Poll::Ready(Some(Err(_))) => rec.given_up = true,
+            _ => {}
         }
-        let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| CauseError::new(Cause::BadRequest, format!("reading the request body: {e}")))?
-            .to_bytes();
-        Ok(Ok(Replayable {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        }))
+        // Senders stop polling once a body says it has ended.
+        if this.inner.is_end_stream() && !rec.given_up {
+            rec.complete = true;
+        }
+        polled
     }
 
-    pub fn request(&self) -> Request<Body> {
-        let mut req = Request::new(Full::new(self.body.clone()).map_err(|never| match never {}).boxed());
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Replay {
+    /// The first attempt's request, recording its body if it may fit in `max` bytes.
+    pub fn start(req: Request<Body>, max: u64) -> (Request<Body>, Replay) {
+        let (parts, body) = req.into_parts();
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let replay = Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            recorded: recorded.clone(),
+        };
+        let body = if body.is_end_stream() {
+            recorded.lock().expect("recording lock").complete = true;
+            body
+        } else if body.size_hint().lower() > max {
+            recorded.lock().expect("recording lock").given_up = true;
+            body
+        } else {
+            Recording { inner: body, recorded, max }.boxed()
+        };
+        (Request::from_parts(parts, body), replay)
+    }
+
+    /// The request again, when the first attempt sent its whole body and it fitted; a
+    /// body still streaming, or larger than the limit, is not replayed.
+    pub fn request(&self) -> Option<Request<Body>> {
+        let rec = self.recorded.lock().expect("recording lock");
+        if !rec.complete {
+            return None;
+        }
+        let body: Bytes = match rec.chunks.len() {
+            0 => Bytes::new(),
+            1 => rec.chunks[0].clone(),
+            _ => rec.chunks.concat().into(),
+        };
+        let mut req = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        req
+        Some(req)
     }
 }
 
@@ -154,13 +230,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_bodies_are_kept_and_large_ones_are_not() {
-        let small = Request::post("/").body(Full::new(Bytes::from("hello")).map_err(|n| match n {}).boxed());
-        let kept = Replayable::keep(small.unwrap(), 16).await.unwrap().ok().unwrap();
-        let again = kept.request().into_body().collect().await.unwrap().to_bytes();
+    async fn bodies_are_recorded_while_they_stream_up_to_the_limit() {
+        let body = |b: &'static str| Full::new(Bytes::from(b)).map_err(|n| match n {}).boxed();
+        let (first, replay) = Replay::start(Request::post("/").body(body("hello")).unwrap(), 16);
+        assert!(replay.request().is_none(), "nothing is replayable before the first attempt sent it");
+        first.into_body().collect().await.unwrap();
+        let again = replay.request().unwrap().into_body().collect().await.unwrap().to_bytes();
         assert_eq!(again, "hello");
-        let large =
-            Request::post("/").body(Full::new(Bytes::from(vec![0; 64])).map_err(|n| match n {}).boxed());
-        assert!(Replayable::keep(large.unwrap(), 16).await.unwrap().is_err());
+        let long = "x".repeat(64).leak();
+        let (first, replay) = Replay::start(Request::post("/").body(body(long)).unwrap(), 16);
+        first.into_body().collect().await.unwrap();
+        assert!(replay.request().is_none(), "larger than the limit");
+        // A body of unknown length (a stream) that fits is replayable once it ended.
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, super::super::BoxError>(http_body::Frame::data(Bytes::from("ab"))),
+            Ok(http_body::Frame::data(Bytes::from("cd"))),
+        ]);
+        let streamed = http_body_util::StreamBody::new(frames).boxed();
+        let (first, replay) = Replay::start(Request::post("/").body(streamed).unwrap(), 16);
+        first.into_body().collect().await.unwrap();
+        assert_eq!(replay.request().unwrap().into_body().collect().await.unwrap().to_bytes(), "abcd");
     }
 }

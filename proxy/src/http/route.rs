@@ -16,7 +16,7 @@ use weft_api::v1::{EndpointSet, RouteSet, Rule};
 use super::{
     deadline, headers,
     proxy::{HttpProxy, Routed},
-    retry::{self, Budget, Replayable},
+    retry::{self, Budget, Replay},
     Body,
 };
 use crate::{
@@ -196,18 +196,12 @@ impl HttpProxy {
         let (Some(retry), Some(rule)) = (retry, rule) else {
             return self.attempt(req, &plan.dest, is_upgrade, None, deadline, &mut Vec::new()).await;
         };
-        let req = match Replayable::keep(req, u64::from(retry.max_body_bytes)).await? {
-            Ok(kept) => kept,
-            // A streaming or large body cannot be sent twice.
-            Err(req) => {
-                return self.attempt(req, &plan.dest, is_upgrade, per_try, deadline, &mut Vec::new()).await
-            }
-        };
+        let (first, replay) = Replay::start(req, u64::from(retry.max_body_bytes));
         let budget = self.budgets.of(&rule.name);
         budget.deposit();
-        let (mut n, mut tried) = (1, Vec::new());
+        let (mut n, mut tried, mut req) = (1, Vec::new(), first);
         loop {
-            let result = self.attempt(req.request(), &plan.dest, false, per_try, deadline, &mut tried).await;
+            let result = self.attempt(req, &plan.dest, false, per_try, deadline, &mut tried).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
                 Err(e) => retry::retryable_error(e),
@@ -219,8 +213,11 @@ impl HttpProxy {
                 self.metrics.retry_budget_exhausted(&rule.name);
                 return with_attempts(result, n);
             }
+            // A body still streaming, or larger than the limit, cannot be sent again.
+            let Some(again) = replay.request() else { return with_attempts(result, n) };
             self.metrics.retried(&rule.name);
             tokio::time::sleep(retry::backoff(retry, n)).await;
+            req = again;
             n += 1;
         }
     }
