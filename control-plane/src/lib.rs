@@ -10,5 +10,6 @@ pub mod mesh;
 pub mod routes;
 pub mod server;
 pub mod source;
+pub mod stat;
 pub mod up;
 pub mod watch;

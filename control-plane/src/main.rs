@@ -4,7 +4,7 @@
 //! from a mesh file.
 #![forbid(unsafe_code)]
 
-use weft_control::{example_app, up};
+use weft_control::{example_app, stat, up};
 
 use std::{path::PathBuf, time::Duration};
 
@@ -54,6 +54,19 @@ enum Cmd {
         /// Have every sidecar write an access log line per request.
         #[arg(long)]
         access_log: bool,
+    },
+    /// Per-workload success rate, requests per second, latency and connections of the
+    /// local mesh that `weft up` runs, from its sidecars' metrics.
+    Stat {
+        /// The state file of the running mesh.
+        #[arg(long, default_value = ".weft/up.json")]
+        state_file: PathBuf,
+        /// Seconds each measurement spans.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Refresh the table until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
     },
     /// The demo's apps (run by `weft up examples/demo.yaml`).
     ExampleApp {
@@ -114,6 +127,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up { file, state_file, seconds, access_log } => {
             up::run(up::Options { file, state_file, duration: seconds.map(Duration::from_secs), access_log })
                 .await
+        }
+        Cmd::Stat { state_file, interval, watch } => {
+            if !(0.1..=3600.0).contains(&interval) {
+                anyhow::bail!("--interval must be between 0.1 and 3600 seconds");
+            }
+            stat::run(&state_file, Duration::from_secs_f64(interval), watch).await
         }
         Cmd::ExampleApp { app } => {
             let app = match app {

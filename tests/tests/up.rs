@@ -145,6 +145,22 @@ fn the_demo_mesh_runs_meshed_traffic_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // `weft stat` reads the running mesh: the frontend serves the load at 100 % success.
+    let stat = weft_e2e::run(
+        Command::new(bin("weft")).args(["stat", "--interval", "1", "--state-file"]).arg(dir.join("up.json")),
+    );
+    let table = String::from_utf8_lossy(&stat.stdout);
+    assert!(stat.status.success(), "{table}{}", String::from_utf8_lossy(&stat.stderr));
+    let frontend: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("frontend "))
+        .expect("a frontend row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(frontend[1], "100.00%", "{table}");
+    assert!(frontend[2].parse::<f64>().unwrap() >= 5.0, "{table}");
+    assert!(table.lines().any(|l| l.starts_with("numbers ")), "{table}");
+
     // A second mesh on the same state file is refused while this one runs.
     let second = weft_e2e::run(
         Command::new(bin("weft"))
