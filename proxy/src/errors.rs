@@ -80,6 +80,13 @@ impl Cause {
         }
     }
 
+    /// Whether the endpoint a request went to is to blame: a failure another endpoint
+    /// (a retry) might not have, and that counts towards ejecting it. Not having a
+    /// certificate, a bad request, or the route's own fault injection are not.
+    pub fn blames_endpoint(self) -> bool {
+        !matches!(self, Cause::NoIdentity | Cause::BadRequest | Cause::FaultInjected)
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Cause::UpstreamRefused | Cause::UpstreamReset | Cause::ResolveFailed | Cause::LoopDetected => {

@@ -211,3 +211,40 @@ pub fn py_client(script: &str, target: &str, env: &[(&str, &str)]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sends `n` requests for `url` through the HTTP proxy at `via`, split over `clients`
+/// concurrent curls (each sequential, on one connection; `extra` curl arguments first),
+/// and counts what came back: `"status <code>"` per response, and the name of the test
+/// backend (`backend::http`) that answered each.
+pub fn tally(
+    via: SocketAddr,
+    clients: usize,
+    n: usize,
+    url: &str,
+    extra: &[&str],
+) -> std::collections::BTreeMap<String, usize> {
+    let proxy = format!("http://{via}");
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (proxy, url) = (proxy.clone(), url.to_string());
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            std::thread::spawn(move || {
+                let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+                args.extend(["-x", proxy.as_str(), "-w", "\nstatus=%{http_code}\n"]);
+                args.extend(vec![url.as_str(); n / clients]);
+                curl(&args).1
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in threads {
+        let out = t.join().unwrap();
+        for part in out.split("\"backend\":\"").skip(1) {
+            *counts.entry(part.split('"').next().unwrap().to_string()).or_insert(0) += 1;
+        }
+        for line in out.lines().filter_map(|l| l.strip_prefix("status=")) {
+            *counts.entry(format!("status {line}")).or_insert(0) += 1;
+        }
+    }
+    counts
+}

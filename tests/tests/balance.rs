@@ -32,29 +32,11 @@ fn mesh(endpoints: &[(SocketAddr, u32)], balancer: &str) -> String {
 /// Sends `per_client` sequential requests from each of `clients` concurrent curls
 /// through `web` to `api:80`; returns how many each backend answered.
 fn spread(web: &Proxy, clients: usize, per_client: usize) -> BTreeMap<String, usize> {
-    let proxy = format!("http://{}", web.outbound);
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let proxy = proxy.clone();
-            std::thread::spawn(move || {
-                let urls = vec!["http://api:80/"; per_client];
-                let mut args = vec!["-x", proxy.as_str()];
-                args.extend(urls);
-                let (code, body, err) = curl(&args);
-                assert_eq!(code, 200, "{err}");
-                body
-            })
-        })
-        .collect();
-    let mut counts = BTreeMap::new();
-    for t in threads {
-        let body = t.join().unwrap();
-        for part in body.split("\"backend\":\"").skip(1) {
-            let name = part.split('"').next().unwrap().to_string();
-            *counts.entry(name).or_insert(0) += 1;
-        }
-    }
-    assert_eq!(counts.values().sum::<usize>(), clients * per_client, "{counts:?}");
+    let n = clients * per_client;
+    let mut counts = weft_e2e::tally(web.outbound, clients, n, "http://api:80/", &[]);
+    // Every request answered 200; what remains is the count per backend.
+    assert_eq!(counts.remove("status 200"), Some(n), "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
     counts
 }
 

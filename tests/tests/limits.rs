@@ -32,12 +32,9 @@ policies:
     let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
     let (web, admin) = (control.sidecar("web", &[]), control.sidecar("admin", &[]));
     let burst = |proxy: &weft_e2e::Proxy, n: usize| -> (usize, usize) {
-        let via = format!("http://{}", proxy.outbound);
-        let mut args = vec!["-x", via.as_str(), "-w", "\nstatus=%{http_code}\n"];
-        args.extend(vec!["http://api:80/"; n]);
-        let (_, out, _) = curl(&args);
-        let count = |s: &str| out.lines().filter(|l| *l == format!("status={s}")).count();
-        (count("200"), count("429"))
+        let counts = weft_e2e::tally(proxy.outbound, 1, n, "http://api:80/", &[]);
+        let count = |s: &str| counts.get(s).copied().unwrap_or(0);
+        (count("status 200"), count("status 429"))
     };
     // web alone may not take the port: its share is 5 a second of the burst of 10 (a
     // slow run may see one more token come back).

@@ -36,34 +36,8 @@ routes:
     )
 }
 
-/// `n` requests to `url` through `web` from `clients` concurrent curls (extra curl
-/// arguments first); returns the count per backend name and per status.
 fn send(web: &Proxy, clients: usize, n: usize, url: &str, extra: &[&str]) -> BTreeMap<String, usize> {
-    let proxy = format!("http://{}", web.outbound);
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (proxy, url) = (proxy.clone(), url.to_string());
-            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-            std::thread::spawn(move || {
-                let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
-                args.extend(["-x", proxy.as_str(), "-w", "\nstatus=%{http_code}\n"]);
-                let urls = vec![url.as_str(); n / clients];
-                args.extend(urls);
-                curl(&args).1
-            })
-        })
-        .collect();
-    let mut counts = BTreeMap::new();
-    for t in threads {
-        let out = t.join().unwrap();
-        for part in out.split("\"backend\":\"").skip(1) {
-            *counts.entry(part.split('"').next().unwrap().to_string()).or_insert(0) += 1;
-        }
-        for line in out.lines().filter_map(|l| l.strip_prefix("status=")) {
-            *counts.entry(format!("status {line}")).or_insert(0) += 1;
-        }
-    }
-    counts
+    weft_e2e::tally(web.outbound, clients, n, url, extra)
 }
 
 #[test]

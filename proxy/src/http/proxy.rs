@@ -291,7 +291,7 @@ impl HttpProxy {
         // Outlier detection: 5xx and failures to get a response count against the endpoint.
         let ok = match &result {
             Ok(rsp) => !rsp.status().is_server_error(),
-            Err(e) => matches!(e.cause, Cause::NoIdentity | Cause::BadRequest),
+            Err(e) => !e.cause.blames_endpoint(),
         };
         let event = self
             .balancers

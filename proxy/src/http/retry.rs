@@ -20,7 +20,6 @@ pub use tower::retry::budget::{Budget, TpsBudget};
 use weft_api::v1::Retry;
 
 use super::Body;
-use crate::errors::{Cause, CauseError};
 
 /// How many attempts a response says were made.
 pub const ATTEMPTS_HEADER: &str = "weft-attempts";
@@ -156,12 +155,6 @@ pub fn retryable(retry: &Retry, rsp: &Response<Body>) -> bool {
     }
     let code = rsp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
     code.is_some_and(|c| retry.grpc_codes.contains(&c))
-}
-
-/// Whether a failure to get a response may be retried: anything but having no identity
-/// (no endpoint can fix that).
-pub fn retryable_error(e: &CauseError) -> bool {
-    !matches!(e.cause, Cause::NoIdentity | Cause::BadRequest | Cause::FaultInjected)
 }
 
 /// Backoff before retry `n` (1 for the first): `base × 2^(n-1)`, capped, with full jitter.

@@ -204,7 +204,7 @@ impl HttpProxy {
             let result = self.attempt(req, &plan.dest, false, per_try, deadline, &mut tried).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
-                Err(e) => retry::retryable_error(e),
+                Err(e) => e.cause.blames_endpoint(),
             };
             if !again || n >= retry.attempts {
                 return with_attempts(result, n);
