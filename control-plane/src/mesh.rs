@@ -366,5 +366,16 @@ policies:
         assert!(e.contains("policies[0]") && e.contains("SPIFFE"), "{e}");
         let e = err(&GOOD.replace("address: 127.0.0.1:9002", "address: nowhere"));
         assert!(e.contains("line"), "{e}");
+        let e = err(&GOOD.replace(
+            "    mode: permissive\n",
+            "    mode: permissive\n    rateLimit: {requestsPerSecond: 0}\n",
+        ));
+        assert!(e.contains("policies[0]") && e.contains("requestsPerSecond"), "{e}");
+        let e =
+            err(&GOOD
+                .replace("    port: 8080\n", "    port: 8080\n    outlierDetection: {ejectionTime: soon}\n"));
+        assert!(e.contains("outlierDetection.ejectionTime") && e.contains("300ms"), "{e}");
+        let e = err(&GOOD.replace("    port: 8080\n", "    port: 8080\n    balancer: random\n"));
+        assert!(e.contains("balancer") && e.contains("peak-ewma"), "{e}");
     }
 }
