@@ -54,9 +54,10 @@ pub async fn run(app: App) -> anyhow::Result<()> {
         App::Frontend { calls } => {
             let client = Arc::new(Client::from_env()?);
             let calls = Arc::new(calls);
-            serve(move |_req| {
+            serve(move |req: Request<Incoming>| {
                 let (client, calls, name) = (client.clone(), calls.clone(), name.clone());
-                async move { frontend(&client, &calls, &name).await }
+                let trace = trace_headers(req.headers());
+                async move { frontend(&client, &calls, &name, &trace).await }
             })
             .await
         }
@@ -64,10 +65,30 @@ pub async fn run(app: App) -> anyhow::Result<()> {
     }
 }
 
-async fn frontend(client: &Client, calls: &[String], name: &str) -> (StatusCode, Bytes) {
+/// The trace context of a request, which an app passes on to the calls it makes for
+/// that request (what an OpenTelemetry or Zipkin library does), so the mesh's spans of
+/// both hops join one trace.
+fn trace_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    const NAMES: [&str; 7] =
+        ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"];
+    let mut out = http::HeaderMap::new();
+    for name in NAMES {
+        if let Some(v) = headers.get(name) {
+            out.insert(name, v.clone());
+        }
+    }
+    out
+}
+
+async fn frontend(
+    client: &Client,
+    calls: &[String],
+    name: &str,
+    trace: &http::HeaderMap,
+) -> (StatusCode, Bytes) {
     let mut body = format!("{name}: calling {} backends\n", calls.len());
     for url in calls {
-        match client.get(url).await {
+        match client.request(http::Method::GET, url, trace, Bytes::new()).await {
             Ok(r) if r.status == 200 => body.push_str(&r.body),
             Ok(r) => {
                 let msg = format!("{name}: {url} answered {}: {}\n", r.status, r.body.trim());

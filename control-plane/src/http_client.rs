@@ -49,16 +49,28 @@ impl Client {
     }
 
     pub async fn get(&self, url: &str) -> anyhow::Result<Reply> {
-        self.request(Method::GET, url, Bytes::new()).await
+        self.request(Method::GET, url, &http::HeaderMap::new(), Bytes::new()).await
     }
 
-    pub async fn request(&self, method: Method, url: &str, body: Bytes) -> anyhow::Result<Reply> {
-        tokio::time::timeout(TIMEOUT, self.send(method, url, body))
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> anyhow::Result<Reply> {
+        tokio::time::timeout(TIMEOUT, self.send(method, url, headers, body))
             .await
             .map_err(|_| anyhow!("{url}: no answer within {TIMEOUT:?}"))?
     }
 
-    async fn send(&self, method: Method, url: &str, body: Bytes) -> anyhow::Result<Reply> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> anyhow::Result<Reply> {
         let uri: Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
         let authority = uri.authority().ok_or_else(|| anyhow!("{url:?} names no host"))?.clone();
         let addr = match self.proxy {
@@ -73,11 +85,12 @@ impl Client {
             Some(_) => uri.clone(),
             None => uri.path_and_query().map_or("/", |p| p.as_str()).parse()?,
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(target)
             .header(header::HOST, authority.as_str())
             .body(Full::new(body))?;
+        req.headers_mut().extend(headers.clone());
         let mut sender = match self.checkout(addr) {
             Some(s) => s,
             None => connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?,

@@ -54,7 +54,8 @@ fn parse(text: &str) -> Sample {
             let le =
                 label("le").map(|v| if v == "+Inf" { f64::INFINITY } else { v.parse().unwrap_or(f64::NAN) });
             if let Some(le) = le.filter(|v| !v.is_nan()) {
-                buckets.insert(le.to_bits(), (le, value));
+                // Summed over the series' other labels (status class, route, peer).
+                buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += value;
             }
         } else if series.starts_with("weft_tcp_open_connections{") {
             s.tcp_open += value;

@@ -392,7 +392,12 @@ async fn stop(parts: &mut [Part], state: &State) {
     let client = Client::direct();
     for w in &state.workloads {
         let _ = client
-            .request(http::Method::POST, &format!("http://{}/shutdown", w.admin), Default::default())
+            .request(
+                http::Method::POST,
+                &format!("http://{}/shutdown", w.admin),
+                &Default::default(),
+                Default::default(),
+            )
             .await;
     }
     wait_exit(parts.iter_mut().filter(|p| is_proxy(p)), Duration::from_secs(10)).await;

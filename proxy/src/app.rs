@@ -51,6 +51,20 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let policies = cfg.control.as_ref().map(crate::policy::Policies::new).transpose()?.map(Arc::new);
     let routes = cfg.control.as_ref().map(crate::routes::Routes::new).transpose()?.map(Arc::new);
     let budgets = Arc::new(crate::http::retry::Budgets::default());
+    let (tracer, flush_spans) = match &cfg.tracing {
+        None => (None, None),
+        Some(t) => {
+            let (tracer, queue) = crate::trace::Tracer::new(t.sampler, t.max_queue, metrics.clone());
+            let (flush, flushed) = tokio::sync::oneshot::channel();
+            tokio::spawn(crate::trace::export::run(t.clone(), queue, flushed, metrics.clone()));
+            tracing::info!(endpoint = %t.endpoint, protocol = ?t.protocol, "exporting spans over OTLP");
+            (Some(tracer), Some(flush))
+        }
+    };
+    let workload = crate::http::observe::workload_header(&cfg.workload);
+    if workload.is_none() {
+        tracing::warn!(workload = cfg.workload, "not a valid workload name; peers will not learn it");
+    }
     let in_flight = Arc::new(crate::limits::InFlight::default());
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
@@ -79,6 +93,8 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             routes: routes.clone(),
             budgets: budgets.clone(),
             in_flight: in_flight.clone(),
+            tracer: tracer.clone(),
+            workload: workload.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -122,6 +138,13 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     } else {
         tracing::warn!("grace period of {:?} ended with work in flight; exiting", cfg.drain_grace);
     }
+    if let Some(flush) = flush_spans {
+        // Spans of the last requests: one more export, bounded like any other.
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if flush.send(done).is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await;
+        }
+    }
     // Returning ends the process, and with it the shard threads.
     Ok(())
 }
@@ -137,6 +160,8 @@ struct Shard {
     routes: Option<Arc<crate::routes::Routes>>,
     budgets: Arc<crate::http::retry::Budgets>,
     in_flight: Arc<crate::limits::InFlight>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
+    workload: Option<http::HeaderValue>,
 }
 
 impl Shard {
@@ -208,6 +233,8 @@ impl Shard {
             },
             budgets: self.budgets.clone(),
             in_flight: self.in_flight.clone(),
+            tracer: self.tracer.clone(),
+            workload: self.workload.clone(),
         }))
     }
 }

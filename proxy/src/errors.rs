@@ -154,6 +154,10 @@ impl CauseError {
         self
     }
 
+    pub fn status_code(&self) -> StatusCode {
+        self.status.unwrap_or(self.cause.status())
+    }
+
     /// The response the client gets.
     pub fn respond(&self) -> Response<Body> {
         let mut rsp = respond(self.cause, &self.message);

@@ -31,3 +31,4 @@ pub mod resolve;
 pub mod routes;
 pub mod tcp;
 pub mod tls;
+pub mod trace;

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the proxy, served on the admin port.
 //!
-//! Labels stay bounded: direction, status code, the `weft-error` cause word and the
-//! detection outcome. No paths, addresses or ids become labels.
+//! Labels stay bounded: direction, status code and class, the `weft-error` cause word,
+//! the route rule (bounded by the mesh file), the peer's workload and SPIFFE ID (bounded
+//! by the mesh's workloads), the detection outcome. No paths, addresses or request ids
+//! become labels.
 
 use std::sync::Arc;
 
@@ -39,8 +41,40 @@ struct RequestLabels {
     /// `http1` or `h2`, as the client spoke it.
     protocol: &'static str,
     status: u16,
+    /// `2xx` … `5xx`.
+    status_class: &'static str,
     /// The `weft-error` cause when the proxy made the response; empty otherwise.
     cause: &'static str,
+    route: String,
+    peer_workload: String,
+    peer_identity: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: &'static str,
+    status_class: &'static str,
+    route: String,
+    peer_workload: String,
+    peer_identity: String,
+}
+
+/// Who a request went to (outbound) or came from (inbound), and by which route rule.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Peer<'a> {
+    pub route: Option<&'a str>,
+    pub workload: Option<&'a str>,
+    pub identity: Option<&'a str>,
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -58,7 +92,7 @@ struct CauseLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    request_duration: Family<DirLabels, Histogram>,
+    request_duration: Family<LatencyLabels, Histogram>,
     detect: Family<DetectLabels, Counter>,
     tcp_open: Family<DirLabels, Gauge>,
     tcp_accepted: Family<DirLabels, Counter>,
@@ -73,6 +107,9 @@ pub struct Metrics {
     retry_budget_exhausted: Family<RouteLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     restored: Family<ServiceLabels, Counter>,
+    spans_exported: Counter,
+    spans_dropped: Counter,
+    span_export_failures: Counter,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -196,7 +233,28 @@ impl Metrics {
             "Ejected endpoints brought back by a successful probe",
             restored.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans accepted by the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            spans_dropped.clone(),
+        );
+        let span_export_failures = Counter::default();
+        registry.register(
+            "trace_export_failures",
+            "Span batches the OTLP collector did not accept (unreachable, refused or too slow)",
+            span_export_failures.clone(),
+        );
         Arc::new(Metrics {
+            spans_exported,
+            spans_dropped,
+            span_export_failures,
             ejections,
             restored,
             retries,
@@ -246,13 +304,44 @@ impl Metrics {
         protocol: &'static str,
         status: u16,
         cause: Option<Cause>,
+        peer: Peer<'_>,
         secs: f64,
     ) {
         let cause = cause.map(Cause::as_str).unwrap_or("");
+        let own = |s: Option<&str>| s.unwrap_or_default().to_string();
+        let latency = LatencyLabels {
+            direction: dir.as_str(),
+            status_class: status_class(status),
+            route: own(peer.route),
+            peer_workload: own(peer.workload),
+            peer_identity: own(peer.identity),
+        };
+        self.request_duration.get_or_create(&latency).observe(secs);
+        let LatencyLabels { direction, status_class, route, peer_workload, peer_identity } = latency;
         self.requests
-            .get_or_create(&RequestLabels { direction: dir.as_str(), protocol, status, cause })
+            .get_or_create(&RequestLabels {
+                direction,
+                protocol,
+                status,
+                status_class,
+                cause,
+                route,
+                peer_workload,
+                peer_identity,
+            })
             .inc();
-        self.request_duration.get_or_create(&DirLabels { direction: dir.as_str() }).observe(secs);
+    }
+
+    pub fn spans_exported(&self, n: u64) {
+        self.spans_exported.inc_by(n);
+    }
+
+    pub fn span_dropped(&self, n: u64) {
+        self.spans_dropped.inc_by(n);
+    }
+
+    pub fn span_export_failed(&self) {
+        self.span_export_failures.inc();
     }
 
     pub fn detected(&self, dir: Direction, outcome: Outcome) {
@@ -314,15 +403,16 @@ mod tests {
     #[test]
     fn text_exposition_has_labels() {
         let m = Metrics::new();
-        m.response(Direction::Inbound, "http1", 502, Some(Cause::UpstreamRefused), 0.001);
+        let peer = Peer { route: None, workload: Some("frontend"), identity: Some("spiffe://t/ns/a/sa/f") };
+        m.response(Direction::Inbound, "http1", 502, Some(Cause::UpstreamRefused), peer, 0.001);
         m.detected(Direction::Outbound, Outcome::Silent);
         {
             let _c = m.conn_open(Direction::Inbound);
         }
         let text = m.encode();
         assert!(text.contains(
-            r#"weft_requests_total{direction="inbound",protocol="http1",status="502",cause="upstream-refused"} 1"#
-        ));
+            r#"weft_requests_total{direction="inbound",protocol="http1",status="502",status_class="5xx",cause="upstream-refused",route="",peer_workload="frontend",peer_identity="spiffe://t/ns/a/sa/f"} 1"#
+        ), "{text}");
         assert!(text.contains(r#"weft_detect_total{direction="outbound",outcome="silent"} 1"#), "{text}");
         assert!(text.contains(r#"weft_tcp_open_connections{direction="inbound"} 0"#), "{text}");
         assert!(text.contains("weft_request_duration_seconds_bucket"), "{text}");

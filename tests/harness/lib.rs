@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod control;
 pub mod netns;
+pub mod otlp;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -95,7 +96,7 @@ impl Proxy {
         http_get(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
     }
 
-    /// The value of one metric line (exact name and labels as exposed), 0 when absent.
+    /// The sum of the series that `series` selects (see [`metric_value`]), 0 when absent.
     pub fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics(), series)
     }
@@ -111,11 +112,31 @@ impl Drop for Proxy {
     }
 }
 
+/// The sum of every series named as in `series` whose labels include all the labels
+/// `series` gives (`name{a="x"}` sums over the other labels, as PromQL's `sum` would);
+/// 0 when none matches.
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    let (name, want) = split_series(series);
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            let (n, labels) = split_series(s);
+            n == name && want.iter().all(|w| labels.contains(w))
+        })
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// `name{a="x",b="y"}` → (`name`, [`a="x"`, `b="y"`]). Label values here never hold `",`.
+fn split_series(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        None => (s, vec![]),
+        Some((name, rest)) => {
+            let inner = rest.trim_end_matches('}');
+            (name, inner.split("\",").map(|l| l.trim_end_matches('"')).filter(|l| !l.is_empty()).collect())
+        }
+    }
 }
 
 /// A minimal blocking HTTP/1.0 GET for admin endpoints: (status, body).

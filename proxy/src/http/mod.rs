@@ -5,6 +5,7 @@
 pub mod client;
 pub mod deadline;
 pub mod headers;
+pub mod observe;
 pub mod proxy;
 pub mod retry;
 pub mod route;

@@ -19,13 +19,21 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use super::{client::Client, headers, retry::Budgets, route::Plan, upgrade, Body};
+use super::{
+    client::Client,
+    headers,
+    observe::{self, Exchange},
+    retry::Budgets,
+    route::Plan,
+    upgrade, Body,
+};
 use crate::{
     balance::{Attempt, Balancer},
     errors::{Cause, CauseError},
-    metrics::{Direction, Metrics},
+    metrics::{Direction, Metrics, Peer},
     resolve::Resolver,
     tcp::MeshPeer,
+    trace::Tracer,
 };
 
 /// What a connection knows before its first request.
@@ -116,6 +124,10 @@ pub struct HttpProxy {
     pub budgets: Arc<Budgets>,
     /// Outbound: requests in flight per service, shared by all shards.
     pub in_flight: Arc<crate::limits::InFlight>,
+    /// Span recording and export; `None` when tracing is off.
+    pub tracer: Option<Arc<Tracer>>,
+    /// This proxy's workload, as told to mesh peers in `weft-peer-workload`.
+    pub workload: Option<HeaderValue>,
 }
 
 impl HttpProxy {
@@ -130,7 +142,15 @@ impl HttpProxy {
         // Cheap clones (shared bytes) kept for the log line, formatted only if one is written.
         let (method, uri, host) =
             (req.method().clone(), req.uri().clone(), req.headers().get(header::HOST).cloned());
-        let req = req.map(|b| b.map_err(Into::into).boxed());
+        let mut req = req.map(|b| b.map_err(Into::into).boxed());
+        let tracer = self.tracer.as_deref();
+        let mut ex = Exchange::begin(tracer, self.dir, &mut req);
+        if self.dir == Direction::Inbound {
+            ex.learn_peer(req.headers_mut(), conn.peer_identity.as_deref());
+            if let Some(span) = ex.traced.as_mut().and_then(|t| t.span_mut()) {
+                span.set("client.address", conn.client.ip().to_string());
+            }
+        }
 
         let result =
             match conn.policy.as_deref().map(|p| crate::policy::check(p, conn.peer_identity.as_deref())) {
@@ -144,10 +164,10 @@ impl HttpProxy {
                 }
                 _ => match self.rate_limited(&conn) {
                     Some(e) => Err(e),
-                    None => self.forward(req, &conn).await,
+                    None => self.forward(req, &conn, &mut ex).await,
                 },
             };
-        let (rsp, cause) = match result {
+        let (mut rsp, cause) = match result {
             Ok(rsp) => (rsp, None),
             Err(e) => {
                 let (authority, path) = log_target(&uri, host.as_ref());
@@ -158,8 +178,19 @@ impl HttpProxy {
                 (e.respond(), Some(e.cause))
             }
         };
+        if let (Direction::Inbound, Some(_), Some(w)) = (self.dir, &conn.peer_identity, &self.workload) {
+            rsp.headers_mut().insert(observe::PEER_WORKLOAD, w.clone());
+        }
         let elapsed = start.elapsed();
-        self.metrics.response(self.dir, conn.protocol, rsp.status().as_u16(), cause, elapsed.as_secs_f64());
+        let status = rsp.status().as_u16();
+        let peer = Peer {
+            route: ex.route.as_deref(),
+            workload: ex.peer_workload.as_deref(),
+            identity: ex.peer_identity.as_deref(),
+        };
+        self.metrics.response(self.dir, conn.protocol, status, cause, peer, elapsed.as_secs_f64());
+        let trace_id = if self.access_log { ex.trace_id() } else { None };
+        ex.finish(tracer, status, cause, rsp.headers());
         if self.access_log {
             let (authority, path) = log_target(&uri, host.as_ref());
             let bytes =
@@ -169,6 +200,7 @@ impl HttpProxy {
                 direction = self.dir.as_str(), client = %conn.client, %method, authority, path,
                 status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
                 bytes, cause = cause.map(Cause::as_str).unwrap_or("-"),
+                trace_id = trace_id.as_deref().unwrap_or("-"),
             );
         }
         guard.answered = true;
@@ -190,7 +222,12 @@ impl HttpProxy {
         Some(CauseError::new(Cause::RateLimited, msg))
     }
 
-    async fn forward(&self, mut req: Request<Body>, conn: &ConnCtx) -> Result<Response<Body>, CauseError> {
+    async fn forward(
+        &self,
+        mut req: Request<Body>,
+        conn: &ConnCtx,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, CauseError> {
         if headers::head_size(&req) > self.max_header_bytes {
             let msg = format!(
                 "request head is larger than {} bytes (WEFT_MAX_HEADER_BYTES)",
@@ -212,6 +249,7 @@ impl HttpProxy {
             return upgrade::tunnel(req, target, mesh, timeouts, dir, metrics).await;
         }
         if let Some(rule) = plan.rule() {
+            ex.route = Some(rule.name.clone());
             self.apply_rule(rule, &mut req).await?;
         }
         let is_upgrade = headers::wants_upgrade(&req) || is_connect;
@@ -220,7 +258,7 @@ impl HttpProxy {
 
         let asked =
             if is_upgrade { None } else { super::deadline::from_headers(req.headers(), Instant::now()) };
-        let mut rsp = self.attempts(req, &plan, is_upgrade, asked).await?;
+        let mut rsp = self.attempts(req, &plan, is_upgrade, asked, ex).await?;
 
         let switched =
             rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
@@ -251,12 +289,19 @@ impl HttpProxy {
         mut req: Request<Body>,
         (target, peer, balanced): Routed,
         is_upgrade: bool,
+        ex: &mut Exchange,
     ) -> Result<Response<Body>, CauseError> {
         let hop = match &peer {
             Some(identity) if !is_upgrade => Hop::Mesh(self.mesh_peer(identity, crate::tls::ALPN_HTTP)?),
             Some(identity) => Hop::MeshH1(self.mesh_peer(identity, crate::tls::ALPN_H1)?),
             None => self.hop(&req, target, is_upgrade),
         };
+        if matches!(hop, Hop::Mesh(_) | Hop::MeshH1(_)) {
+            match &self.workload {
+                Some(w) => req.headers_mut().insert(observe::PEER_WORKLOAD, w.clone()),
+                None => req.headers_mut().remove(observe::PEER_WORKLOAD),
+            };
+        }
         // Only the hop choice above reads it; it never travels further.
         req.headers_mut().remove(headers::ORIG_PROTO);
         let send: Attempt<'_> = Box::pin(async move {
@@ -282,7 +327,12 @@ impl HttpProxy {
                 }
             }
         });
-        let Some((authority, endpoint)) = balanced else { return send.await };
+        let Some((authority, endpoint)) = balanced else {
+            return send.await.map(|mut rsp| {
+                ex.learn_peer(rsp.headers_mut(), peer.as_deref());
+                rsp
+            });
+        };
         let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
             Some(b) => b.dispatch(&endpoint, send),
             None => send,
@@ -303,7 +353,10 @@ impl HttpProxy {
             tracing::info!(service = authority, endpoint = %endpoint.addr, "outlier detection: {event:?}");
             self.metrics.outlier(&authority, &event);
         }
-        result
+        result.map(|mut rsp| {
+            ex.learn_peer(rsp.headers_mut(), peer.as_deref());
+            rsp
+        })
     }
 
     /// The protocol of the next hop.

@@ -15,6 +15,7 @@ use weft_api::v1::{EndpointSet, RouteSet, Rule};
 
 use super::{
     deadline, headers,
+    observe::Exchange,
     proxy::{HttpProxy, Routed},
     retry::{self, Budget, Replay},
     Body,
@@ -151,6 +152,7 @@ impl HttpProxy {
         plan: &Plan,
         is_upgrade: bool,
         asked: Option<Instant>,
+        ex: &mut Exchange,
     ) -> Result<Response<Body>, CauseError> {
         let rule = plan.rule();
         let start = Instant::now();
@@ -168,7 +170,7 @@ impl HttpProxy {
             }
             _ => None,
         };
-        let all = self.with_retries(req, plan, is_upgrade, deadline);
+        let all = self.with_retries(req, plan, is_upgrade, deadline, ex);
         let Some(d) = deadline else { return all.await };
         tokio::time::timeout_at(d.into(), all).await.unwrap_or_else(|_| {
             let why = if deadline == rule_deadline {
@@ -187,6 +189,7 @@ impl HttpProxy {
         plan: &Plan,
         is_upgrade: bool,
         deadline: Option<Instant>,
+        ex: &mut Exchange,
     ) -> Result<Response<Body>, CauseError> {
         let rule = plan.rule();
         let retry = rule.and_then(|r| r.retry.as_ref()).filter(|r| {
@@ -194,14 +197,14 @@ impl HttpProxy {
         });
         let per_try = retry.map(|r| r.per_try_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
         let (Some(retry), Some(rule)) = (retry, rule) else {
-            return self.attempt(req, &plan.dest, is_upgrade, None, deadline, &mut Vec::new()).await;
+            return self.attempt(req, &plan.dest, is_upgrade, (None, deadline), &mut Vec::new(), ex, 1).await;
         };
         let (first, replay) = Replay::start(req, u64::from(retry.max_body_bytes));
         let budget = self.budgets.of(&rule.name);
         budget.deposit();
         let (mut n, mut tried, mut req) = (1, Vec::new(), first);
         loop {
-            let result = self.attempt(req, &plan.dest, false, per_try, deadline, &mut tried).await;
+            let result = self.attempt(req, &plan.dest, false, (per_try, deadline), &mut tried, ex, n).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
                 Err(e) => e.cause.blames_endpoint(),
@@ -222,17 +225,19 @@ impl HttpProxy {
         }
     }
 
-    /// One attempt: an endpoint (not one in `tried`, to which it is added), then the
-    /// send, within the per-attempt timeout; the next hop learns what is left of the
-    /// deadline.
+    /// Attempt `n`: an endpoint (not one in `tried`, to which it is added), then the
+    /// send, within the per-attempt timeout, in a client span of its own; the next hop
+    /// learns what is left of the deadline.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         mut req: Request<Body>,
         dest: &Dest,
         is_upgrade: bool,
-        per_try: Option<Duration>,
-        deadline: Option<Instant>,
+        (per_try, deadline): (Option<Duration>, Option<Instant>),
         tried: &mut Vec<Endpoint>,
+        ex: &mut Exchange,
+        n: u32,
     ) -> Result<Response<Body>, CauseError> {
         if let Some(d) = deadline {
             deadline::stamp(req.headers_mut(), d, Instant::now());
@@ -241,7 +246,25 @@ impl HttpProxy {
         if let Some((_, e)) = &routed.2 {
             tried.push(e.clone());
         }
-        let send = self.send_once(req, routed, is_upgrade);
+        let tracer = self.tracer.as_deref();
+        let span = ex.attempt(tracer, &mut req, routed.0, n);
+        let result = self.send_within(req, routed, is_upgrade, per_try, ex).await;
+        if let Some(span) = span {
+            let outcome = result.as_ref().map_err(|e| (e.status_code().as_u16(), e.cause));
+            ex.finish_attempt(tracer, span, outcome);
+        }
+        result
+    }
+
+    async fn send_within(
+        &self,
+        req: Request<Body>,
+        routed: Routed,
+        is_upgrade: bool,
+        per_try: Option<Duration>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, CauseError> {
+        let send = self.send_once(req, routed, is_upgrade, ex);
         match per_try {
             None => send.await,
             Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| {

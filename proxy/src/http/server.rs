@@ -118,5 +118,5 @@ where
         let _ = io.shutdown().await;
     }
     // hyper has already answered parse errors with its own 400/431.
-    metrics.response(dir, protocol, status, Some(cause), 0.0);
+    metrics.response(dir, protocol, status, Some(cause), Default::default(), 0.0);
 }

@@ -1,0 +1,270 @@
+//! Distributed tracing: trace context in and out of every request, and spans exported
+//! over OTLP.
+//!
+//! Per request, the HTTP path asks the [`Tracer`] for a span ([`Tracer::start`]), puts
+//! the span's context on the request it forwards ([`context::inject`]), and hands the
+//! finished span back ([`Tracer::finish`]). Finishing never waits: spans go into a
+//! bounded queue that [`export`] drains in batches on the proxy's main thread, and a
+//! full queue drops the span and counts it (`weft_trace_spans_dropped_total`).
+//! The span records are plain data; conversion to OTLP happens in the exporter.
+
+pub mod context;
+pub mod export;
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+
+pub use self::context::{B3Style, Incoming, SpanContext, SpanId, TraceId};
+use crate::{config::Sampler, metrics::Metrics};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Client,
+    Internal,
+}
+
+/// An attribute value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Static(&'static str),
+    Int(i64),
+}
+
+impl From<&'static str> for Value {
+    fn from(s: &'static str) -> Self {
+        Value::Static(s)
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Str(s)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+
+/// A span being recorded. Its context is what the next hop sees as its parent.
+#[derive(Debug)]
+pub struct Span {
+    pub ctx: SpanContext,
+    pub parent: Option<SpanId>,
+    pub kind: Kind,
+    pub name: String,
+    start: SystemTime,
+    started: Instant,
+    pub attributes: Vec<(&'static str, Value)>,
+    /// OpenTelemetry's span status: `Some(message)` is an error.
+    pub error: Option<String>,
+}
+
+impl Span {
+    pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
+        self.attributes.push((key, value.into()));
+    }
+}
+
+/// A finished span, as the exporter receives it.
+#[derive(Debug)]
+pub struct SpanData {
+    pub span: Span,
+    pub end: SystemTime,
+}
+
+/// Where a request stands in its trace: its sampled span, or the context to pass on
+/// unchanged when it is not sampled.
+#[derive(Debug)]
+pub enum Traced {
+    Recording(Span),
+    /// Not sampled: the caller's context goes on unsampled, in both formats; `None` when
+    /// the tracer is off and the request carried no context.
+    Passing(Option<SpanContext>),
+}
+
+impl Traced {
+    /// The context the next hop should see.
+    pub fn context(&self) -> Option<&SpanContext> {
+        match self {
+            Traced::Recording(s) => Some(&s.ctx),
+            Traced::Passing(c) => c.as_ref(),
+        }
+    }
+
+    pub fn trace_id(&self) -> Option<&TraceId> {
+        self.context().map(|c| &c.trace_id)
+    }
+
+    pub fn span_mut(&mut self) -> Option<&mut Span> {
+        match self {
+            Traced::Recording(s) => Some(s),
+            Traced::Passing(_) => None,
+        }
+    }
+}
+
+pub struct Tracer {
+    sampler: Sampler,
+    queue: mpsc::Sender<SpanData>,
+    metrics: Arc<Metrics>,
+}
+
+impl Tracer {
+    /// A tracer and the receiving end of its queue, for [`export::run`].
+    pub fn new(
+        sampler: Sampler,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::Receiver<SpanData>) {
+        let (queue, rx) = mpsc::channel(max_queue);
+        (Arc::new(Tracer { sampler, queue, metrics }), rx)
+    }
+
+    /// Starts a span under `parent`, or a new trace when there is none, if sampling says so.
+    pub fn start(
+        &self,
+        parent: Option<&SpanContext>,
+        deny: bool,
+        kind: Kind,
+        name: impl FnOnce() -> String,
+    ) -> Traced {
+        let trace_id = parent.map_or_else(new_trace_id, |p| p.trace_id);
+        let sampled = match parent {
+            Some(p) if self.sampler.parent_based => p.sampled,
+            None if deny && self.sampler.parent_based => false,
+            _ => ratio_sampled(self.sampler.ratio, &trace_id),
+        };
+        if !sampled {
+            // The decision travels on, so the next hops agree not to sample this trace.
+            let ctx = match parent {
+                Some(p) => SpanContext { sampled: false, ..p.clone() },
+                None => SpanContext { trace_id, span_id: new_span_id(), sampled: false, trace_state: None },
+            };
+            return Traced::Passing(Some(ctx));
+        }
+        Traced::Recording(Span {
+            ctx: SpanContext {
+                trace_id,
+                span_id: new_span_id(),
+                sampled: true,
+                trace_state: parent.and_then(|p| p.trace_state.clone()),
+            },
+            parent: parent.map(|p| p.span_id),
+            kind,
+            name: name(),
+            start: SystemTime::now(),
+            started: Instant::now(),
+            attributes: Vec::with_capacity(12),
+            error: None,
+        })
+    }
+
+    /// A child of `parent` (a span of this proxy), always recorded: its parent was.
+    pub fn child(&self, parent: &Span, kind: Kind, name: String) -> Span {
+        Span {
+            ctx: SpanContext { span_id: new_span_id(), ..parent.ctx.clone() },
+            parent: Some(parent.ctx.span_id),
+            kind,
+            name,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            attributes: Vec::with_capacity(12),
+            error: None,
+        }
+    }
+
+    /// Queues a finished span for export; drops it (counted) when the queue is full.
+    pub fn finish(&self, span: Span) {
+        let end = span.start + span.started.elapsed();
+        if self.queue.try_send(SpanData { span, end }).is_err() {
+            self.metrics.span_dropped(1);
+        }
+    }
+}
+
+fn new_trace_id() -> TraceId {
+    loop {
+        let id = fastrand::u128(..).to_be_bytes();
+        if id != [0; 16] {
+            return id;
+        }
+    }
+}
+
+fn new_span_id() -> SpanId {
+    loop {
+        let id = fastrand::u64(..).to_be_bytes();
+        if id != [0; 8] {
+            return id;
+        }
+    }
+}
+
+/// OpenTelemetry's TraceIdRatioBased rule: the trace id's low 8 bytes against the ratio,
+/// so every proxy on the path decides the same for the same trace.
+fn ratio_sampled(ratio: f64, trace_id: &TraceId) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bound = (ratio * (1u64 << 63) as f64) as u64;
+    let low = u64::from_be_bytes(trace_id[8..].try_into().expect("8 bytes")) >> 1;
+    low < bound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracer(ratio: f64, parent_based: bool) -> Arc<Tracer> {
+        Tracer::new(Sampler { ratio, parent_based }, 4, Metrics::new()).0
+    }
+
+    fn parent(sampled: bool) -> SpanContext {
+        SpanContext { trace_id: [7; 16], span_id: [9; 8], sampled, trace_state: None }
+    }
+
+    #[test]
+    fn parent_based_follows_the_caller() {
+        let t = tracer(0.0, true);
+        let Traced::Recording(s) = t.start(Some(&parent(true)), false, Kind::Server, String::new) else {
+            panic!("a sampled parent is followed")
+        };
+        assert_eq!((s.ctx.trace_id, s.parent), ([7; 16], Some([9; 8])));
+        assert_ne!(s.ctx.span_id, [9; 8]);
+        let passing = tracer(1.0, true).start(Some(&parent(false)), false, Kind::Server, String::new);
+        assert_eq!(passing.context(), Some(&parent(false)));
+        let denied = tracer(1.0, true).start(None, true, Kind::Server, String::new);
+        assert!(matches!(denied, Traced::Passing(Some(SpanContext { sampled: false, .. }))));
+    }
+
+    #[test]
+    fn ratio_samples_about_that_share_of_new_traces() {
+        let t = tracer(0.25, true);
+        let n = (0..4000)
+            .filter(|_| matches!(t.start(None, false, Kind::Server, String::new), Traced::Recording(_)))
+            .count();
+        assert!((800..1200).contains(&n), "{n} of 4000 sampled at 0.25");
+        assert!(ratio_sampled(0.5, &[0; 16]));
+        assert!(!ratio_sampled(0.5, &[0xff; 16]));
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let metrics = Metrics::new();
+        let (t, _rx) = Tracer::new(Sampler { ratio: 1.0, parent_based: true }, 2, metrics.clone());
+        for _ in 0..5 {
+            let Traced::Recording(s) = t.start(None, false, Kind::Server, || "GET".into()) else { panic!() };
+            t.finish(s);
+        }
+        assert!(metrics.encode().contains("weft_trace_spans_dropped_total 3"), "{}", metrics.encode());
+    }
+}
