@@ -33,6 +33,62 @@ pub struct Mesh {
     /// Outbound routing of services (see [`crate::routes`]).
     #[serde(default)]
     pub routes: Vec<crate::routes::Route>,
+    /// Where the sidecars (and apps) of a local mesh send spans; `weft up` passes it on
+    /// as the standard `OTEL_*` variables.
+    pub tracing: Option<Tracing>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Tracing {
+    /// The OTLP collector, `http://host:port`.
+    pub endpoint: String,
+    /// `grpc` (Jaeger's 4317) or `http/protobuf` (4318).
+    #[serde(default = "default_otlp_protocol")]
+    pub protocol: String,
+    /// Share of new traces sampled; a caller's decision is followed.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// A collector for `weft up` to run first and stop last (Jaeger all-in-one, say).
+    #[serde(default)]
+    pub collector: Vec<String>,
+}
+
+fn default_otlp_protocol() -> String {
+    "grpc".into()
+}
+
+fn default_sampling() -> f64 {
+    1.0
+}
+
+impl Tracing {
+    /// The `OTEL_*` settings of a workload named `service`.
+    pub fn env(&self, service: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", self.endpoint.clone()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", self.protocol.clone()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+            ("OTEL_TRACES_SAMPLER_ARG", self.sampling.to_string()),
+            ("OTEL_SERVICE_NAME", service.to_string()),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let uri: Option<http::Uri> = self.endpoint.parse().ok();
+        if !uri.is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
+            let msg = format!("{:?} is not an http:// URL like http://127.0.0.1:4317", self.endpoint);
+            return Err(("tracing.endpoint".into(), msg));
+        }
+        if !["grpc", "http/protobuf"].contains(&self.protocol.as_str()) {
+            let msg = format!("{:?}: expected grpc or http/protobuf", self.protocol);
+            return Err(("tracing.protocol".into(), msg));
+        }
+        if !(0.0..=1.0).contains(&self.sampling) {
+            return Err(("tracing.sampling".into(), format!("{}: expected 0 to 1", self.sampling)));
+        }
+        Ok(())
+    }
 }
 
 fn default_trust_domain() -> String {
@@ -260,6 +316,9 @@ impl Mesh {
                 return Err(invalid(path, "rateLimit.requestsPerSecond must be at least 1".into()));
             }
         }
+        if let Some(t) = &self.tracing {
+            t.validate().map_err(|(path, msg)| invalid(path, msg))?;
+        }
         crate::routes::validate(self).map_err(|(path, msg)| invalid(path, msg))
     }
 
@@ -342,6 +401,25 @@ policies:
 
     fn err(text: &str) -> String {
         Mesh::parse("mesh.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn tracing_settings_are_checked_and_become_otel_variables() {
+        let with = |t: &str| format!("{GOOD}\ntracing:\n{t}");
+        let m = Mesh::parse("mesh.yaml", &with("  endpoint: http://127.0.0.1:4317\n")).unwrap();
+        let env = m.tracing.unwrap().env("frontend");
+        assert!(env.contains(&("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317".into())), "{env:?}");
+        assert!(env.contains(&("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into())), "{env:?}");
+        assert!(env.contains(&("OTEL_TRACES_SAMPLER_ARG", "1".into())), "{env:?}");
+        assert!(env.contains(&("OTEL_SERVICE_NAME", "frontend".into())), "{env:?}");
+        let e = err(&with("  endpoint: 127.0.0.1:4317\n"));
+        assert!(e.contains("tracing.endpoint") && e.contains("http://"), "{e}");
+        let e = err(&with("  endpoint: http://c:4317\n  protocol: http/json\n"));
+        assert!(e.contains("tracing.protocol"), "{e}");
+        let e = err(&with("  endpoint: http://c:4317\n  sampling: 5\n"));
+        assert!(e.contains("tracing.sampling"), "{e}");
+        let e = err(&with("  endpont: http://c:4317\n"));
+        assert!(e.contains("endpont"), "{e}");
     }
 
     #[test]

@@ -108,6 +108,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let width = mesh.workloads.iter().map(|w| w.name.len() + 6).max().unwrap_or(7).max(7);
 
     let mut parts: Vec<Part> = Vec::new();
+    let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Some(t) = mesh.tracing.as_ref().filter(|t| !t.collector.is_empty()) {
+        let mut cmd = Command::new(&t.collector[0]);
+        cmd.args(&t.collector[1..]).env("PATH", prepend_path(&bin_dir));
+        parts.push(spawn("collector", cmd, width)?);
+        wait_listening("the trace collector", &t.endpoint, &mut parts).await?;
+    }
+    let otel = |name: &str| mesh.tracing.as_ref().map(|t| t.env(name)).unwrap_or_default();
     let mut control = Command::new(&exe);
     control
         .arg("control")
@@ -127,7 +135,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .env("WEFT_CONTROL_ADDR", state.control.grpc.to_string())
             .env("WEFT_IDENTITY", &w.identity)
             .env("WEFT_TOKEN_FILE", &tokens[&w.name])
-            .env("WEFT_ACCESS_LOG", if opts.access_log { "on" } else { "off" });
+            .env("WEFT_WORKLOAD", &w.name)
+            .env("WEFT_ACCESS_LOG", if opts.access_log { "on" } else { "off" })
+            .envs(otel(&w.name));
         parts.push(spawn(&format!("{}-proxy", w.name), cmd, width)?);
     }
     for w in &state.workloads {
@@ -135,7 +145,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     // Servers first, so the callers' first requests find them listening.
-    let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut apps: Vec<_> =
         mesh.workloads.iter().zip(&state.workloads).filter(|(w, _)| w.runs_app()).collect();
     apps.sort_by_key(|(w, _)| {
@@ -150,6 +159,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .env("PORT", addrs.app.port().to_string())
             .env("http_proxy", format!("http://{}", addrs.outbound))
             .env("HTTP_PROXY", format!("http://{}", addrs.outbound))
+            // An app with an OpenTelemetry SDK sends its spans where its sidecar does.
+            .envs(otel(&w.name))
             .envs(&w.env);
         parts.push(spawn(&w.name, cmd, width)?);
     }
@@ -310,6 +321,25 @@ async fn stream_lines(from: impl AsyncRead + Unpin, prefix: String) {
     }
 }
 
+/// Waits until something accepts TCP at `endpoint` (an http:// URL).
+async fn wait_listening(what: &str, endpoint: &str, parts: &mut [Part]) -> anyhow::Result<()> {
+    let uri: http::Uri = endpoint.parse()?;
+    let (host, port) = (uri.host().unwrap_or("127.0.0.1").to_string(), uri.port_u16().unwrap_or(80));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect((host.as_str(), port)).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(p) =
+            parts.iter_mut().find_map(|p| p.child.try_wait().ok().flatten().map(|s| (p.name.clone(), s)))
+        {
+            bail!("{} exited ({}) while {what} was starting; its log is above", p.0, p.1);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{what} does not accept connections at {endpoint} after 15 s; check tracing.collector and tracing.endpoint")
+}
+
 async fn wait_ready(what: &str, admin: SocketAddr, parts: &mut [Part]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let client = Client::direct();
@@ -347,6 +377,12 @@ fn print_summary(mesh: &Mesh, state: &State, state_file: &Path) {
         println!("  {:<14} {:<21} {:<21} {:<21} {:<21}", w.name, w.inbound, w.outbound, w.admin, app);
     }
     println!("\n  state file      {}", state_file.display());
+    if let Some(t) = &mesh.tracing {
+        println!(
+            "  traces          OTLP {} to {} (Jaeger's UI: http://127.0.0.1:16686)",
+            t.protocol, t.endpoint
+        );
+    }
     // A request a user can send: from a workload's sidecar to the first service.
     if let (Some(s), Some(from)) = (mesh.services.first(), state.workloads.last()) {
         println!("  try             curl -x http://{} http://{}:{}/", from.outbound, s.name, s.port);
@@ -384,11 +420,12 @@ async fn supervise(parts: &mut [Part], duration: Option<Duration>) -> anyhow::Re
 /// Apps first (SIGTERM), then the sidecars drain (admin /shutdown), then the control
 /// plane; anything still running after its grace period is killed.
 async fn stop(parts: &mut [Part], state: &State) {
-    let is_proxy = |p: &Part| p.name.ends_with("-proxy");
-    for p in parts.iter_mut().filter(|p| p.name != "control" && !is_proxy(p)) {
+    // The control plane and the collector go last: draining sidecars still send spans.
+    let is_app = |p: &Part| !p.name.ends_with("-proxy") && p.name != "control" && p.name != "collector";
+    for p in parts.iter_mut().filter(|p| is_app(p)) {
         terminate(p);
     }
-    wait_exit(parts.iter_mut().filter(|p| p.name != "control" && !is_proxy(p)), Duration::from_secs(5)).await;
+    wait_exit(parts.iter_mut().filter(|p| is_app(p)), Duration::from_secs(5)).await;
     let client = Client::direct();
     for w in &state.workloads {
         let _ = client
@@ -400,8 +437,8 @@ async fn stop(parts: &mut [Part], state: &State) {
             )
             .await;
     }
-    wait_exit(parts.iter_mut().filter(|p| is_proxy(p)), Duration::from_secs(10)).await;
-    for p in parts.iter_mut().filter(|p| p.name == "control") {
+    wait_exit(parts.iter_mut().filter(|p| p.name.ends_with("-proxy")), Duration::from_secs(10)).await;
+    for p in parts.iter_mut().filter(|p| p.name == "control" || p.name == "collector") {
         terminate(p);
     }
     wait_exit(parts.iter_mut(), Duration::from_secs(5)).await;

@@ -206,3 +206,62 @@ fn an_invalid_mesh_file_is_refused_with_its_line() {
     assert!(!dir.join("up.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tracing:` in the mesh file: `weft up` starts the collector it names (here a real OTLP
+/// receiver), points every sidecar at it, and stops it last, after the sidecars have sent
+/// their final spans. The demo's traces then show every hop: loadgen → frontend → words
+/// and numbers, one trace per request.
+#[test]
+fn the_demo_mesh_sends_its_traces_to_the_collector_of_the_mesh_file() {
+    let dir = std::env::temp_dir().join(format!("weft-up-traces-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let [grpc, http] = free_addrs::<2>();
+    let out = dir.join("spans.jsonl");
+    let tracing = format!(
+        "\ntracing:\n  endpoint: http://{grpc}\n  collector: [{}, {}, server, \"{}\", \"{}\", {}]\n",
+        weft_e2e::python().display(),
+        weft_e2e::py_script("otlp_receiver.py").display(),
+        grpc.port(),
+        http.port(),
+        out.display()
+    );
+    let mut up = Up::start(&(demo_mesh() + &tracing), &dir);
+    let state = up.state();
+    let via = format!("http://{}", addr(&workload(&state, "loadgen")["outbound"]));
+    for _ in 0..5 {
+        let (status, body, err) = curl(&["-x", &via, "http://frontend:8080/"]);
+        assert_eq!(status, 200, "{body}{err}");
+    }
+    let status = up.interrupt();
+    assert!(status.success(), "weft up exited with {status}:\n{}", up.output());
+    assert!(std::net::TcpStream::connect(grpc).is_err(), "the collector outlived the mesh");
+
+    let spans: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Group by trace: a request of the load generator is seen by five sidecars.
+    let mut traces: std::collections::HashMap<&str, Vec<&serde_json::Value>> = Default::default();
+    for s in &spans {
+        traces.entry(s["trace_id"].as_str().unwrap()).or_default().push(s);
+    }
+    let full = traces.values().find(|t| {
+        let services: std::collections::BTreeSet<&str> =
+            t.iter().map(|s| s["service"].as_str().unwrap()).collect();
+        ["loadgen", "frontend", "numbers"].iter().all(|n| services.contains(n))
+            && (services.contains("words-v1") || services.contains("words-v2"))
+    });
+    let full = full.unwrap_or_else(|| {
+        panic!("no trace crosses every workload; {} spans:\n{}", spans.len(), up.output())
+    });
+    // Every span but the root has its parent in the same trace.
+    let ids: std::collections::HashSet<&str> = full.iter().map(|s| s["span_id"].as_str().unwrap()).collect();
+    let orphans = full
+        .iter()
+        .filter(|s| s["parent_span_id"] != "" && !ids.contains(s["parent_span_id"].as_str().unwrap()));
+    assert_eq!(orphans.count(), 0, "{full:#?}");
+    assert_eq!(full.iter().filter(|s| s["parent_span_id"] == "").count(), 1, "{full:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,9 +65,24 @@ pub async fn run(
     let mut exporter = Exporter::new(&cfg);
     let mut batch = Vec::with_capacity(cfg.max_batch);
     let mut failing = false;
+    // When the oldest span of the batch must go, however full the batch is.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let done = tokio::select! {
-            n = rx.recv_many(&mut batch, cfg.max_batch) => n == 0,
+        let wait = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
+        let room = cfg.max_batch - batch.len();
+        tokio::select! {
+            n = rx.recv_many(&mut batch, room) => {
+                if n == 0 {
+                    // Every sender is gone: the proxy is stopping.
+                    export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
+                    return;
+                }
+                due = due.or_else(|| Some(tokio::time::Instant::now() + cfg.schedule_delay));
+                if batch.len() < cfg.max_batch {
+                    continue;
+                }
+            }
+            _ = wait, if due.is_some() => {}
             ack = &mut flush => {
                 while let Ok(s) = rx.try_recv() {
                     batch.push(s);
@@ -78,20 +93,8 @@ pub async fn run(
                 }
                 return;
             }
-        };
-        if done {
-            export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
-            return;
         }
-        // Wait for the batch to fill, up to the schedule delay.
-        let deadline = tokio::time::Instant::now() + cfg.schedule_delay;
-        while batch.len() < cfg.max_batch {
-            let want = cfg.max_batch - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, want)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        due = None;
         export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
     }
 }
