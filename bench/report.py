@@ -4,7 +4,7 @@ import statistics
 import sys
 
 runs = [json.loads(line) for line in open(sys.argv[1])]
-targets = [t for t in ["direct", "nginx", "weft1", "nginx2", "weft2", "mtls2", "spread2", "policy2"] if any(r["target"] == t for r in runs)]
+targets = [t for t in ["direct", "nginx", "weft1", "nginx2", "weft2", "mtls2", "spread2", "policy2", "traced2"] if any(r["target"] == t for r in runs)]
 idle = {r["target"]: r["rss_idle_kib"] for r in runs if r["kind"] == "idle"}
 
 
@@ -75,6 +75,8 @@ for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req"]:
     ratios[f"policy2/mtls2 {key}"] = ratio("policy2", "mtls2", key)
     ratios[f"spread2/mtls2 {key}"] = ratio("spread2", "mtls2", key)
     ratios[f"policy2/spread2 {key}"] = ratio("policy2", "spread2", key)
+for key in ["max_rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req"]:
+    ratios[f"traced2/mtls2 {key}"] = ratio("traced2", "mtls2", key)
 ratios["mtls2/weft2 conns_per_s"] = ratio("mtls2", "weft2", "conns_per_s")
 ratios["mtls2/weft2 cpu_us_per_conn"] = ratio("mtls2", "weft2", "cpu_us_per_conn")
 print()
@@ -91,11 +93,17 @@ checks = [
     ("policy2/mtls2 CPU per request <= 1.10", ["policy2", "mtls2"], lambda: ratios["policy2/mtls2 cpu_us_per_req"] <= 1.10),
     ("policy2/spread2 CPU per request <= 1.10 (route and retries alone)", ["policy2", "spread2"],
      lambda: ratios["policy2/spread2 cpu_us_per_req"] <= 1.10),
+    ("traced2/mtls2 throughput >= 0.90 (tracing costs <= 10 %)", ["traced2", "mtls2"],
+     lambda: ratios["traced2/mtls2 max_rps"] >= 0.90),
+    ("traced2/mtls2 CPU per request <= 1.15", ["traced2", "mtls2"], lambda: ratios["traced2/mtls2 cpu_us_per_req"] <= 1.15),
 ]
+spans = next((r for r in runs if r["kind"] == "spans"), None)
+if spans:
+    print(f"\ntraced2 spans: {spans['exported']} exported, {spans['dropped']} dropped")
 targets_met = {name: check() for name, needs, check in checks if all(t in summary for t in needs)}
 print()
 for k, v in targets_met.items():
     print(f"target {k:34} {'met' if v else 'NOT met'}")
-json.dump({"rate": rate, "summary": summary, "ratios": ratios, "targets": targets_met, "runs": runs},
+json.dump({"rate": rate, "spans": spans, "summary": summary, "ratios": ratios, "targets": targets_met, "runs": runs},
           open(sys.argv[2], "w"), indent=2)
 print(f"\nwrote {sys.argv[2]}")

@@ -54,7 +54,8 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let (tracer, flush_spans) = match &cfg.tracing {
         None => (None, None),
         Some(t) => {
-            let (tracer, queue) = crate::trace::Tracer::new(t.sampler, t.max_queue, metrics.clone());
+            let queue = crate::trace::Queue::new(t.max_queue, t.max_batch);
+            let tracer = crate::trace::Tracer::new(t.sampler, queue.clone(), metrics.clone());
             let (flush, flushed) = tokio::sync::oneshot::channel();
             tokio::spawn(crate::trace::export::run(t.clone(), queue, flushed, metrics.clone()));
             tracing::info!(endpoint = %t.endpoint, protocol = ?t.protocol, "exporting spans over OTLP");

@@ -1,8 +1,8 @@
 //! OTLP export of finished spans, over gRPC or HTTP/protobuf (what Jaeger, Tempo and the
 //! OpenTelemetry Collector ingest natively).
 //!
-//! One task drains the tracer's bounded queue into batches of up to
-//! `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans, sent when full or after
+//! One task drains the tracer's bounded queue in batches of up to
+//! `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` spans, sent when full or every
 //! `OTEL_BSP_SCHEDULE_DELAY`, one export at a time, each abandoned after
 //! `OTEL_EXPORTER_OTLP_TIMEOUT`. While a collector is slow or absent the queue fills and
 //! the request path drops spans instead of waiting: memory stays at one queue and one
@@ -23,9 +23,9 @@ use opentelemetry_proto::tonic::{
     trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
 };
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::{Kind, SpanData, Value};
+use super::{Kind, Queue, SpanData, Value};
 use crate::{
     config::{OtlpProtocol, TraceConfig},
     metrics::Metrics,
@@ -46,10 +46,11 @@ pub enum Error {
 /// Asks the exporter to send what it holds and stop; answered when done.
 pub type Flush = oneshot::Sender<oneshot::Sender<()>>;
 
-/// Runs the exporter until `flush` is asked or every sender is gone.
+/// Runs the exporter until `flush` is asked: a batch whenever one is full, and what is
+/// waiting every `OTEL_BSP_SCHEDULE_DELAY`.
 pub async fn run(
     cfg: TraceConfig,
-    mut rx: mpsc::Receiver<SpanData>,
+    queue: Arc<Queue>,
     mut flush: oneshot::Receiver<oneshot::Sender<()>>,
     metrics: Arc<Metrics>,
 ) {
@@ -63,39 +64,28 @@ pub async fn run(
         ..Default::default()
     };
     let mut exporter = Exporter::new(&cfg);
-    let mut batch = Vec::with_capacity(cfg.max_batch);
     let mut failing = false;
-    // When the oldest span of the batch must go, however full the batch is.
-    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        let wait = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
-        let room = cfg.max_batch - batch.len();
-        tokio::select! {
-            n = rx.recv_many(&mut batch, room) => {
-                if n == 0 {
-                    // Every sender is gone: the proxy is stopping.
-                    export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
-                    return;
-                }
-                due = due.or_else(|| Some(tokio::time::Instant::now() + cfg.schedule_delay));
-                if batch.len() < cfg.max_batch {
-                    continue;
-                }
-            }
-            _ = wait, if due.is_some() => {}
-            ack = &mut flush => {
-                while let Ok(s) = rx.try_recv() {
-                    batch.push(s);
-                }
-                export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
-                if let Ok(ack) = ack {
-                    let _ = ack.send(());
-                }
-                return;
+        let stopping = tokio::select! {
+            _ = queue.ready.notified() => None,
+            _ = tokio::time::sleep(cfg.schedule_delay) => None,
+            ack = &mut flush => Some(ack),
+        };
+        // Everything waiting, a batch at a time (at most the queue's size).
+        loop {
+            let batch = queue.take();
+            let full = batch.len() == cfg.max_batch;
+            export(&mut exporter, &cfg, &resource, batch, &metrics, &mut failing).await;
+            if !full {
+                break;
             }
         }
-        due = None;
-        export(&mut exporter, &cfg, &resource, &mut batch, &metrics, &mut failing).await;
+        if let Some(ack) = stopping {
+            if let Ok(ack) = ack {
+                let _ = ack.send(());
+            }
+            return;
+        }
     }
 }
 
@@ -103,7 +93,7 @@ async fn export(
     exporter: &mut Exporter,
     cfg: &TraceConfig,
     resource: &Resource,
-    batch: &mut Vec<SpanData>,
+    batch: Vec<SpanData>,
     metrics: &Metrics,
     failing: &mut bool,
 ) {
@@ -111,7 +101,7 @@ async fn export(
         return;
     }
     let n = batch.len() as u64;
-    let request = to_request(resource, batch.drain(..));
+    let request = to_request(resource, batch.into_iter());
     let result = match tokio::time::timeout(cfg.export_timeout, exporter.send(request)).await {
         Ok(r) => r,
         Err(_) => Err(Error::Timeout { endpoint: cfg.endpoint.clone(), timeout: cfg.export_timeout }),

@@ -4,19 +4,21 @@
 //! Per request, the HTTP path asks the [`Tracer`] for a span ([`Tracer::start`]), puts
 //! the span's context on the request it forwards ([`context::inject`]), and hands the
 //! finished span back ([`Tracer::finish`]). Finishing never waits: spans go into a
-//! bounded queue that [`export`] drains in batches on the proxy's main thread, and a
+//! bounded [`Queue`] that [`export`] drains in batches on the proxy's main thread, and a
 //! full queue drops the span and counts it (`weft_trace_spans_dropped_total`).
+//! The exporter is woken once per full batch, not per span: a wake-up is a cross-thread
+//! futex and context switch, which per span cost more than the span itself.
 //! The span records are plain data; conversion to OTLP happens in the exporter.
 
 pub mod context;
 pub mod export;
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Instant, SystemTime},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 pub use self::context::{B3Style, Incoming, SpanContext, SpanId, TraceId};
 use crate::{config::Sampler, metrics::Metrics};
@@ -112,21 +114,51 @@ impl Traced {
     }
 }
 
+/// Finished spans waiting for export, shared by the shards and the exporter.
+pub struct Queue {
+    spans: Mutex<Vec<SpanData>>,
+    /// Signalled when a full batch is waiting.
+    pub ready: Notify,
+    max: usize,
+    batch: usize,
+}
+
+impl Queue {
+    pub fn new(max: usize, batch: usize) -> Arc<Queue> {
+        Arc::new(Queue { spans: Mutex::new(Vec::with_capacity(max)), ready: Notify::new(), max, batch })
+    }
+
+    /// Adds a span; `false` (the span dropped) when the queue is full.
+    fn push(&self, span: SpanData) -> bool {
+        let mut spans = self.spans.lock().expect("span queue lock");
+        if spans.len() >= self.max {
+            return false;
+        }
+        spans.push(span);
+        if spans.len() == self.batch {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Takes up to a batch of the oldest spans.
+    pub fn take(&self) -> Vec<SpanData> {
+        let mut spans = self.spans.lock().expect("span queue lock");
+        let n = spans.len().min(self.batch);
+        spans.drain(..n).collect()
+    }
+}
+
 pub struct Tracer {
     sampler: Sampler,
-    queue: mpsc::Sender<SpanData>,
+    queue: Arc<Queue>,
     metrics: Arc<Metrics>,
 }
 
 impl Tracer {
-    /// A tracer and the receiving end of its queue, for [`export::run`].
-    pub fn new(
-        sampler: Sampler,
-        max_queue: usize,
-        metrics: Arc<Metrics>,
-    ) -> (Arc<Self>, mpsc::Receiver<SpanData>) {
-        let (queue, rx) = mpsc::channel(max_queue);
-        (Arc::new(Tracer { sampler, queue, metrics }), rx)
+    /// A tracer filling `queue`, which [`export::run`] drains.
+    pub fn new(sampler: Sampler, queue: Arc<Queue>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Tracer { sampler, queue, metrics })
     }
 
     /// Starts a span under `parent`, or a new trace when there is none, if sampling says so.
@@ -185,7 +217,7 @@ impl Tracer {
     /// Queues a finished span for export; drops it (counted) when the queue is full.
     pub fn finish(&self, span: Span) {
         let end = span.start + span.started.elapsed();
-        if self.queue.try_send(SpanData { span, end }).is_err() {
+        if !self.queue.push(SpanData { span, end }) {
             self.metrics.span_dropped(1);
         }
     }
@@ -225,7 +257,7 @@ mod tests {
     use super::*;
 
     fn tracer(ratio: f64, parent_based: bool) -> Arc<Tracer> {
-        Tracer::new(Sampler { ratio, parent_based }, 4, Metrics::new()).0
+        Tracer::new(Sampler { ratio, parent_based }, Queue::new(4, 4), Metrics::new())
     }
 
     fn parent(sampled: bool) -> SpanContext {
@@ -260,11 +292,16 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts() {
         let metrics = Metrics::new();
-        let (t, _rx) = Tracer::new(Sampler { ratio: 1.0, parent_based: true }, 2, metrics.clone());
+        let queue = Queue::new(3, 2);
+        let t = Tracer::new(Sampler { ratio: 1.0, parent_based: true }, queue.clone(), metrics.clone());
         for _ in 0..5 {
             let Traced::Recording(s) = t.start(None, false, Kind::Server, || "GET".into()) else { panic!() };
             t.finish(s);
         }
-        assert!(metrics.encode().contains("weft_trace_spans_dropped_total 3"), "{}", metrics.encode());
+        assert!(metrics.encode().contains("weft_trace_spans_dropped_total 2"), "{}", metrics.encode());
+        // A full batch was signalled; batches come oldest first.
+        assert_eq!(queue.take().len(), 2);
+        assert_eq!(queue.take().len(), 1);
+        assert!(queue.take().is_empty());
     }
 }
