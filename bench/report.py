@@ -99,7 +99,9 @@ checks = [
 ]
 spans = next((r for r in runs if r["kind"] == "spans"), None)
 if spans:
-    print(f"\ntraced2 spans: {spans['exported']} exported, {spans['dropped']} dropped")
+    sink_us = spans["sink_cpu_ticks"] / spans["clk_tck"] / max(spans["exported"], 1) * 1e6
+    print(f"\ntraced2 spans: {spans['exported']} exported, {spans['dropped']} dropped; "
+          f"the collector (weft-otlp-sink) used {sink_us:.2f} us CPU per span")
 targets_met = {name: check() for name, needs, check in checks if all(t in summary for t in needs)}
 print()
 for k, v in targets_met.items():

@@ -17,7 +17,7 @@ use super::Body;
 use crate::{
     errors::Cause,
     metrics::Direction,
-    trace::{context, B3Style, Kind, Span, Traced, Tracer},
+    trace::{context, B3Style, Kind, Span, Traced, Tracer, Value},
 };
 
 pub const PEER_WORKLOAD: HeaderName = HeaderName::from_static("weft-peer-workload");
@@ -27,7 +27,8 @@ pub const PEER_WORKLOAD: HeaderName = HeaderName::from_static("weft-peer-workloa
 pub struct Exchange {
     /// `None` when tracing is off.
     pub traced: Option<Traced>,
-    b3: B3Style,
+    /// The B3 style the request came with, if any.
+    b3: Option<B3Style>,
     /// `<route>/<rule>` that matched, outbound.
     pub route: Option<String>,
     pub peer_workload: Option<String>,
@@ -43,7 +44,7 @@ impl Exchange {
             // in both, so apps using either join their trace.
             let incoming = context::extract(req.headers());
             if let Some(p) = &incoming.parent {
-                context::inject(req.headers_mut(), p, incoming.b3);
+                context::inject(req.headers_mut(), p, for_app(incoming.b3));
             }
             return Exchange {
                 traced: incoming.parent.map(|p| Traced::Passing(Some(p))),
@@ -64,18 +65,20 @@ impl Exchange {
         // theirs per attempt.
         if let Some(ctx) = traced.context() {
             if dir == Direction::Inbound || !ctx.sampled {
-                context::inject(req.headers_mut(), ctx, ex.b3);
+                context::inject(req.headers_mut(), ctx, for_app(ex.b3));
             }
         }
         Exchange { traced: Some(traced), ..ex }
     }
 
     /// Outbound: a client span for one attempt, under the logical span, on the request.
+    /// To a mesh peer (`to_mesh`), whose proxy writes both formats for its app, W3C
+    /// alone carries the context unless B3 came in.
     pub fn attempt(
         &self,
         tracer: Option<&Tracer>,
         req: &mut Request<Body>,
-        target: SocketAddr,
+        (target, to_mesh): (SocketAddr, bool),
         n: u32,
     ) -> Option<Span> {
         let (tracer, Some(Traced::Recording(logical))) = (tracer?, &self.traced) else { return None };
@@ -87,12 +90,12 @@ impl Exchange {
         if let Some(a) = super::headers::authority(req) {
             span.set("server.address", a.host().to_string());
         }
-        span.set("network.peer.address", target.ip().to_string());
+        span.set("network.peer.address", Value::Ip(target.ip()));
         span.set("network.peer.port", i64::from(target.port()));
         if n > 1 {
             span.set("http.request.resend_count", i64::from(n - 1));
         }
-        context::inject(req.headers_mut(), &span.ctx, self.b3);
+        context::inject(req.headers_mut(), &span.ctx, if to_mesh { self.b3 } else { for_app(self.b3) });
         Some(span)
     }
 
@@ -148,6 +151,11 @@ impl Exchange {
             span.set("weft.peer.workload", w.clone());
         }
     }
+}
+
+/// Towards an app, B3 always goes too: in the style that came, else multi-header.
+fn for_app(b3: Option<B3Style>) -> Option<B3Style> {
+    Some(b3.unwrap_or_default())
 }
 
 /// Workload names as Kubernetes allows them; anything else from a peer is ignored, so a

@@ -148,7 +148,7 @@ impl HttpProxy {
         if self.dir == Direction::Inbound {
             ex.learn_peer(req.headers_mut(), conn.peer_identity.as_deref());
             if let Some(span) = ex.traced.as_mut().and_then(|t| t.span_mut()) {
-                span.set("client.address", conn.client.ip().to_string());
+                span.set("client.address", crate::trace::Value::Ip(conn.client.ip()));
             }
         }
 

@@ -247,7 +247,7 @@ impl HttpProxy {
             tried.push(e.clone());
         }
         let tracer = self.tracer.as_deref();
-        let span = ex.attempt(tracer, &mut req, routed.0, n);
+        let span = ex.attempt(tracer, &mut req, (routed.0, routed.1.is_some()), n);
         let result = self.send_within(req, routed, is_upgrade, per_try, ex).await;
         if let Some(span) = span {
             let outcome = result.as_ref().map_err(|e| (e.status_code().as_u16(), e.cause));

@@ -2,8 +2,9 @@
 //! (the single `b3` header and the `X-B3-*` headers).
 //!
 //! The proxy reads whichever format arrived and writes the W3C headers plus B3 in the
-//! style that arrived (the multi-header style when none did, as Zipkin's libraries and
-//! Envoy inject by default), so an app instrumented for either format joins the trace.
+//! style that arrived. Towards an app it always writes B3 too (the multi-header style
+//! when none arrived, as Zipkin's libraries and Envoy inject by default), so an app
+//! instrumented for either format joins the trace; between proxies W3C alone carries it.
 //! These are untrusted bytes: anything malformed is ignored as if absent (W3C says to
 //! start a new trace then), never an error for the request.
 
@@ -46,12 +47,19 @@ pub struct Incoming {
     pub parent: Option<SpanContext>,
     /// A B3 `0`/`X-B3-Sampled: 0` without ids: the caller decided not to sample.
     pub deny: bool,
-    pub b3: B3Style,
+    /// The B3 style that arrived, if any.
+    pub b3: Option<B3Style>,
 }
 
 /// Reads the trace context of a request: `traceparent` first, then `b3`, then `X-B3-*`.
 pub fn extract(headers: &HeaderMap) -> Incoming {
-    let b3 = if headers.contains_key(B3) { B3Style::Single } else { B3Style::Multi };
+    let b3 = if headers.contains_key(B3) {
+        Some(B3Style::Single)
+    } else if headers.contains_key(B3_TRACE_ID) || headers.contains_key(B3_SAMPLED) {
+        Some(B3Style::Multi)
+    } else {
+        None
+    };
     if let Some(parent) = headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
         let trace_state = headers.get(TRACESTATE).filter(|v| !v.is_empty()).cloned();
         return Incoming { parent: Some(SpanContext { trace_state, ..parent }), deny: false, b3 };
@@ -83,8 +91,8 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
     }
 }
 
-/// Replaces the request's trace headers with `ctx`: W3C, and B3 in `style`.
-pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, style: B3Style) {
+/// Replaces the request's trace headers with `ctx`: W3C, and B3 in `style` if given.
+pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, style: Option<B3Style>) {
     for name in [&TRACESTATE, &B3, &B3_TRACE_ID, &B3_SPAN_ID, &B3_PARENT_SPAN_ID, &B3_SAMPLED, &B3_FLAGS] {
         headers.remove(name);
     }
@@ -95,7 +103,8 @@ pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, style: B3Style) {
     }
     let sampled = if ctx.sampled { "1" } else { "0" };
     match style {
-        B3Style::Single => {
+        None => {}
+        Some(B3Style::Single) => {
             let mut v = [0u8; 32 + 1 + 16 + 2];
             hex(&ctx.trace_id, &mut v[..32]);
             v[32] = b'-';
@@ -104,7 +113,7 @@ pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, style: B3Style) {
             v[50] = sampled.as_bytes()[0];
             headers.insert(B3, value(&v));
         }
-        B3Style::Multi => {
+        Some(B3Style::Multi) => {
             let (mut t, mut s) = ([0u8; 32], [0u8; 16]);
             hex(&ctx.trace_id, &mut t);
             hex(&ctx.span_id, &mut s);
@@ -278,7 +287,7 @@ mod tests {
     #[test]
     fn reads_b3_single_and_multi() {
         let single = extract(&headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0")]));
-        assert_eq!(single.b3, B3Style::Single);
+        assert_eq!(single.b3, Some(B3Style::Single));
         let p = single.parent.unwrap();
         assert!(!p.sampled);
         assert_eq!(p.trace_id, id("80f198ee56343ba864fe8b2a57d3eff7"));
@@ -289,7 +298,7 @@ mod tests {
             ("x-b3-spanid", "e457b5a2e4d86bd1"),
             ("x-b3-sampled", "1"),
         ]));
-        assert_eq!(multi.b3, B3Style::Multi);
+        assert_eq!(multi.b3, Some(B3Style::Multi));
         assert_eq!(multi.parent.unwrap().trace_id, id("000000000000000064fe8b2a57d3eff7"));
 
         assert!(extract(&headers(&[("b3", "0")])).deny);
@@ -302,7 +311,8 @@ mod tests {
     fn traceparent_wins_over_b3() {
         let got = extract(&headers(&[("traceparent", TP), ("b3", "80f198ee56343ba8-e457b5a2e4d86bd1-1")]));
         assert_eq!(got.parent.unwrap().trace_id, id("0af7651916cd43dd8448eb211c80319c"));
-        assert_eq!(got.b3, B3Style::Single);
+        assert_eq!(got.b3, Some(B3Style::Single));
+        assert_eq!(extract(&headers(&[("traceparent", TP)])).b3, None);
     }
 
     #[test]
@@ -314,7 +324,7 @@ mod tests {
             trace_state: Some(HeaderValue::from_static("a=b")),
         };
         let mut h = headers(&[("traceparent", TP), ("x-b3-parentspanid", "e457b5a2e4d86bd1")]);
-        inject(&mut h, &ctx, B3Style::Multi);
+        inject(&mut h, &ctx, Some(B3Style::Multi));
         assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01");
         assert_eq!(h["tracestate"], "a=b");
         assert_eq!(h["x-b3-traceid"], "0af7651916cd43dd8448eb211c80319c");
@@ -322,12 +332,19 @@ mod tests {
         assert_eq!(h["x-b3-sampled"], "1");
         assert!(!h.contains_key("x-b3-parentspanid"));
 
-        inject(&mut h, &SpanContext { sampled: false, trace_state: None, ..ctx }, B3Style::Single);
+        inject(
+            &mut h,
+            &SpanContext { sampled: false, trace_state: None, ..ctx.clone() },
+            Some(B3Style::Single),
+        );
         assert_eq!(h["b3"], "0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-0");
         assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
         assert!(!h.contains_key("x-b3-traceid") && !h.contains_key("tracestate"));
         // What was written reads back the same.
         let back = extract(&h).parent.unwrap();
         assert_eq!((back.trace_id, back.span_id, back.sampled), (ctx.trace_id, ctx.span_id, false));
+        // W3C alone (between proxies): no B3 left behind.
+        inject(&mut h, &ctx, None);
+        assert!(!h.contains_key("b3") && h.contains_key("traceparent"));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod context;
 pub mod export;
+mod otlp;
 
 use std::{
     sync::{Arc, Mutex},
@@ -35,6 +36,10 @@ pub enum Kind {
 pub enum Value {
     Str(String),
     Static(&'static str),
+    /// Shared by the spans of a request or connection (a peer's identity, say).
+    Shared(Arc<str>),
+    /// Formatted only when exported.
+    Ip(std::net::IpAddr),
     Int(i64),
 }
 
