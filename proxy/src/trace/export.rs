@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use super::{otlp, Queue, SpanData, Value};
+use super::{otlp, Queue, Value};
 use crate::{
     config::{OtlpProtocol, TraceConfig},
     metrics::Metrics,
@@ -52,7 +52,7 @@ pub async fn run(
     mut flush: oneshot::Receiver<oneshot::Sender<()>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut encoder = otlp::Encoder::new(&[
+    let encoder = otlp::Encoder::new(&[
         ("service.name", Value::Str(cfg.service_name.clone())),
         ("telemetry.sdk.name", Value::Static("weft-proxy")),
         ("telemetry.sdk.language", Value::Static("rust")),
@@ -66,14 +66,10 @@ pub async fn run(
             _ = tokio::time::sleep(cfg.schedule_delay) => None,
             ack = &mut flush => Some(ack),
         };
-        // Everything waiting, a batch at a time (at most the queue's size).
-        loop {
-            let batch = queue.take();
-            let full = batch.len() == cfg.max_batch;
-            export(&mut exporter, &cfg, &mut encoder, batch, &metrics, &mut failing).await;
-            if !full {
-                break;
-            }
+        // Everything waiting (at most the queue's size), a batch at a time.
+        let waiting = queue.take();
+        for (n, spans) in waiting.batches(cfg.max_batch) {
+            export(&mut exporter, &cfg, encoder.request(spans), n as u64, &metrics, &mut failing).await;
         }
         if let Some(ack) = stopping {
             if let Ok(ack) = ack {
@@ -87,17 +83,12 @@ pub async fn run(
 async fn export(
     exporter: &mut Exporter,
     cfg: &TraceConfig,
-    encoder: &mut otlp::Encoder,
-    batch: Vec<SpanData>,
+    request: Vec<u8>,
+    n: u64,
     metrics: &Metrics,
     failing: &mut bool,
 ) {
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len() as u64;
-    let request = Bytes::from(encoder.request(&batch));
-    drop(batch);
+    let request = Bytes::from(request);
     let result = match tokio::time::timeout(cfg.export_timeout, exporter.send(request)).await {
         Ok(r) => r,
         Err(_) => Err(Error::Timeout { endpoint: cfg.endpoint.clone(), timeout: cfg.export_timeout }),

@@ -3,12 +3,15 @@
 //!
 //! Per request, the HTTP path asks the [`Tracer`] for a span ([`Tracer::start`]), puts
 //! the span's context on the request it forwards ([`context::inject`]), and hands the
-//! finished span back ([`Tracer::finish`]). Finishing never waits: spans go into a
-//! bounded [`Queue`] that [`export`] drains in batches on the proxy's main thread, and a
+//! finished span back ([`Tracer::finish`]). Finishing never waits: the span is encoded
+//! to OTLP protobuf right there, on the request's own thread, and its bytes appended to
+//! a bounded [`Queue`] that [`export`] drains in batches on the proxy's main thread; a
 //! full queue drops the span and counts it (`weft_trace_spans_dropped_total`).
-//! The exporter is woken once per full batch, not per span: a wake-up is a cross-thread
-//! futex and context switch, which per span cost more than the span itself.
-//! The span records are plain data; conversion to OTLP happens in the exporter.
+//! Measured in bench/, and why it is built this way: the exporter is woken once per
+//! full batch, not per span (a wake-up is a cross-thread futex and context switch); the
+//! lock is held only to copy bytes in or swap the buffer out, so a preempted holder
+//! cannot stall a shard for long; and a span's allocations are freed on the thread that
+//! made them (glibc frees from another thread contend on the owner's arena lock).
 
 pub mod context;
 pub mod export;
@@ -81,13 +84,6 @@ impl Span {
     }
 }
 
-/// A finished span, as the exporter receives it.
-#[derive(Debug)]
-pub struct SpanData {
-    pub span: Span,
-    pub end: SystemTime,
-}
-
 /// Where a request stands in its trace: its sampled span, or the context to pass on
 /// unchanged when it is not sampled.
 #[derive(Debug)]
@@ -119,38 +115,69 @@ impl Traced {
     }
 }
 
-/// Finished spans waiting for export, shared by the shards and the exporter.
+/// Finished spans waiting for export, encoded, shared by the shards and the exporter.
 pub struct Queue {
-    spans: Mutex<Vec<SpanData>>,
+    inner: Mutex<Encoded>,
     /// Signalled when a full batch is waiting.
     pub ready: Notify,
-    max: usize,
+    max_spans: usize,
+    max_bytes: usize,
     batch: usize,
 }
 
-impl Queue {
-    pub fn new(max: usize, batch: usize) -> Arc<Queue> {
-        Arc::new(Queue { spans: Mutex::new(Vec::with_capacity(max)), ready: Notify::new(), max, batch })
+/// Encoded spans (each a `ScopeSpans.spans` field) one after the other, and where each ends.
+#[derive(Default)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub ends: Vec<usize>,
+}
+
+impl Encoded {
+    fn with_capacity(spans: usize) -> Self {
+        Encoded { bytes: Vec::with_capacity(spans * 512), ends: Vec::with_capacity(spans) }
     }
 
-    /// Adds a span; `false` (the span dropped) when the queue is full.
-    fn push(&self, span: SpanData) -> bool {
-        let mut spans = self.spans.lock().expect("span queue lock");
-        if spans.len() >= self.max {
+    /// The spans in groups of at most `n`, as byte ranges.
+    pub fn batches(&self, n: usize) -> impl Iterator<Item = (usize, &[u8])> {
+        self.ends.chunks(n).scan(0, move |start, ends| {
+            let (from, to) = (*start, *ends.last().expect("chunks are never empty"));
+            *start = to;
+            Some((ends.len(), &self.bytes[from..to]))
+        })
+    }
+}
+
+impl Queue {
+    /// Room for `max_spans` spans, and at most 1 KiB each on average.
+    pub fn new(max_spans: usize, batch: usize) -> Arc<Queue> {
+        Arc::new(Queue {
+            inner: Mutex::new(Encoded::with_capacity(batch)),
+            ready: Notify::new(),
+            max_spans,
+            max_bytes: max_spans * 1024,
+            batch,
+        })
+    }
+
+    /// Adds an encoded span; `false` (the span dropped) when the queue is full.
+    fn push(&self, span: &[u8]) -> bool {
+        let mut q = self.inner.lock().expect("span queue lock");
+        if q.ends.len() >= self.max_spans || q.bytes.len() + span.len() > self.max_bytes {
             return false;
         }
-        spans.push(span);
-        if spans.len() == self.batch {
+        q.bytes.extend_from_slice(span);
+        let end = q.bytes.len();
+        q.ends.push(end);
+        if q.ends.len() == self.batch {
             self.ready.notify_one();
         }
         true
     }
 
-    /// Takes up to a batch of the oldest spans.
-    pub fn take(&self) -> Vec<SpanData> {
-        let mut spans = self.spans.lock().expect("span queue lock");
-        let n = spans.len().min(self.batch);
-        spans.drain(..n).collect()
+    /// Takes every waiting span, leaving an empty buffer.
+    pub fn take(&self) -> Encoded {
+        let fresh = Encoded::with_capacity(self.batch);
+        std::mem::replace(&mut *self.inner.lock().expect("span queue lock"), fresh)
     }
 }
 
@@ -222,7 +249,14 @@ impl Tracer {
     /// Queues a finished span for export; drops it (counted) when the queue is full.
     pub fn finish(&self, span: Span) {
         let end = span.start + span.started.elapsed();
-        if !self.queue.push(SpanData { span, end }) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<u8>, String)> = Default::default();
+        }
+        let queued = SCRATCH.with_borrow_mut(|(buf, text)| {
+            buf.clear();
+            otlp::span_entry(buf, &span, end, text) && self.queue.push(buf)
+        });
+        if !queued {
             self.metrics.span_dropped(1);
         }
     }
@@ -304,9 +338,9 @@ mod tests {
             t.finish(s);
         }
         assert!(metrics.encode().contains("weft_trace_spans_dropped_total 2"), "{}", metrics.encode());
-        // A full batch was signalled; batches come oldest first.
-        assert_eq!(queue.take().len(), 2);
-        assert_eq!(queue.take().len(), 1);
-        assert!(queue.take().is_empty());
+        let taken = queue.take();
+        let sizes: Vec<usize> = taken.batches(2).map(|(n, _)| n).collect();
+        assert_eq!(sizes, [2, 1]);
+        assert!(queue.take().ends.is_empty());
     }
 }

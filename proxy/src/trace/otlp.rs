@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 
-use super::{Kind, SpanData, Value};
+use super::{Kind, Span, Value};
 
 /// Field numbers of opentelemetry/proto/{collector/trace,trace,common,resource}/v1.
 mod field {
@@ -46,14 +46,10 @@ const KIND_SERVER: u64 = 2;
 const KIND_CLIENT: u64 = 3;
 const STATUS_ERROR: u64 = 2;
 
-/// Encodes requests, reusing its buffers from one batch to the next.
+/// Wraps encoded spans into requests, with the resource and scope encoded once.
 pub struct Encoder {
-    /// The resource and scope, encoded once.
     resource: Vec<u8>,
     scope: Vec<u8>,
-    spans: Vec<u8>,
-    span: Vec<u8>,
-    text: String,
 }
 
 impl Encoder {
@@ -66,32 +62,59 @@ impl Encoder {
         let mut scope = Vec::new();
         string(&mut scope, field::SCOPE_NAME, "weft-proxy");
         string(&mut scope, field::SCOPE_VERSION, env!("CARGO_PKG_VERSION"));
-        Encoder { resource, scope, spans: Vec::new(), span: Vec::new(), text }
+        Encoder { resource, scope }
     }
 
-    /// One `ExportTraceServiceRequest` holding `batch`.
-    pub fn request(&mut self, batch: &[SpanData]) -> Vec<u8> {
-        self.spans.clear();
-        message(&mut self.spans, field::SCOPE_SPANS_SCOPE, &self.scope);
-        for data in batch {
-            self.span.clear();
-            span(&mut self.span, data, &mut self.text);
-            message(&mut self.spans, field::SCOPE_SPANS_SPANS, &self.span);
-        }
-        let mut resource_spans =
-            Vec::with_capacity(self.resource.len() + self.spans.len() + 2 * MAX_VARINT + 2);
-        message(&mut resource_spans, field::RESOURCE_SPANS_RESOURCE, &self.resource);
-        message(&mut resource_spans, field::RESOURCE_SPANS_SCOPE_SPANS, &self.spans);
-        let mut out = Vec::with_capacity(resource_spans.len() + MAX_VARINT + 1);
-        message(&mut out, field::REQUEST_RESOURCE_SPANS, &resource_spans);
+    /// One `ExportTraceServiceRequest` holding `spans`, a run of [`span_entry`]s.
+    pub fn request(&self, spans: &[u8]) -> Vec<u8> {
+        let scope_field = 1 + encoded_len_varint(self.scope.len() as u64) + self.scope.len();
+        let scope_spans_len = scope_field + spans.len();
+        let resource_field = 1 + encoded_len_varint(self.resource.len() as u64) + self.resource.len();
+        let resource_spans_len =
+            resource_field + 1 + encoded_len_varint(scope_spans_len as u64) + scope_spans_len;
+        let mut out = Vec::with_capacity(resource_spans_len + 2 * 11);
+        encode_key(field::REQUEST_RESOURCE_SPANS, WireType::LengthDelimited, &mut out);
+        encode_varint(resource_spans_len as u64, &mut out);
+        message(&mut out, field::RESOURCE_SPANS_RESOURCE, &self.resource);
+        encode_key(field::RESOURCE_SPANS_SCOPE_SPANS, WireType::LengthDelimited, &mut out);
+        encode_varint(scope_spans_len as u64, &mut out);
+        message(&mut out, field::SCOPE_SPANS_SCOPE, &self.scope);
+        out.extend_from_slice(spans);
         out
     }
 }
 
-const MAX_VARINT: usize = 10;
+/// Appends `s` as a `ScopeSpans.spans` field (tag, length, span) to `out`; `false`
+/// (nothing appended) for a span over 2 MiB, which no request under the header size
+/// limit makes.
+pub fn span_entry(out: &mut Vec<u8>, s: &Span, end: std::time::SystemTime, text: &mut String) -> bool {
+    // The span is written after room for its length, which is then filled in.
+    let start = out.len();
+    encode_key(field::SCOPE_SPANS_SPANS, WireType::LengthDelimited, out);
+    let at = out.len();
+    out.extend_from_slice(&[0; LEN_BYTES]);
+    span(out, s, end, text);
+    let len = out.len() - at - LEN_BYTES;
+    if len >= 1 << (7 * LEN_BYTES) {
+        out.truncate(start);
+        return false;
+    }
+    write_padded_varint(&mut out[at..at + LEN_BYTES], len);
+    true
+}
 
-fn span(buf: &mut Vec<u8>, data: &SpanData, text: &mut String) {
-    let s = &data.span;
+/// A span's length is written as a fixed-size varint (padded with continuation bytes,
+/// which protobuf allows) so it can be filled in after the span is written.
+const LEN_BYTES: usize = 3;
+
+fn write_padded_varint(slot: &mut [u8], mut v: usize) {
+    for (i, b) in slot.iter_mut().enumerate() {
+        *b = (v & 0x7f) as u8 | if i + 1 < LEN_BYTES { 0x80 } else { 0 };
+        v >>= 7;
+    }
+}
+
+fn span(buf: &mut Vec<u8>, s: &Span, end: std::time::SystemTime, text: &mut String) {
     bytes(buf, field::SPAN_TRACE_ID, &s.ctx.trace_id);
     bytes(buf, field::SPAN_SPAN_ID, &s.ctx.span_id);
     if let Some(state) = s.ctx.trace_state.as_ref().and_then(|v| v.to_str().ok()) {
@@ -108,7 +131,7 @@ fn span(buf: &mut Vec<u8>, data: &SpanData, text: &mut String) {
     };
     varint(buf, field::SPAN_KIND, kind);
     fixed64(buf, field::SPAN_START, nanos(s.start));
-    fixed64(buf, field::SPAN_END, nanos(data.end));
+    fixed64(buf, field::SPAN_END, nanos(end));
     for (k, v) in &s.attributes {
         attribute(buf, field::SPAN_ATTRIBUTES, k, v, text);
     }
@@ -223,11 +246,9 @@ mod tests {
         let (client_ctx, server_ctx) = (client.ctx.clone(), server.ctx.clone());
         t.finish(client);
         t.finish(server);
-        let batch = Queue::take(&t.queue);
-        let mut enc = Encoder::new(&[("service.name", Value::Str("shop".into()))]);
-        let bytes = enc.request(&batch);
-        // Encoding twice with the same encoder gives the same bytes (buffers are reset).
-        assert_eq!(enc.request(&batch), bytes);
+        let queued = t.queue.take();
+        let enc = Encoder::new(&[("service.name", Value::Str("shop".into()))]);
+        let bytes = enc.request(&queued.bytes);
 
         let req = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid OTLP");
         let rs = &req.resource_spans[0];
