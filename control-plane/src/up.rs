@@ -321,6 +321,14 @@ async fn stream_lines(from: impl AsyncRead + Unpin, prefix: String) {
     }
 }
 
+/// An error naming the part that has exited, if one has.
+fn exited_while_starting(what: &str, parts: &mut [Part]) -> anyhow::Result<()> {
+    match parts.iter_mut().find_map(|p| p.child.try_wait().ok().flatten().map(|s| (p.name.clone(), s))) {
+        Some((name, status)) => bail!("{name} exited ({status}) while {what} was starting; its log is above"),
+        None => Ok(()),
+    }
+}
+
 /// Waits until something accepts TCP at `endpoint` (an http:// URL).
 async fn wait_listening(what: &str, endpoint: &str, parts: &mut [Part]) -> anyhow::Result<()> {
     let uri: http::Uri = endpoint.parse()?;
@@ -330,11 +338,7 @@ async fn wait_listening(what: &str, endpoint: &str, parts: &mut [Part]) -> anyho
         if tokio::net::TcpStream::connect((host.as_str(), port)).await.is_ok() {
             return Ok(());
         }
-        if let Some(p) =
-            parts.iter_mut().find_map(|p| p.child.try_wait().ok().flatten().map(|s| (p.name.clone(), s)))
-        {
-            bail!("{} exited ({}) while {what} was starting; its log is above", p.0, p.1);
-        }
+        exited_while_starting(what, parts)?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("{what} does not accept connections at {endpoint} after 15 s; check tracing.collector and tracing.endpoint")
@@ -348,11 +352,7 @@ async fn wait_ready(what: &str, admin: SocketAddr, parts: &mut [Part]) -> anyhow
         if client.get(&url).await.is_ok_and(|r| r.status == 200) {
             return Ok(());
         }
-        if let Some(p) =
-            parts.iter_mut().find_map(|p| p.child.try_wait().ok().flatten().map(|s| (p.name.clone(), s)))
-        {
-            bail!("{} exited ({}) while {what} was starting; its log is above", p.0, p.1);
-        }
+        exited_while_starting(what, parts)?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("{what} did not become ready within 15 s; its log is above")

@@ -152,36 +152,31 @@ fn nanos(t: std::time::SystemTime) -> u64 {
 
 /// A `KeyValue` as field `tag` of the enclosing message.
 fn attribute(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value, text: &mut String) {
-    let any_value_len;
-    let s: &str = match value {
-        Value::Str(s) => s,
-        Value::Static(s) => s,
-        Value::Shared(s) => s,
+    let (s, int): (&str, Option<i64>) = match value {
+        Value::Str(s) => (s, None),
+        Value::Static(s) => (s, None),
+        Value::Shared(s) => (s, None),
         Value::Ip(ip) => {
             text.clear();
             let _ = write!(text, "{ip}");
-            text
+            (text, None)
         }
-        Value::Int(i) => {
-            any_value_len = 1 + encoded_len_varint(*i as u64);
-            let kv_len = key_len(key) + 1 + encoded_len_varint(any_value_len as u64) + any_value_len;
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(kv_len as u64, buf);
-            string(buf, field::KEY_VALUE_KEY, key);
-            encode_key(field::KEY_VALUE_VALUE, WireType::LengthDelimited, buf);
-            encode_varint(any_value_len as u64, buf);
-            varint(buf, field::ANY_VALUE_INT, *i as u64);
-            return;
-        }
+        Value::Int(i) => ("", Some(*i)),
     };
-    any_value_len = 1 + encoded_len_varint(s.len() as u64) + s.len();
+    let any_value_len = match int {
+        Some(i) => 1 + encoded_len_varint(i as u64),
+        None => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+    };
     let kv_len = key_len(key) + 1 + encoded_len_varint(any_value_len as u64) + any_value_len;
     encode_key(tag, WireType::LengthDelimited, buf);
     encode_varint(kv_len as u64, buf);
     string(buf, field::KEY_VALUE_KEY, key);
     encode_key(field::KEY_VALUE_VALUE, WireType::LengthDelimited, buf);
     encode_varint(any_value_len as u64, buf);
-    string(buf, field::ANY_VALUE_STRING, s);
+    match int {
+        Some(i) => varint(buf, field::ANY_VALUE_INT, i as u64),
+        None => string(buf, field::ANY_VALUE_STRING, s),
+    }
 }
 
 fn key_len(key: &str) -> usize {
