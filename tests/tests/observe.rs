@@ -412,3 +412,40 @@ fn golden_signal_metrics_count_what_was_sent_per_label_set() {
     assert!(client.metric(r#"weft_tls_handshakes_total{direction="outbound",result="ok"}"#) >= 1.0);
     assert!(backend.metric("weft_identity_cert_expiry_timestamp_seconds") > 1e9);
 }
+
+/// gRPC calls through a traced inbound (grpcio both sides): spans named
+/// `service/method` with the RPC attributes, the status read from the trailers of
+/// streamed answers, and a failed call marked as an error.
+#[test]
+fn grpc_spans_carry_the_status_from_trailers() {
+    let collector = Collector::start();
+    let port = weft_e2e::free_port();
+    let _server = weft_e2e::PyServer::start("grpc_echo.py", port);
+    let endpoint = format!("http://{}", collector.grpc);
+    let app = format!("127.0.0.1:{port}");
+    let p = Proxy::start(&[
+        ("WEFT_APP_ADDR", &app),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    weft_e2e::py_client("grpc_echo.py", &p.inbound.to_string(), &[]);
+    let spans = collector.wait_for(4);
+    let by_name = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:#?}"))
+            .clone()
+    };
+    for method in ["Unary", "ServerStream", "Bidi"] {
+        let s = by_name(&format!("weft.test.Echo/{method}"));
+        assert_eq!(attr(&s, "rpc.system"), "grpc", "{s}");
+        assert_eq!(attr(&s, "rpc.service"), "weft.test.Echo");
+        assert_eq!(attr(&s, "rpc.method"), method);
+        assert_eq!(attr(&s, "rpc.grpc.status_code"), 0, "{s}");
+        assert_eq!(s["status"], "STATUS_CODE_UNSET", "{s}");
+    }
+    let fail = by_name("weft.test.Echo/Fail");
+    assert_eq!(attr(&fail, "rpc.grpc.status_code"), 9, "FAILED_PRECONDITION: {fail}");
+    assert_eq!(fail["status"], "STATUS_CODE_ERROR", "{fail}");
+}

@@ -9,9 +9,16 @@
 //! responses it sends over mesh mTLS, as Istio's metadata exchange does: a value is
 //! believed only from an authenticated peer and never reaches an app.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Version};
+use http::{header::CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Version};
+
+use http_body_util::BodyExt;
 
 use super::Body;
 use crate::{
@@ -115,16 +122,28 @@ impl Exchange {
         self.traced.as_ref()?.trace_id().map(context::trace_id_string)
     }
 
-    /// Ends the request's span with its answer.
-    pub fn finish(&mut self, tracer: Option<&Tracer>, status: u16, cause: Option<Cause>, rsp: &HeaderMap) {
+    /// Ends the request's span with its answer. A gRPC answer whose status comes in
+    /// trailers keeps its span open until the body ends, to record that status (and
+    /// the whole of a streaming call).
+    pub fn finish(&mut self, tracer: Option<&Arc<Tracer>>, cause: Option<Cause>, rsp: &mut Response<Body>) {
         let (Some(tracer), Some(Traced::Recording(span))) = (tracer, self.traced.take()) else { return };
         let mut span = span;
         if let Some(route) = &self.route {
             span.set("weft.route", route.clone());
         }
-        end(&mut span, status, cause, rsp);
+        end(&mut span, rsp.status().as_u16(), cause, rsp.headers());
         self.peer_attributes(&mut span);
-        tracer.finish(span);
+        let grpc =
+            rsp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc && !rsp.headers().contains_key(GRPC_STATUS) {
+            let body = std::mem::replace(
+                rsp.body_mut(),
+                http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+            );
+            *rsp.body_mut() = SpanBody { inner: body, span: Some((span, tracer.clone())) }.boxed();
+        } else {
+            tracer.finish(span);
+        }
     }
 
     /// Ends an attempt's span.
@@ -150,6 +169,83 @@ impl Exchange {
         if let Some(w) = &self.peer_workload {
             span.set("weft.peer.workload", w.clone());
         }
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// `rpc.grpc.status_code` from a head or trailers; a code other than OK is an error.
+fn grpc_status(span: &mut Span, headers: &HeaderMap) {
+    if let Some(code) = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<i64>().ok()) {
+        span.set("rpc.grpc.status_code", code);
+        if code != 0 && span.error.is_none() {
+            span.error = Some(format!("gRPC status {code}"));
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its request's span when it ends: with the gRPC status
+    /// of its trailers, or as an error when the client goes away first.
+    struct SpanBody {
+        #[pin]
+        inner: Body,
+        span: Option<(Span, Arc<Tracer>)>,
+    }
+
+    impl PinnedDrop for SpanBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((mut span, tracer)) = this.project().span.take() {
+                span.error.get_or_insert_with(|| "the response did not finish".to_string());
+                tracer.finish(span);
+            }
+        }
+    }
+}
+
+impl http_body::Body for SpanBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some((span, _))) = (frame.trailers_ref(), this.span.as_mut()) {
+                    grpc_status(span, trailers);
+                }
+                // Trailers end a body; the server need not poll again to learn it.
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    if let Some((span, tracer)) = this.span.take() {
+                        tracer.finish(span);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some((span, _)) = this.span.as_mut() {
+                    span.error = Some(format!("response body failed: {e}"));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some((span, tracer)) = this.span.take() {
+                    tracer.finish(span);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -226,9 +322,7 @@ fn request_attributes(span: &mut Span, req: &Request<Body>) {
 /// HTTP conventions set it for server spans.
 fn end(span: &mut Span, status: u16, cause: Option<Cause>, rsp: &HeaderMap) {
     span.set("http.response.status_code", i64::from(status));
-    if let Some(code) = rsp.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i64>().ok()) {
-        span.set("rpc.grpc.status_code", code);
-    }
+    grpc_status(span, rsp);
     if let Some(c) = cause {
         span.set("weft.error", c.as_str());
         span.set("error.type", c.as_str());

@@ -190,7 +190,7 @@ impl HttpProxy {
         };
         self.metrics.response(self.dir, conn.protocol, status, cause, peer, elapsed.as_secs_f64());
         let trace_id = if self.access_log { ex.trace_id() } else { None };
-        ex.finish(tracer, status, cause, rsp.headers());
+        ex.finish(self.tracer.as_ref(), cause, &mut rsp);
         if self.access_log {
             let (authority, path) = log_target(&uri, host.as_ref());
             let bytes =
