@@ -100,7 +100,7 @@ async fn serve_mesh(
         _ => {
             if admitted(&proxy, target, peer.as_deref()).await {
                 let timeouts = (cfg.connect_timeout, cfg.tcp_idle_timeout);
-                tcp::forward(tls, target, None, dir, &proxy.metrics, timeouts.0, timeouts.1).await
+                tcp::forward(tls, target, (None, peer.as_deref()), dir, &proxy.metrics, timeouts).await
             }
             return;
         }
@@ -171,7 +171,7 @@ pub async fn serve(
                 }
             };
             let timeouts = (cfg.connect_timeout, cfg.tcp_idle_timeout);
-            tcp::forward(io, target, peer.as_ref(), dir, metrics, timeouts.0, timeouts.1).await
+            tcp::forward(io, target, (peer.as_ref(), None), dir, metrics, timeouts).await
         }
     };
 

@@ -51,6 +51,13 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TcpLabels {
+    direction: &'static str,
+    /// The mesh peer's SPIFFE ID; empty outside the mesh.
+    peer_identity: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LatencyLabels {
     direction: &'static str,
     status_class: &'static str,
@@ -96,8 +103,8 @@ pub struct Metrics {
     detect: Family<DetectLabels, Counter>,
     tcp_open: Family<DirLabels, Gauge>,
     tcp_accepted: Family<DirLabels, Counter>,
-    tcp_read_bytes: Family<DirLabels, Counter>,
-    tcp_write_bytes: Family<DirLabels, Counter>,
+    tcp_read_bytes: Family<TcpLabels, Counter>,
+    tcp_write_bytes: Family<TcpLabels, Counter>,
     tcp_errors: Family<CauseLabels, Counter>,
     certify: Family<ResultLabels, Counter>,
     tls_handshakes: Family<TlsLabels, Counter>,
@@ -356,8 +363,11 @@ impl Metrics {
         OpenConn { metrics: self.clone(), dir }
     }
 
-    pub fn tcp_bytes(&self, dir: Direction, read: u64, written: u64) {
-        let labels = DirLabels { direction: dir.as_str() };
+    pub fn tcp_bytes(&self, dir: Direction, peer_identity: Option<&str>, read: u64, written: u64) {
+        let labels = TcpLabels {
+            direction: dir.as_str(),
+            peer_identity: peer_identity.unwrap_or_default().to_string(),
+        };
         self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
         self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
     }
@@ -431,7 +441,7 @@ mod tests {
         m.response(Direction::Outbound, "h2", 200, None, peer, 0.001);
         m.detected(Direction::Inbound, Outcome::Silent);
         let _open = m.conn_open(Direction::Inbound);
-        m.tcp_bytes(Direction::Inbound, 1, 1);
+        m.tcp_bytes(Direction::Inbound, Some("spiffe://t/ns/a/sa/w"), 1, 1);
         m.tcp_error(Direction::Inbound, Cause::UpstreamReset);
         m.denied(Some("spiffe://t/ns/a/sa/x"), "http");
         m.tls_handshake(Direction::Inbound, true);

@@ -99,19 +99,22 @@ where
 /// Forwards an accepted connection (with any bytes already read replayed by `client`)
 /// to `target` as opaque TCP, inside mutual TLS when `target` is a mesh peer, recording
 /// bytes and errors.
+/// `client_identity` is the client's SPIFFE ID on an inbound mesh connection.
 pub async fn forward<C>(
     client: C,
     target: SocketAddr,
-    peer: Option<&MeshPeer>,
+    (peer, client_identity): (Option<&MeshPeer>, Option<&str>),
     dir: Direction,
     metrics: &Arc<Metrics>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    (connect_timeout, idle_timeout): (Duration, Duration),
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     match dial(target, peer, connect_timeout, metrics).await {
-        Ok(upstream) => splice(client, upstream, idle_timeout, dir, metrics).await,
+        Ok(upstream) => {
+            let identity = peer.map(|p| p.identity.as_str()).or(client_identity);
+            splice(client, upstream, idle_timeout, (dir, identity), metrics).await
+        }
         Err(e) => {
             tracing::info!(cause = e.cause.as_str(), %target, "closing connection: {e}");
             metrics.tcp_error(dir, e.cause);
@@ -119,9 +122,15 @@ pub async fn forward<C>(
     }
 }
 
-/// [`copy`] with the client's bytes counted in metrics when the connection ends.
-pub async fn splice<C, U>(client: C, upstream: U, idle_timeout: Duration, dir: Direction, metrics: &Metrics)
-where
+/// [`copy`] with the client's bytes counted in metrics when the connection ends, by
+/// direction and the mesh peer's SPIFFE ID (the client's inbound, the upstream's outbound).
+pub async fn splice<C, U>(
+    client: C,
+    upstream: U,
+    idle_timeout: Duration,
+    (dir, peer_identity): (Direction, Option<&str>),
+    metrics: &Metrics,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -133,7 +142,8 @@ where
         }
         Err(e) => tracing::debug!("connection ended: {e}"),
     }
-    metrics.tcp_bytes(dir, activity.read.load(Ordering::Relaxed), activity.written.load(Ordering::Relaxed));
+    let (read, written) = (activity.read.load(Ordering::Relaxed), activity.written.load(Ordering::Relaxed));
+    metrics.tcp_bytes(dir, peer_identity, read, written);
 }
 
 #[cfg(test)]

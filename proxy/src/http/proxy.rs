@@ -268,7 +268,7 @@ impl HttpProxy {
                 client_upgrade,
                 upstream_upgrade,
                 self.tcp_idle_timeout,
-                self.dir,
+                (self.dir, ex.peer_identity.clone()),
                 self.metrics.clone(),
             );
             let (mut parts, _) = rsp.into_parts();

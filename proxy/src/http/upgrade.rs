@@ -20,13 +20,14 @@ pub fn splice(
     client: OnUpgrade,
     upstream: OnUpgrade,
     idle_timeout: Duration,
-    dir: Direction,
+    (dir, peer_identity): (Direction, Option<String>),
     metrics: Arc<Metrics>,
 ) {
     tokio::spawn(async move {
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
-                tcp::splice(TokioIo::new(client), TokioIo::new(upstream), idle_timeout, dir, &metrics).await
+                let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                tcp::splice(client, upstream, idle_timeout, (dir, peer_identity.as_deref()), &metrics).await
             }
             Err(e) => tracing::debug!("upgrade did not complete: {e}"),
         }
@@ -46,8 +47,9 @@ pub async fn tunnel(
     let upstream = tcp::dial(target, peer.as_ref(), connect_timeout, &metrics).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let flow = (dir, peer.as_ref().map(|p| p.identity.as_str()));
         match on_upgrade.await {
-            Ok(client) => tcp::splice(TokioIo::new(client), upstream, idle_timeout, dir, &metrics).await,
+            Ok(client) => tcp::splice(TokioIo::new(client), upstream, idle_timeout, flow, &metrics).await,
             Err(e) => tracing::debug!(%target, "CONNECT upgrade failed: {e}"),
         }
     });
