@@ -53,10 +53,7 @@ impl Exchange {
             if let Some(p) = &incoming.parent {
                 context::inject(req.headers_mut(), p, for_app(incoming.b3));
             }
-            return Exchange {
-                traced: incoming.parent.map(|p| Traced::Passing(Some(p))),
-                ..Exchange::default()
-            };
+            return Exchange { traced: incoming.parent.map(Traced::Passing), ..Exchange::default() };
         };
         let incoming = context::extract(req.headers());
         let kind = match dir {
@@ -70,10 +67,9 @@ impl Exchange {
         let ex = Exchange { b3: incoming.b3, ..Exchange::default() };
         // Inbound, or not sampled: the context is final now. Sampled outbound requests get
         // theirs per attempt.
-        if let Some(ctx) = traced.context() {
-            if dir == Direction::Inbound || !ctx.sampled {
-                context::inject(req.headers_mut(), ctx, for_app(ex.b3));
-            }
+        let ctx = traced.context();
+        if dir == Direction::Inbound || !ctx.sampled {
+            context::inject(req.headers_mut(), ctx, for_app(ex.b3));
         }
         Exchange { traced: Some(traced), ..ex }
     }
@@ -119,7 +115,7 @@ impl Exchange {
 
     /// The trace id to print in the access log line.
     pub fn trace_id(&self) -> Option<String> {
-        self.traced.as_ref()?.trace_id().map(context::trace_id_string)
+        self.traced.as_ref().map(|t| context::trace_id_string(&t.context().trace_id))
     }
 
     /// Ends the request's span with its answer. A gRPC answer whose status comes in

@@ -327,14 +327,25 @@ impl HttpProxy {
                 }
             }
         });
-        let Some((authority, endpoint)) = balanced else {
-            return send.await.map(|mut rsp| {
-                ex.learn_peer(rsp.headers_mut(), peer.as_deref());
-                rsp
-            });
+        let result = match balanced {
+            None => send.await,
+            Some((authority, endpoint)) => self.send_balanced(send, &authority, &endpoint).await,
         };
-        let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(&authority) {
-            Some(b) => b.dispatch(&endpoint, send),
+        result.map(|mut rsp| {
+            ex.learn_peer(rsp.headers_mut(), peer.as_deref());
+            rsp
+        })
+    }
+
+    /// `send` counted in its endpoint's load, and its outcome in outlier detection.
+    async fn send_balanced(
+        &self,
+        send: Attempt<'_>,
+        authority: &str,
+        endpoint: &crate::discovery::Endpoint,
+    ) -> Result<Response<Body>, CauseError> {
+        let dispatched = match self.balancers.lock().expect("balancers lock").get_mut(authority) {
+            Some(b) => b.dispatch(endpoint, send),
             None => send,
         };
         let result = dispatched.await;
@@ -347,16 +358,13 @@ impl HttpProxy {
             .balancers
             .lock()
             .expect("balancers lock")
-            .get_mut(&authority)
-            .and_then(|b| b.record(&endpoint, ok));
+            .get_mut(authority)
+            .and_then(|b| b.record(endpoint, ok));
         if let Some(event) = event {
             tracing::info!(service = authority, endpoint = %endpoint.addr, "outlier detection: {event:?}");
-            self.metrics.outlier(&authority, &event);
+            self.metrics.outlier(authority, &event);
         }
-        result.map(|mut rsp| {
-            ex.learn_peer(rsp.headers_mut(), peer.as_deref());
-            rsp
-        })
+        result
     }
 
     /// The protocol of the next hop.

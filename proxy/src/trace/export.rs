@@ -41,9 +41,6 @@ pub enum Error {
     Timeout { endpoint: Uri, timeout: Duration },
 }
 
-/// Asks the exporter to send what it holds and stop; answered when done.
-pub type Flush = oneshot::Sender<oneshot::Sender<()>>;
-
 /// Runs the exporter until `flush` is asked: a batch whenever one is full, and what is
 /// waiting every `OTEL_BSP_SCHEDULE_DELAY`.
 pub async fn run(

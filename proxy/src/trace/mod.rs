@@ -39,8 +39,6 @@ pub enum Kind {
 pub enum Value {
     Str(String),
     Static(&'static str),
-    /// Shared by the spans of a request or connection (a peer's identity, say).
-    Shared(Arc<str>),
     /// Formatted only when exported.
     Ip(std::net::IpAddr),
     Int(i64),
@@ -89,22 +87,17 @@ impl Span {
 #[derive(Debug)]
 pub enum Traced {
     Recording(Span),
-    /// Not sampled: the caller's context goes on unsampled, in both formats; `None` when
-    /// the tracer is off and the request carried no context.
-    Passing(Option<SpanContext>),
+    /// Not recorded (not sampled, or tracing off): the context goes on as it is.
+    Passing(SpanContext),
 }
 
 impl Traced {
     /// The context the next hop should see.
-    pub fn context(&self) -> Option<&SpanContext> {
+    pub fn context(&self) -> &SpanContext {
         match self {
-            Traced::Recording(s) => Some(&s.ctx),
-            Traced::Passing(c) => c.as_ref(),
+            Traced::Recording(s) => &s.ctx,
+            Traced::Passing(c) => c,
         }
-    }
-
-    pub fn trace_id(&self) -> Option<&TraceId> {
-        self.context().map(|c| &c.trace_id)
     }
 
     pub fn span_mut(&mut self) -> Option<&mut Span> {
@@ -213,7 +206,7 @@ impl Tracer {
                 Some(p) => SpanContext { sampled: false, ..p.clone() },
                 None => SpanContext { trace_id, span_id: new_span_id(), sampled: false, trace_state: None },
             };
-            return Traced::Passing(Some(ctx));
+            return Traced::Passing(ctx);
         }
         Traced::Recording(Span {
             ctx: SpanContext {
@@ -312,9 +305,9 @@ mod tests {
         assert_eq!((s.ctx.trace_id, s.parent), ([7; 16], Some([9; 8])));
         assert_ne!(s.ctx.span_id, [9; 8]);
         let passing = tracer(1.0, true).start(Some(&parent(false)), false, Kind::Server, String::new);
-        assert_eq!(passing.context(), Some(&parent(false)));
+        assert_eq!(passing.context(), &parent(false));
         let denied = tracer(1.0, true).start(None, true, Kind::Server, String::new);
-        assert!(matches!(denied, Traced::Passing(Some(SpanContext { sampled: false, .. }))));
+        assert!(matches!(denied, Traced::Passing(SpanContext { sampled: false, .. })));
     }
 
     #[test]

@@ -155,7 +155,6 @@ fn attribute(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value, text: &mut S
     let (s, int): (&str, Option<i64>) = match value {
         Value::Str(s) => (s, None),
         Value::Static(s) => (s, None),
-        Value::Shared(s) => (s, None),
         Value::Ip(ip) => {
             text.clear();
             let _ = write!(text, "{ip}");
@@ -233,7 +232,7 @@ mod tests {
         server.set("url.path", "/a/b".to_string());
         server.set("http.response.status_code", 503i64);
         server.set("client.address", Value::Ip("10.0.0.7".parse().unwrap()));
-        server.set("weft.peer.identity", Value::Shared("spiffe://t/ns/a/sa/b".into()));
+        server.set("weft.peer.identity", "spiffe://t/ns/a/sa/b".to_string());
         server.error = Some("HTTP 503".into());
         let mut client = t.child(&server, Kind::Client, "GET".into());
         client.set("http.request.resend_count", 1i64);
