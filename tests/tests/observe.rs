@@ -449,3 +449,17 @@ fn grpc_spans_carry_the_status_from_trailers() {
     assert_eq!(attr(&fail, "rpc.grpc.status_code"), 9, "FAILED_PRECONDITION: {fail}");
     assert_eq!(fail["status"], "STATUS_CODE_ERROR", "{fail}");
 }
+
+/// `weft-peer-workload` is believed only from an authenticated mesh peer: a plaintext
+/// client cannot name itself into the metrics, and the header never reaches the app.
+#[test]
+fn a_plaintext_client_cannot_claim_a_peer_workload() {
+    let app = backend::http("app");
+    let app_addr = app.addr.to_string();
+    let proxy = Proxy::start(&[("WEFT_APP_ADDR", &app_addr)]);
+    let (code, _, err) = curl(&["-H", "weft-peer-workload: admin", &format!("http://{}/", proxy.inbound)]);
+    assert_eq!(code, 200, "{err}");
+    assert!(!app.last().headers.contains_key("weft-peer-workload"), "{:?}", app.last().headers);
+    assert_eq!(proxy.metric(r#"weft_requests_total{direction="inbound",peer_workload=""}"#), 1.0);
+    assert_eq!(proxy.metric(r#"weft_requests_total{peer_workload="admin"}"#), 0.0, "{}", proxy.metrics());
+}
