@@ -6,7 +6,7 @@
 //! a different identity is refused. Weak keys are refused. The trust bundle can hold
 //! several roots so a root can be rotated without an outage.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -29,48 +29,13 @@ pub enum Error {
     WrongIdentity { asked: Vec<String>, proven: SpiffeId },
     #[error("the CSR's key is too weak ({0}); use ECDSA P-256/P-384, Ed25519 or RSA of at least 2048 bits")]
     WeakKey(String),
-    #[error("invalid SPIFFE ID {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
-    BadSpiffeId(String),
     #[error("CA certificate or key: {0}")]
     BadCa(String),
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
 }
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
-    }
-}
-
-impl FromStr for SpiffeId {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::BadSpiffeId(s.to_string());
-        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
-        let mut parts = rest.split('/');
-        let (td, ns_kw, ns, sa_kw, sa) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
-        let valid =
-            |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-        match (td, ns_kw, ns, sa_kw, sa, parts.next()) {
-            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-                if valid(td) && valid(ns) && valid(sa) =>
-            {
-                Ok(SpiffeId { trust_domain: td.into(), namespace: ns.into(), service_account: sa.into() })
-            }
-            _ => Err(bad()),
-        }
-    }
-}
+pub use weft_api::spiffe::SpiffeId;
 
 /// A signed leaf and what the workload needs to use it.
 #[derive(Debug)]
@@ -210,21 +175,6 @@ mod tests {
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans.iter().map(|s| SanType::URI((*s).try_into().unwrap())).collect();
         params.serialize_request(key).unwrap().pem().unwrap()
-    }
-
-    #[test]
-    fn spiffe_ids_parse_strictly() {
-        let s = "spiffe://weft.local/ns/shop/sa/frontend";
-        assert_eq!(s.parse::<SpiffeId>().unwrap().to_string(), s);
-        for bad in [
-            "spiffe://weft.local/ns/shop",
-            "spiffe://weft.local/ns/shop/sa/frontend/extra",
-            "https://weft.local/ns/shop/sa/frontend",
-            "spiffe://weft.local/ns//sa/x",
-            "spiffe://weft.local/namespace/a/sa/b",
-        ] {
-            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
-        }
     }
 
     #[test]

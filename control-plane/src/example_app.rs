@@ -33,7 +33,7 @@ pub enum App {
 }
 
 pub async fn run(app: App) -> anyhow::Result<()> {
-    let name = std::env::var("WEFT_WORKLOAD").unwrap_or_else(|_| "app".into());
+    let name = std::env::var(weft_api::env::WORKLOAD).unwrap_or_else(|_| "app".into());
     match app {
         App::Backend { message, fail_percent } => {
             let answer = Bytes::from(format!("{name}: {message}\n"));

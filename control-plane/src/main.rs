@@ -108,7 +108,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Control { mesh, grpc_addr, admin_addr, ca_cert, ca_key, extra_roots, cert_ttl_secs } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "info".into()),
+                    tracing_subscriber::EnvFilter::try_from_env(weft_api::env::LOG)
+                        .unwrap_or_else(|_| "info".into()),
                 )
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)

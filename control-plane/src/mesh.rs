@@ -5,11 +5,16 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
+    time::Duration,
 };
 
 use serde::Deserialize;
+use weft_api::duration::Setting;
 
-use crate::ca::SpiffeId;
+use crate::{
+    ca::SpiffeId,
+    routes::{self, Invalid},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,7 +37,7 @@ pub struct Mesh {
     pub policies: Vec<InboundPolicy>,
     /// Outbound routing of services (see [`crate::routes`]).
     #[serde(default)]
-    pub routes: Vec<crate::routes::Route>,
+    pub routes: Vec<routes::Route>,
     /// Where the sidecars (and apps) of a local mesh send spans; `weft up` passes it on
     /// as the standard `OTEL_*` variables.
     pub tracing: Option<Tracing>,
@@ -74,18 +79,12 @@ impl Tracing {
         ]
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
-        let uri: Option<http::Uri> = self.endpoint.parse().ok();
-        if !uri.is_some_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
-            let msg = format!("{:?} is not an http:// URL like http://127.0.0.1:4317", self.endpoint);
-            return Err(("tracing.endpoint".into(), msg));
-        }
-        if !["grpc", "http/protobuf"].contains(&self.protocol.as_str()) {
-            let msg = format!("{:?}: expected grpc or http/protobuf", self.protocol);
-            return Err(("tracing.protocol".into(), msg));
-        }
+    fn validate(&self) -> Result<(), Invalid> {
+        let invalid = |path: &str, msg: String| Invalid { path: path.into(), msg };
+        weft_api::otlp::endpoint(&self.endpoint).map_err(|e| invalid("tracing.endpoint", e.to_string()))?;
+        weft_api::otlp::protocol(&self.protocol).map_err(|e| invalid("tracing.protocol", e.to_string()))?;
         if !(0.0..=1.0).contains(&self.sampling) {
-            return Err(("tracing.sampling".into(), format!("{}: expected 0 to 1", self.sampling)));
+            return Err(invalid("tracing.sampling", format!("{}: expected 0 to 1", self.sampling)));
         }
         Ok(())
     }
@@ -150,9 +149,9 @@ pub struct OutlierDetection {
     #[serde(default = "five")]
     pub consecutive_failures: u32,
     #[serde(default = "five_secs")]
-    pub ejection_time: String,
+    pub ejection_time: Setting,
     #[serde(default = "one_minute")]
-    pub max_ejection_time: String,
+    pub max_ejection_time: Setting,
 }
 
 impl Default for OutlierDetection {
@@ -169,12 +168,12 @@ fn five() -> u32 {
     5
 }
 
-fn five_secs() -> String {
-    "5s".into()
+fn five_secs() -> Setting {
+    Setting(Duration::from_secs(5))
 }
 
-fn one_minute() -> String {
-    "1m".into()
+fn one_minute() -> Setting {
+    Setting(Duration::from_secs(60))
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -280,13 +279,6 @@ impl Mesh {
                     return Err(invalid(path, format!("authority {a} is claimed by another service")));
                 }
             }
-            for (field, d) in [
-                ("ejectionTime", &s.outlier_detection.ejection_time),
-                ("maxEjectionTime", &s.outlier_detection.max_ejection_time),
-            ] {
-                crate::routes::parse_duration(d)
-                    .map_err(|e| invalid(format!("{path}.outlierDetection.{field}"), e))?;
-            }
             for (j, e) in s.endpoints.iter().enumerate() {
                 if let Some(w) = &e.workload {
                     if !known(w) {
@@ -317,9 +309,10 @@ impl Mesh {
             }
         }
         if let Some(t) = &self.tracing {
-            t.validate().map_err(|(path, msg)| invalid(path, msg))?;
+            t.validate().map_err(|e| invalid(e.path, e.msg))?;
         }
-        crate::routes::validate(self).map_err(|(path, msg)| invalid(path, msg))
+        let services = |name: &str| self.service_named(name).map(Service::authority);
+        routes::validate(&self.routes, &services).map_err(|e| invalid(e.path, e.msg))
     }
 
     pub fn identity_of(&self, w: &Workload) -> String {
@@ -349,6 +342,30 @@ impl Mesh {
 
     pub fn service_for(&self, authority: &str) -> Option<&Service> {
         self.services.iter().find(|s| self.authorities(s).iter().any(|a| a == authority))
+    }
+
+    /// `name` (namespace `default`) or `name.namespace`, as routes name services.
+    fn service_named(&self, name: &str) -> Option<&Service> {
+        let (name, ns) = name.split_once('.').unwrap_or((name, "default"));
+        self.services.iter().find(|s| s.name == name && s.namespace == ns)
+    }
+
+    /// The route of the service `authority` names, as the proxies receive it.
+    pub fn route_set(&self, authority: &str) -> weft_api::v1::RouteSet {
+        let services = |name: &str| self.service_named(name).map(Service::authority);
+        let rules = self
+            .service_for(authority)
+            .and_then(|s| self.routes.iter().find(|r| self.service_named(&r.service) == Some(s)))
+            .map(|r| routes::rules(r, &services))
+            .unwrap_or_default();
+        weft_api::v1::RouteSet { authority: authority.into(), rules }
+    }
+}
+
+impl Service {
+    /// `name.namespace:port`: the authority backends and routes are keyed by.
+    pub fn authority(&self) -> String {
+        format!("{}.{}:{}", self.name, self.namespace, self.port)
     }
 }
 
@@ -452,7 +469,8 @@ policies:
         let e =
             err(&GOOD
                 .replace("    port: 8080\n", "    port: 8080\n    outlierDetection: {ejectionTime: soon}\n"));
-        assert!(e.contains("outlierDetection.ejectionTime") && e.contains("300ms"), "{e}");
+        // Durations are parsed as the file is read: the error points at the line.
+        assert!(e.contains("outlierDetection") && e.contains("\"soon\"") && e.contains("line 12"), "{e}");
         let e = err(&GOOD.replace("    port: 8080\n", "    port: 8080\n    balancer: random\n"));
         assert!(e.contains("balancer") && e.contains("peak-ewma"), "{e}");
     }

@@ -4,12 +4,24 @@
 //! retries; fault injection. Validation names the route, rule and field; [`route_set`]
 //! turns them into what the proxies receive.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use weft_api::duration::Setting;
 use weft_api::v1 as api;
 
-use crate::mesh::{Mesh, Service};
+/// Finds a service by the name a route uses (`name`, namespace `default`, or
+/// `name.namespace`) and answers its canonical authority `name.namespace:port`. The mesh
+/// file (or any other source) provides it, so routes need not know where services live.
+pub type Services<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// A route the mesh cannot serve: where (route, rule, field) and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {msg}")]
+pub struct Invalid {
+    pub path: String,
+    pub msg: String,
+}
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -32,7 +44,7 @@ pub struct Rule {
     #[serde(default)]
     pub request_headers: HeaderChanges,
     /// The whole request, retries included, e.g. `2s`.
-    pub timeout: Option<String>,
+    pub timeout: Option<Setting>,
     pub retry: Option<Retry>,
     pub fault: Option<Fault>,
 }
@@ -103,12 +115,12 @@ pub struct Retry {
     /// Also retry non-idempotent methods (POST, PATCH).
     #[serde(default)]
     pub non_idempotent: bool,
-    pub per_try_timeout: Option<String>,
+    pub per_try_timeout: Option<Setting>,
     /// Bodies up to this size are kept for replay; larger ones are not retried.
     #[serde(default = "max_body")]
     pub max_body_bytes: u32,
     /// The first backoff; it doubles per retry, with jitter.
-    pub backoff: Option<String>,
+    pub backoff: Option<Setting>,
 }
 
 fn three() -> u32 {
@@ -137,7 +149,7 @@ pub struct Fault {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultDelay {
     pub percent: f64,
-    pub duration: String,
+    pub duration: Setting,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -167,19 +179,6 @@ const GRPC_CODES: [(&str, u32); 16] = [
     ("unauthenticated", 16),
 ];
 
-/// `300ms`, `2s`, `1m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 300ms, 2s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration like 300ms, 2s or 1m")),
-    }
-}
-
 fn statuses(specs: &[StatusSpec]) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
     for s in specs {
@@ -200,50 +199,41 @@ fn statuses(specs: &[StatusSpec]) -> Result<Vec<u32>, String> {
 }
 
 /// Checks every route; errors name the route, rule and field.
-pub fn validate(mesh: &Mesh) -> Result<(), (String, String)> {
+pub fn validate(routes: &[Route], services: Services<'_>) -> Result<(), Invalid> {
+    let invalid = |path: &str, msg: String| Invalid { path: path.to_string(), msg };
     let mut names = std::collections::HashSet::new();
     let mut parents = std::collections::HashSet::new();
-    for (i, r) in mesh.routes.iter().enumerate() {
+    for (i, r) in routes.iter().enumerate() {
         let at = format!("routes[{i}] ({})", r.name);
         if !names.insert(&r.name) {
-            return Err((at, "duplicate route name".into()));
+            return Err(invalid(&at, "duplicate route name".into()));
         }
-        let parent = service_named(mesh, &r.service).ok_or_else(|| {
-            (at.clone(), format!("unknown service {:?}; name a service of this file", r.service))
+        let parent = services(&r.service).ok_or_else(|| {
+            invalid(&at, format!("unknown service {:?}; name a service of this file", r.service))
         })?;
-        if !parents.insert((&parent.name, &parent.namespace)) {
-            return Err((
-                at,
-                format!("service {:?} already has a route; put all its rules in one", r.service),
-            ));
+        if !parents.insert(parent) {
+            let msg = format!("service {:?} already has a route; put all its rules in one", r.service);
+            return Err(invalid(&at, msg));
         }
         if r.rules.is_empty() {
-            return Err((at, "a route needs at least one rule".into()));
+            return Err(invalid(&at, "a route needs at least one rule".into()));
         }
         for (j, rule) in r.rules.iter().enumerate() {
-            let at = format!("{at}.rules[{j}]");
-            convert_rule(mesh, r, j, rule).map_err(|e| (at, e))?;
+            convert_rule(services, r, j, rule).map_err(|e| invalid(&format!("{at}.rules[{j}]"), e))?;
         }
     }
     Ok(())
 }
 
-/// The route of the service `authority` names, as the proxies receive it.
-pub fn route_set(mesh: &Mesh, authority: &str) -> api::RouteSet {
-    let rules = mesh
-        .service_for(authority)
-        .and_then(|s| mesh.routes.iter().find(|r| service_named(mesh, &r.service) == Some(s)))
-        .map(|r| {
-            r.rules.iter().enumerate().filter_map(|(j, rule)| convert_rule(mesh, r, j, rule).ok()).collect()
-        })
-        .unwrap_or_default();
-    api::RouteSet { authority: authority.into(), rules }
-}
-
-/// `name` (namespace `default`) or `name.namespace`.
-fn service_named<'a>(mesh: &'a Mesh, name: &str) -> Option<&'a Service> {
-    let (name, ns) = name.split_once('.').unwrap_or((name, "default"));
-    mesh.services.iter().find(|s| s.name == name && s.namespace == ns)
+/// A route's rules as the proxies receive them (rules that do not convert are left
+/// out; validation refused them before).
+pub fn rules(route: &Route, services: Services<'_>) -> Vec<api::Rule> {
+    route
+        .rules
+        .iter()
+        .enumerate()
+        .filter_map(|(j, rule)| convert_rule(services, route, j, rule).ok())
+        .collect()
 }
 
 fn kv(m: &BTreeMap<String, String>) -> Vec<api::KeyValue> {
@@ -256,7 +246,7 @@ fn header_name(n: &str) -> Result<(), String> {
         .map_err(|_| format!("{n:?} is not a valid header name"))
 }
 
-fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api::Rule, String> {
+fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) -> Result<api::Rule, String> {
     let mut matches = Vec::new();
     for (k, m) in rule.matches.iter().enumerate() {
         let at = format!("matches[{k}]");
@@ -296,12 +286,9 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
     }
     let mut backends = Vec::new();
     for (k, b) in rule.backends.iter().enumerate() {
-        let s = service_named(mesh, &b.service)
-            .ok_or_else(|| format!("backends[{k}]: unknown service {:?}", b.service))?;
-        backends.push(api::Backend {
-            authority: format!("{}.{}:{}", s.name, s.namespace, s.port),
-            weight: b.weight,
-        });
+        let authority =
+            services(&b.service).ok_or_else(|| format!("backends[{k}]: unknown service {:?}", b.service))?;
+        backends.push(api::Backend { authority, weight: b.weight });
     }
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         return Err("backends: at least one weight must be above 0".into());
@@ -310,13 +297,7 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
     for name in changes.set.keys().chain(changes.add.keys()).chain(&changes.remove) {
         header_name(name).map_err(|e| format!("requestHeaders: {e}"))?;
     }
-    let ms = |d: &Option<String>, field: &str| -> Result<u64, String> {
-        d.as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map(|d| d.map_or(0, |d| d.as_millis() as u64))
-            .map_err(|e| format!("{field}: {e}"))
-    };
+    let ms = |d: &Option<Setting>| d.map_or(0, Setting::millis);
     let retry = match &rule.retry {
         None => None,
         Some(r) => {
@@ -335,12 +316,9 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
                 statuses: statuses(&r.statuses).map_err(|e| format!("retry.statuses: {e}"))?,
                 grpc_codes,
                 non_idempotent: r.non_idempotent,
-                per_try_timeout_ms: ms(&r.per_try_timeout, "retry.perTryTimeout")?,
+                per_try_timeout_ms: ms(&r.per_try_timeout),
                 max_body_bytes: r.max_body_bytes,
-                backoff_ms: match &r.backoff {
-                    Some(_) => ms(&r.backoff, "retry.backoff")?,
-                    None => 25,
-                },
+                backoff_ms: r.backoff.map_or(25, Setting::millis),
             })
         }
     };
@@ -357,7 +335,7 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
             let mut out = api::Fault::default();
             if let Some(d) = &f.delay {
                 out.delay_permille = permille(d.percent, "fault.delay.percent")?;
-                out.delay_ms = ms(&Some(d.duration.clone()), "fault.delay.duration")?;
+                out.delay_ms = d.duration.millis();
             }
             if let Some(a) = &f.abort {
                 out.abort_permille = permille(a.percent, "fault.abort.percent")?;
@@ -376,7 +354,7 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
         set_request_headers: kv(&rule.request_headers.set),
         add_request_headers: kv(&rule.request_headers.add),
         remove_request_headers: rule.request_headers.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
-        timeout_ms: ms(&rule.timeout, "timeout")?,
+        timeout_ms: ms(&rule.timeout),
         retry,
         fault,
     })
@@ -384,7 +362,7 @@ fn convert_rule(mesh: &Mesh, route: &Route, j: usize, rule: &Rule) -> Result<api
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::mesh::Mesh;
 
     const MESH: &str = r#"
 workloads:
@@ -410,7 +388,7 @@ routes:
     #[test]
     fn rules_become_what_proxies_receive() {
         let mesh = Mesh::parse("m", MESH).unwrap();
-        let set = route_set(&mesh, "words:8080");
+        let set = mesh.route_set("words:8080");
         assert_eq!(set.rules.len(), 2);
         assert_eq!(set.rules[0].matches[0].headers[0].name, "x-canary");
         assert_eq!(set.rules[0].backends[0].authority, "words-v2.default:8080");
@@ -427,7 +405,7 @@ routes:
             (&[14][..], 300, 25)
         );
         assert_eq!(r.fault.as_ref().unwrap().abort_permille, 125);
-        assert!(route_set(&mesh, "words-v1:8080").rules.is_empty());
+        assert!(mesh.route_set("words-v1:8080").rules.is_empty());
     }
 
     fn err(text: &str) -> String {
@@ -442,7 +420,10 @@ routes:
             "{e}"
         );
         let e = err(&MESH.replace("timeout: 2s", "timeout: soon"));
-        assert!(e.contains("rules[1]") && e.contains("timeout") && e.contains("300ms"), "{e}");
+        assert!(
+            e.contains("rules[1]") && e.contains("\"soon\"") && e.contains("300ms") && e.contains("line"),
+            "{e}"
+        );
         let e = err(&MESH.replace("status: 503", "status: 42"));
         assert!(e.contains("fault.abort.status"), "{e}");
         let e = err(&MESH.replace("percent: 12.5", "percent: 120"));
@@ -455,13 +436,5 @@ routes:
         assert!(e.contains("unknown service \"letters\""), "{e}");
         let e = err(&MESH.replace("attempts: 3", "attempts: 0"));
         assert!(e.contains("retry.attempts"), "{e}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("2h").is_err() && parse_duration("ms").is_err());
     }
 }

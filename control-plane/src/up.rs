@@ -21,6 +21,8 @@ use tokio::{
     process::{Child, Command},
 };
 
+use weft_api::env;
+
 use crate::{http_client::Client, mesh::Mesh};
 
 /// The demo mesh, used when `weft up` is given no file.
@@ -128,15 +130,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     for w in &state.workloads {
         let mut cmd = Command::new(&proxy_bin);
-        cmd.env("WEFT_INBOUND_ADDR", w.inbound.to_string())
-            .env("WEFT_OUTBOUND_ADDR", w.outbound.to_string())
-            .env("WEFT_ADMIN_ADDR", w.admin.to_string())
-            .env("WEFT_APP_ADDR", w.app.to_string())
-            .env("WEFT_CONTROL_ADDR", state.control.grpc.to_string())
-            .env("WEFT_IDENTITY", &w.identity)
-            .env("WEFT_TOKEN_FILE", &tokens[&w.name])
-            .env("WEFT_WORKLOAD", &w.name)
-            .env("WEFT_ACCESS_LOG", if opts.access_log { "on" } else { "off" })
+        cmd.env(env::INBOUND_ADDR, w.inbound.to_string())
+            .env(env::OUTBOUND_ADDR, w.outbound.to_string())
+            .env(env::ADMIN_ADDR, w.admin.to_string())
+            .env(env::APP_ADDR, w.app.to_string())
+            .env(env::CONTROL_ADDR, state.control.grpc.to_string())
+            .env(env::IDENTITY, &w.identity)
+            .env(env::TOKEN_FILE, &tokens[&w.name])
+            .env(env::WORKLOAD, &w.name)
+            .env(env::ACCESS_LOG, if opts.access_log { "on" } else { "off" })
             .envs(otel(&w.name));
         parts.push(spawn(&format!("{}-proxy", w.name), cmd, width)?);
     }
@@ -154,7 +156,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let mut cmd = Command::new(&w.command[0]);
         cmd.args(&w.command[1..])
             .env("PATH", prepend_path(&bin_dir))
-            .env("WEFT_WORKLOAD", &w.name)
+            .env(env::WORKLOAD, &w.name)
             .env("LISTEN_ADDR", addrs.app.to_string())
             .env("PORT", addrs.app.port().to_string())
             .env("http_proxy", format!("http://{}", addrs.outbound))

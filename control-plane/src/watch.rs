@@ -81,11 +81,10 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
         mesh::Balancer::PeakEwma => weft_api::v1::Balancer::PeakEwma,
         mesh::Balancer::RoundRobin => weft_api::v1::Balancer::RoundRobin,
     };
-    let ms = |d: &str| crate::routes::parse_duration(d).map_or(0, |d| d.as_millis() as u64);
     let outlier_detection = Some(weft_api::v1::OutlierDetection {
         consecutive_failures: outlier.consecutive_failures,
-        base_ejection_ms: ms(&outlier.ejection_time),
-        max_ejection_ms: ms(&outlier.max_ejection_time),
+        base_ejection_ms: outlier.ejection_time.millis(),
+        max_ejection_ms: outlier.max_ejection_time.millis(),
     });
     EndpointSet {
         authority: authority.into(),
@@ -174,7 +173,7 @@ impl Policy for PolicyService {
         if authority.is_empty() {
             return Err(Status::invalid_argument("authority is empty: send host:port"));
         }
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| crate::routes::route_set(m, &authority))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| m.route_set(&authority))))
     }
 }
 

@@ -45,7 +45,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
 
 impl Admin {
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        let local = crate::orig_dst::canonical(peer).ip().is_loopback();
+        let local = crate::transport::orig_dst::canonical(peer).ip().is_loopback();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),

@@ -25,12 +25,16 @@ use crate::{
     admin::{self, Admin},
     config::{self, Config},
     drain,
-    http::{client::Client, proxy::HttpProxy},
-    inbound,
+    http::{forwarder::Forwarder, pool::Pool, service::Common},
+    inbound::{self, policy::Policies, Inbound},
     log::LogHandle,
     metrics::{Direction, Metrics},
-    outbound,
+    outbound::{
+        self, attempts::Attempts, discovery::Discovery, in_flight::InFlight, plan::Planner, retry::Budgets,
+        routes::RouteWatch, Outbound,
+    },
     resolve::Resolver,
+    transport::tcp::Timeouts,
 };
 
 pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
@@ -47,10 +51,10 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     };
     // One discovery cache for all shards: an answer learnt by one serves every shard,
     // also while the control plane is away.
-    let discovery = cfg.control.as_ref().map(crate::discovery::Discovery::new).transpose()?.map(Arc::new);
-    let policies = cfg.control.as_ref().map(crate::policy::Policies::new).transpose()?.map(Arc::new);
-    let routes = cfg.control.as_ref().map(crate::routes::Routes::new).transpose()?.map(Arc::new);
-    let budgets = Arc::new(crate::http::retry::Budgets::default());
+    let discovery = cfg.control.as_ref().map(Discovery::new).transpose()?.map(Arc::new);
+    let policies = cfg.control.as_ref().map(Policies::new).transpose()?.map(Arc::new);
+    let routes = cfg.control.as_ref().map(RouteWatch::new).transpose()?.map(Arc::new);
+    let budgets = Arc::new(Budgets::default());
     let (tracer, flush_spans) = match &cfg.tracing {
         None => (None, None),
         Some(t) => {
@@ -66,7 +70,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     if workload.is_none() {
         tracing::warn!(workload = cfg.workload, "not a valid workload name; peers will not learn it");
     }
-    let in_flight = Arc::new(crate::limits::InFlight::default());
+    let in_flight = Arc::new(InFlight::default());
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -156,11 +160,11 @@ struct Shard {
     metrics: Arc<Metrics>,
     own_addrs: Arc<Vec<SocketAddr>>,
     identity: Option<crate::identity::Current>,
-    discovery: Option<Arc<crate::discovery::Discovery>>,
-    policies: Option<Arc<crate::policy::Policies>>,
-    routes: Option<Arc<crate::routes::Routes>>,
-    budgets: Arc<crate::http::retry::Budgets>,
-    in_flight: Arc<crate::limits::InFlight>,
+    discovery: Option<Arc<Discovery>>,
+    policies: Option<Arc<Policies>>,
+    routes: Option<Arc<RouteWatch>>,
+    budgets: Arc<Budgets>,
+    in_flight: Arc<InFlight>,
     tracer: Option<Arc<crate::trace::Tracer>>,
     workload: Option<http::HeaderValue>,
 }
@@ -177,23 +181,31 @@ impl Shard {
             Err(e) => return tracing::error!("cannot start a proxy runtime: {e}"),
         };
         rt.block_on(async move {
-            let (inbound_p, outbound_p) =
-                match (self.proxy(Direction::Inbound), self.proxy(Direction::Outbound)) {
-                    (Ok(i), Ok(o)) => (i, o),
-                    (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot start the proxy: {e:#}"),
-                };
+            let (inbound, outbound) = match (self.inbound(), self.outbound()) {
+                (Ok(i), Ok(o)) => (i, o),
+                (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot start the proxy: {e:#}"),
+            };
             let mut loops: Vec<Pin<Box<dyn Future<Output = ()>>>> = vec![];
-            for (ls, proxy) in [(inbound_ls, inbound_p), (outbound_ls, outbound_p)] {
-                for l in ls {
-                    let l = match TcpListener::from_std(l) {
-                        Ok(l) => l,
-                        Err(e) => return tracing::error!("cannot use a listener: {e}"),
-                    };
-                    let (proxy, cfg, watch) = (proxy.clone(), self.cfg.clone(), watch.clone());
-                    loops.push(match proxy.dir {
-                        Direction::Inbound => Box::pin(inbound::run(l, proxy, cfg, watch)),
-                        Direction::Outbound => Box::pin(outbound::run(l, proxy, cfg, watch)),
-                    });
+            for l in inbound_ls {
+                match TcpListener::from_std(l) {
+                    Ok(l) => loops.push(Box::pin(inbound::run(
+                        l,
+                        inbound.clone(),
+                        self.cfg.clone(),
+                        watch.clone(),
+                    ))),
+                    Err(e) => return tracing::error!("cannot use a listener: {e}"),
+                }
+            }
+            for l in outbound_ls {
+                match TcpListener::from_std(l) {
+                    Ok(l) => loops.push(Box::pin(outbound::run(
+                        l,
+                        outbound.clone(),
+                        self.cfg.clone(),
+                        watch.clone(),
+                    ))),
+                    Err(e) => return tracing::error!("cannot use a listener: {e}"),
                 }
             }
             drop(watch);
@@ -204,38 +216,65 @@ impl Shard {
         })
     }
 
-    fn proxy(&self, dir: Direction) -> anyhow::Result<Arc<HttpProxy>> {
-        let cfg = &self.cfg;
-        Ok(Arc::new(HttpProxy {
+    fn common(&self, dir: Direction) -> Common {
+        Common {
             dir,
-            client: Client::new(&cfg.http, cfg.connect_timeout, self.metrics.clone()),
-            resolver: Resolver::from_system()?,
             metrics: self.metrics.clone(),
-            max_header_bytes: cfg.http.max_header_bytes,
-            tcp_idle_timeout: cfg.tcp_idle_timeout,
-            connect_timeout: cfg.connect_timeout,
-            mesh_networks: cfg.mesh_networks.clone(),
-            own_addrs: self.own_addrs.to_vec(),
-            access_log: cfg.log.access_log,
-            identity: self.identity.clone(),
-            discovery: match dir {
-                Direction::Outbound => self.discovery.clone(),
-                Direction::Inbound => None,
-            },
-            policies: match dir {
-                Direction::Inbound => self.policies.clone(),
-                Direction::Outbound => None,
-            },
-            balancers: Default::default(),
-            queue_timeout: cfg.queue_timeout,
-            routes: match dir {
-                Direction::Outbound => self.routes.clone(),
-                Direction::Inbound => None,
-            },
-            budgets: self.budgets.clone(),
-            in_flight: self.in_flight.clone(),
             tracer: self.tracer.clone(),
+            access_log: self.cfg.log.access_log,
+        }
+    }
+
+    fn pool(&self) -> Pool {
+        Pool::new(&self.cfg.http, self.cfg.connect_timeout, self.metrics.clone())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts { connect: self.cfg.connect_timeout, idle: self.cfg.tcp_idle_timeout }
+    }
+
+    fn inbound(&self) -> anyhow::Result<Arc<Inbound>> {
+        // The app is not a proxy: no HTTP/2 carriage towards it, and no mesh peer.
+        let forwarder = Forwarder::new(self.pool(), vec![], None, None);
+        Ok(Arc::new(Inbound {
+            common: self.common(Direction::Inbound),
+            forwarder,
+            policies: self.policies.clone(),
+            identity: self.identity.clone(),
             workload: self.workload.clone(),
+            max_header_bytes: self.cfg.http.max_header_bytes,
+            tcp: self.timeouts(),
+        }))
+    }
+
+    fn outbound(&self) -> anyhow::Result<Arc<Outbound>> {
+        let cfg = &self.cfg;
+        let forwarder = Forwarder::new(
+            self.pool(),
+            cfg.mesh_networks.clone(),
+            self.identity.clone(),
+            self.workload.clone(),
+        );
+        Ok(Arc::new(Outbound {
+            common: self.common(Direction::Outbound),
+            planner: Planner {
+                discovery: self.discovery.clone(),
+                routes: self.routes.clone(),
+                resolver: Resolver::from_system()?,
+                own_addrs: self.own_addrs.clone(),
+                queue_timeout: cfg.queue_timeout,
+            },
+            attempts: Attempts {
+                forwarder,
+                balancers: Default::default(),
+                budgets: self.budgets.clone(),
+                in_flight: self.in_flight.clone(),
+                metrics: self.metrics.clone(),
+                tracer: self.tracer.clone(),
+                queue_timeout: cfg.queue_timeout,
+            },
+            max_header_bytes: cfg.http.max_header_bytes,
+            tcp: self.timeouts(),
         }))
     }
 }

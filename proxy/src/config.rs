@@ -38,14 +38,11 @@ pub struct Error {
 
 // === names ===
 
-pub const INBOUND_ADDR: &str = "WEFT_INBOUND_ADDR";
-pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
-pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
-pub const APP_ADDR: &str = "WEFT_APP_ADDR";
-pub const CONTROL_ADDR: &str = "WEFT_CONTROL_ADDR";
-pub const IDENTITY: &str = "WEFT_IDENTITY";
-pub const TOKEN: &str = "WEFT_TOKEN";
-pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
+// Set by `weft up` and the injector too, so named where both see them.
+pub use weft_api::env::{
+    ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, IDENTITY, INBOUND_ADDR, LOG, OUTBOUND_ADDR, TOKEN,
+    TOKEN_FILE, WORKLOAD,
+};
 pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
 pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
@@ -58,14 +55,11 @@ pub const POOL_IDLE_TIMEOUT: &str = "WEFT_POOL_IDLE_TIMEOUT";
 pub const POOL_MAX_IDLE: &str = "WEFT_POOL_MAX_IDLE_PER_HOST";
 pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
 pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
-pub const LOG: &str = "WEFT_LOG";
 pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
-pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
 pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
 pub const PROXY_UID: &str = "WEFT_PROXY_UID";
 pub const INIT_SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
 pub const INIT_SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
-pub const WORKLOAD: &str = "WEFT_WORKLOAD";
 
 // OpenTelemetry's standard variables (the SDK environment specification), so a proxy
 // is configured for tracing exactly as the apps beside it are.
@@ -138,11 +132,7 @@ pub struct TraceConfig {
     pub export_timeout: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    Grpc,
-    HttpProtobuf,
-}
+pub use weft_api::otlp::Protocol as OtlpProtocol;
 
 /// `OTEL_TRACES_SAMPLER`: sampling of new traces, and whether a caller's decision wins.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -283,11 +273,8 @@ fn tracing(env: &dyn Env, workload: &str) -> Result<Option<TraceConfig>, Error> 
         Some(p) => (OTEL_TRACES_PROTOCOL, p),
         None => (OTEL_PROTOCOL, get(OTEL_PROTOCOL).unwrap_or_else(|| "grpc".into())),
     };
-    let protocol = match protocol.as_str() {
-        "grpc" => OtlpProtocol::Grpc,
-        "http/protobuf" => OtlpProtocol::HttpProtobuf,
-        _ => return Err(err(protocol_var, &protocol, "grpc or http/protobuf (http/json is not supported)")),
-    };
+    let protocol = weft_api::otlp::protocol(&protocol)
+        .map_err(|_| err(protocol_var, &protocol, "grpc or http/protobuf (http/json is not supported)"))?;
     const URL: &str =
         "an http:// URL like http://jaeger:4317 (https is not supported: use a local collector)";
     // The signal-specific variable is the URL itself; the general one is a base to which
@@ -298,10 +285,7 @@ fn tracing(env: &dyn Env, workload: &str) -> Result<Option<TraceConfig>, Error> 
         (None, None) => return Ok(None),
     };
     let full = if append { format!("{}/v1/traces", url.trim_end_matches('/')) } else { url.clone() };
-    let endpoint: http::Uri = full.parse().map_err(|_| err(name, &url, URL))?;
-    if endpoint.scheme_str() != Some("http") || endpoint.host().is_none() {
-        return Err(err(name, &url, URL));
-    }
+    let endpoint = weft_api::otlp::endpoint(&full).map_err(|_| err(name, &url, URL))?;
     let sampler_name = get(OTEL_SAMPLER).unwrap_or_else(|| "parentbased_always_on".into());
     let arg = || -> Result<f64, Error> {
         match get(OTEL_SAMPLER_ARG) {
@@ -378,7 +362,7 @@ fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
     const ID_FORM: &str =
         "the proxy's SPIFFE ID, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";
     let identity = env.get(IDENTITY).unwrap_or_default();
-    if !identity.starts_with("spiffe://") || identity.split('/').count() != 7 {
+    if identity.parse::<weft_api::spiffe::SpiffeId>().is_err() {
         return Err(err(IDENTITY, &identity, ID_FORM));
     }
     let token =
@@ -472,18 +456,9 @@ fn duration(env: &dyn Env, name: &'static str, default: &str) -> Result<Duration
     parse_duration(value.trim()).ok_or_else(|| err(name, &value, "a duration like 100ms, 10s, 5m or 1h"))
 }
 
-/// `100ms`, `10s`, `5m`, `1h`; a unit is required so `100` is never misread.
+/// The duration grammar Weft shares (`weft_api::duration`).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
-    }
+    weft_api::duration::parse(s).ok()
 }
 
 /// `host:port` with a non-empty host and a numeric port.

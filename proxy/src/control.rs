@@ -1,12 +1,15 @@
-//! What the proxy's control-plane clients share: the gRPC channel, the bearer token on
-//! every request, and streaming watches that survive the control plane going away
-//! (the last answer keeps serving while the watch reconnects with capped backoff).
+//! The proxy's control-plane watches, one shape for all three (discovery by authority,
+//! inbound policy by port, routes by authority): a lazily connected gRPC channel, the
+//! bearer token on every request, and a streaming watch per key, started on first use,
+//! shared by all shards, that keeps its last answer and reconnects (capped backoff)
+//! while the control plane is away.
 
 use std::{
     collections::HashMap,
     future::Future,
     hash::Hash,
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -19,11 +22,17 @@ pub const FIRST_ANSWER: Duration = Duration::from_secs(1);
 /// Reconnects are capped low: a restarted control plane must reach every proxy within a second.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("WEFT_CONTROL_ADDR {addr} does not make a gRPC endpoint: {reason}")]
+    Addr { addr: String, reason: String },
+}
+
 /// A lazily connected channel to `weft control`.
-pub fn channel(cfg: &ControlConfig) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.addr))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect_lazy())
+pub fn channel(cfg: &ControlConfig) -> Result<tonic::transport::Channel, Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.addr))
+        .map_err(|e| Error::Addr { addr: cfg.addr.to_string(), reason: e.to_string() })?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(3)).connect_lazy())
 }
 
 /// `msg` with the workload's token as `authorization: Bearer <token>`.
@@ -37,46 +46,41 @@ pub fn authorized<T>(msg: T, token: &TokenSource) -> tonic::Request<T> {
 
 pub type Answer<T> = Option<Arc<T>>;
 
-/// Watches by key (an authority, a port), each started on first use and kept.
-pub struct Watches<K, T> {
+type Opened<T> = Pin<Box<dyn Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send>>;
+/// Opens one watch stream: the gRPC call with its request for a key.
+type Open<K, T> = Arc<dyn Fn(&K, &TokenSource) -> Opened<T> + Send + Sync>;
+
+/// Watches of one kind by key (an authority, a port), each started on first use and kept.
+pub struct Watched<K, T> {
+    /// `discovery of`, `policy of port`…: the start of its log lines.
+    what: &'static str,
+    token: TokenSource,
+    open: Open<K, T>,
     watches: Mutex<HashMap<K, watch::Receiver<Answer<T>>>>,
 }
 
-impl<K: Eq + Hash, T> Default for Watches<K, T> {
-    fn default() -> Self {
-        Self { watches: Mutex::default() }
-    }
-}
-
-impl<K: Eq + Hash, T: Send + Sync + 'static> Watches<K, T> {
-    /// The current answer for `key`, waiting up to [`FIRST_ANSWER`] for the first one.
-    /// `open` opens the gRPC stream for `key`; it is called again after every failure.
-    pub async fn get<F, Fut>(&self, key: K, what: String, open: F) -> Answer<T>
+impl<K, T> Watched<K, T>
+where
+    K: Eq + Hash + Clone + std::fmt::Display + Send + Sync + 'static,
+    T: Send + Sync + 'static,
+{
+    /// `open(key, token)` makes the gRPC call for a key (see [`authorized`]).
+    pub fn new<F>(what: &'static str, token: TokenSource, open: F) -> Self
     where
-        F: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send,
+        F: Fn(&K, &TokenSource) -> Opened<T> + Send + Sync + 'static,
     {
-        self.get_when(key, what, open, FIRST_ANSWER, |_| true).await
+        Watched { what, token, open: Arc::new(open), watches: Mutex::default() }
+    }
+
+    /// The current answer for `key`, waiting up to [`FIRST_ANSWER`] for the first one.
+    pub async fn get(&self, key: &K) -> Answer<T> {
+        self.get_when(key, FIRST_ANSWER, |_| true).await
     }
 
     /// Like [`Self::get`], waiting up to `wait` for an answer that satisfies `ready`; after
     /// that, whatever the current answer is.
-    pub async fn get_when<F, Fut>(
-        &self,
-        key: K,
-        what: String,
-        open: F,
-        wait: Duration,
-        ready: impl Fn(&T) -> bool,
-    ) -> Answer<T>
-    where
-        F: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send,
-    {
-        let mut rx = {
-            let mut watches = self.watches.lock().expect("watches lock");
-            watches.entry(key).or_insert_with(|| spawn(what, open)).clone()
-        };
+    pub async fn get_when(&self, key: &K, wait: Duration, ready: impl Fn(&T) -> bool) -> Answer<T> {
+        let mut rx = self.receiver(key);
         // The common case, once per request: the answer is there; no timer needed.
         if let Some(answer) = rx.borrow().clone().filter(|a| ready(a)) {
             return Some(answer);
@@ -88,13 +92,23 @@ impl<K: Eq + Hash, T: Send + Sync + 'static> Watches<K, T> {
         };
         found.unwrap_or_else(|| rx.borrow().clone())
     }
+
+    fn receiver(&self, key: &K) -> watch::Receiver<Answer<T>> {
+        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = watches.get(key) {
+            return rx.clone();
+        }
+        let (open, token, key2) = (self.open.clone(), self.token.clone(), key.clone());
+        let rx = spawn(format!("{} {key}", self.what), move || open(&key2, &token));
+        watches.insert(key.clone(), rx.clone());
+        rx
+    }
 }
 
-fn spawn<T, F, Fut>(what: String, mut open: F) -> watch::Receiver<Answer<T>>
+fn spawn<T, F>(what: String, open: F) -> watch::Receiver<Answer<T>>
 where
     T: Send + Sync + 'static,
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send,
+    F: Fn() -> Opened<T> + Send + 'static,
 {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {

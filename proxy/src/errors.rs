@@ -4,11 +4,9 @@
 //! `cause` label of the request and TCP error metrics and appears in the log line. This
 //! is the one place that turns a cause into the status a client sees.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 
-use crate::http::Body;
+use crate::body::{self, Body};
 
 pub const WEFT_ERROR: &str = "weft-error";
 
@@ -170,15 +168,24 @@ impl CauseError {
 
 /// The response the proxy sends when it cannot forward a request.
 pub fn respond(cause: Cause, message: &str) -> Response<Body> {
-    let body = Full::new(Bytes::from(format!("weft-proxy: {}: {message}\n", cause.as_str())))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut rsp = Response::new(body);
+    let mut rsp = Response::new(body::full(format!("weft-proxy: {}: {message}\n", cause.as_str())));
     *rsp.status_mut() = cause.status();
     let headers = rsp.headers_mut();
     headers.insert(WEFT_ERROR, HeaderValue::from_static(cause.as_str()));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     rsp
+}
+
+/// The same answer written by hand on an HTTP/1 connection hyper has given up on (it
+/// closes silently on a header-read timeout): the status line and `weft-error`, then close.
+pub fn respond_raw_http1(cause: Cause) -> String {
+    let status = cause.status();
+    format!(
+        "HTTP/1.1 {} {}\r\n{WEFT_ERROR}: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        cause.as_str()
+    )
 }
 
 #[cfg(test)]
@@ -198,5 +205,7 @@ mod tests {
         let rsp = respond(Cause::UpstreamRefused, "connection refused by 127.0.0.1:1");
         assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(rsp.headers()[WEFT_ERROR], "upstream-refused");
+        let raw = respond_raw_http1(Cause::HeaderTimeout);
+        assert!(raw.starts_with("HTTP/1.1 408 Request Timeout\r\nweft-error: header-timeout\r\n"), "{raw}");
     }
 }

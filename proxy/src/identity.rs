@@ -13,7 +13,7 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use weft_api::v1::{identity_client::IdentityClient, CertifyRequest};
 
-use crate::{config::ControlConfig, metrics::Metrics};
+use crate::{config::ControlConfig, metrics::Metrics, transport::tls::Credentials};
 
 /// Renew when this fraction of the lifetime has passed.
 const RENEW_AT: f64 = 0.7;
@@ -32,66 +32,7 @@ pub enum Error {
     Refused { code: tonic::Code, message: String },
 }
 
-/// What the proxy presents and trusts, with the TLS configurations made from it (built
-/// once per certificate, not per connection).
-#[derive(Debug)]
-pub struct Credentials {
-    pub identity: String,
-    pub key_pem: String,
-    pub cert_chain_pem: String,
-    pub trust_bundle_pem: String,
-    pub not_after: SystemTime,
-    server_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
-    client_tls: std::sync::Mutex<ClientConfigs>,
-}
-
-impl Credentials {
-    pub fn new(
-        identity: String,
-        key_pem: String,
-        cert_chain_pem: String,
-        trust_bundle_pem: String,
-        not_after: SystemTime,
-    ) -> Self {
-        Credentials {
-            identity,
-            key_pem,
-            cert_chain_pem,
-            trust_bundle_pem,
-            not_after,
-            server_tls: Default::default(),
-            client_tls: Default::default(),
-        }
-    }
-
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, crate::tls::Error> {
-        if let Some(cfg) = self.server_tls.get() {
-            return Ok(cfg.clone());
-        }
-        let cfg = crate::tls::server_config(self)?;
-        Ok(self.server_tls.get_or_init(|| cfg).clone())
-    }
-
-    /// The client configuration for a peer that must prove `peer`, speaking `alpn`.
-    pub fn client_config(
-        &self,
-        peer: &str,
-        alpn: &'static [u8],
-    ) -> Result<Arc<rustls::ClientConfig>, crate::tls::Error> {
-        let mut cache = self.client_tls.lock().expect("tls cache lock");
-        if let Some(cfg) = cache.get(&(peer.to_string(), alpn)) {
-            return Ok(cfg.clone());
-        }
-        let cfg = crate::tls::client_config(self, peer, alpn)?;
-        cache.insert((peer.to_string(), alpn), cfg.clone());
-        Ok(cfg)
-    }
-}
-
 pub type Current = watch::Receiver<Option<Arc<Credentials>>>;
-
-/// Client TLS configurations by (peer identity, ALPN).
-type ClientConfigs = std::collections::HashMap<(String, &'static [u8]), Arc<rustls::ClientConfig>>;
 
 /// Starts obtaining and renewing the certificate; the receiver sees each new one.
 pub fn spawn(cfg: ControlConfig, metrics: Arc<Metrics>) -> Result<Current, Error> {

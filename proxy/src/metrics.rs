@@ -5,7 +5,10 @@
 //! by the mesh's workloads), the detection outcome. No paths, addresses or request ids
 //! become labels.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -13,7 +16,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{detect::Outcome, errors::Cause};
+use crate::errors::Cause;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -45,33 +48,38 @@ struct RequestLabels {
     status_class: &'static str,
     /// The `weft-error` cause when the proxy made the response; empty otherwise.
     cause: &'static str,
-    route: String,
-    peer_workload: String,
-    peer_identity: String,
+    route: Label,
+    peer_workload: Label,
+    peer_identity: Label,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TcpLabels {
     direction: &'static str,
     /// The mesh peer's SPIFFE ID; empty outside the mesh.
-    peer_identity: String,
+    peer_identity: Label,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LatencyLabels {
     direction: &'static str,
     status_class: &'static str,
-    route: String,
-    peer_workload: String,
-    peer_identity: String,
+    route: Label,
+    peer_workload: Label,
+    peer_identity: Label,
 }
 
+/// A label value learnt once (when the route, peer or endpoint became known) and shared
+/// by every request after it: recording a request allocates no label strings. Empty
+/// when absent.
+pub type Label = Option<Arc<str>>;
+
 /// Who a request went to (outbound) or came from (inbound), and by which route rule.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Peer<'a> {
-    pub route: Option<&'a str>,
-    pub workload: Option<&'a str>,
-    pub identity: Option<&'a str>,
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub route: Label,
+    pub workload: Label,
+    pub identity: Label,
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -117,24 +125,29 @@ pub struct Metrics {
     spans_exported: Counter,
     spans_dropped: Counter,
     span_export_failures: Counter,
+    interned: Mutex<HashSet<Arc<str>>>,
 }
+
+/// Label values the interner keeps; past this (a peer sending ever new names), values
+/// are still recorded, just allocated per use.
+const MAX_INTERNED: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ServiceLabels {
     /// The service authority the balancer serves: bounded by the mesh's services.
-    service: String,
+    service: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabels {
     /// `<route>/<rule index>` from the mesh file: bounded by its routes.
-    route: String,
+    route: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DeniedLabels {
     /// The client's SPIFFE ID; empty for plaintext clients. Bounded by the mesh's workloads.
-    client_identity: String,
+    client_identity: Label,
     /// `http` (answered 403) or `tcp` (closed).
     protocol: &'static str,
 }
@@ -259,6 +272,7 @@ impl Metrics {
             span_export_failures.clone(),
         );
         Arc::new(Metrics {
+            interned: Mutex::default(),
             spans_exported,
             spans_dropped,
             span_export_failures,
@@ -289,20 +303,34 @@ impl Metrics {
         out
     }
 
-    pub fn outlier(&self, service: &str, event: &crate::outlier::Event) {
-        let labels = ServiceLabels { service: service.to_string() };
-        match event {
-            crate::outlier::Event::Ejected(_) => self.ejections.get_or_create(&labels).inc(),
-            crate::outlier::Event::Restored => self.restored.get_or_create(&labels).inc(),
+    /// `s` as a shared label value: the same `Arc` for the same string.
+    pub fn intern(&self, s: &str) -> Arc<str> {
+        let mut interned = self.interned.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = interned.get(s) {
+            return v.clone();
+        }
+        let v: Arc<str> = Arc::from(s);
+        if interned.len() < MAX_INTERNED {
+            interned.insert(v.clone());
+        }
+        v
+    }
+
+    /// An endpoint ejected by outlier detection (`ejected`), or brought back.
+    pub fn outlier(&self, service: &str, ejected: bool) {
+        let labels = ServiceLabels { service: self.intern(service) };
+        match ejected {
+            true => self.ejections.get_or_create(&labels).inc(),
+            false => self.restored.get_or_create(&labels).inc(),
         };
     }
 
-    pub fn retried(&self, route: &str) {
-        self.retries.get_or_create(&RouteLabels { route: route.to_string() }).inc();
+    pub fn retried(&self, route: &Arc<str>) {
+        self.retries.get_or_create(&RouteLabels { route: route.clone() }).inc();
     }
 
-    pub fn retry_budget_exhausted(&self, route: &str) {
-        self.retry_budget_exhausted.get_or_create(&RouteLabels { route: route.to_string() }).inc();
+    pub fn retry_budget_exhausted(&self, route: &Arc<str>) {
+        self.retry_budget_exhausted.get_or_create(&RouteLabels { route: route.clone() }).inc();
     }
 
     pub fn response(
@@ -311,17 +339,16 @@ impl Metrics {
         protocol: &'static str,
         status: u16,
         cause: Option<Cause>,
-        peer: Peer<'_>,
+        peer: Peer,
         secs: f64,
     ) {
         let cause = cause.map(Cause::as_str).unwrap_or("");
-        let own = |s: Option<&str>| s.unwrap_or_default().to_string();
         let latency = LatencyLabels {
             direction: dir.as_str(),
             status_class: status_class(status),
-            route: own(peer.route),
-            peer_workload: own(peer.workload),
-            peer_identity: own(peer.identity),
+            route: peer.route,
+            peer_workload: peer.workload,
+            peer_identity: peer.identity,
         };
         self.request_duration.get_or_create(&latency).observe(secs);
         let LatencyLabels { direction, status_class, route, peer_workload, peer_identity } = latency;
@@ -351,8 +378,9 @@ impl Metrics {
         self.span_export_failures.inc();
     }
 
-    pub fn detected(&self, dir: Direction, outcome: Outcome) {
-        self.detect.get_or_create(&DetectLabels { direction: dir.as_str(), outcome: outcome.as_str() }).inc();
+    /// A protocol detection outcome (`transport::detect::Outcome::as_str`).
+    pub fn detected(&self, dir: Direction, outcome: &'static str) {
+        self.detect.get_or_create(&DetectLabels { direction: dir.as_str(), outcome }).inc();
     }
 
     /// Counts an accepted connection; the returned guard marks it closed when dropped.
@@ -363,17 +391,13 @@ impl Metrics {
         OpenConn { metrics: self.clone(), dir }
     }
 
-    pub fn tcp_bytes(&self, dir: Direction, peer_identity: Option<&str>, read: u64, written: u64) {
-        let labels = TcpLabels {
-            direction: dir.as_str(),
-            peer_identity: peer_identity.unwrap_or_default().to_string(),
-        };
+    pub fn tcp_bytes(&self, dir: Direction, peer_identity: Label, read: u64, written: u64) {
+        let labels = TcpLabels { direction: dir.as_str(), peer_identity };
         self.tcp_read_bytes.get_or_create(&labels).inc_by(read);
         self.tcp_write_bytes.get_or_create(&labels).inc_by(written);
     }
 
-    pub fn denied(&self, client_identity: Option<&str>, protocol: &'static str) {
-        let client_identity = client_identity.unwrap_or_default().to_string();
+    pub fn denied(&self, client_identity: Label, protocol: &'static str) {
         self.denied.get_or_create(&DeniedLabels { client_identity, protocol }).inc();
     }
 
@@ -390,7 +414,10 @@ impl Metrics {
         }
     }
 
-    pub fn tcp_error(&self, dir: Direction, cause: Cause) {
+    /// The one place a connection the proxy closes because of `cause` is recorded: a log
+    /// line with the cause word and why, and the `tcp_errors` metric.
+    pub fn closed(&self, dir: Direction, cause: Cause, why: std::fmt::Arguments<'_>) {
+        tracing::info!(direction = dir.as_str(), cause = cause.as_str(), "closing connection: {why}");
         self.tcp_errors.get_or_create(&CauseLabels { direction: dir.as_str(), cause: cause.as_str() }).inc();
     }
 }
@@ -413,9 +440,13 @@ mod tests {
     #[test]
     fn text_exposition_has_labels() {
         let m = Metrics::new();
-        let peer = Peer { route: None, workload: Some("frontend"), identity: Some("spiffe://t/ns/a/sa/f") };
+        let peer = Peer {
+            route: None,
+            workload: Some("frontend".into()),
+            identity: Some(m.intern("spiffe://t/ns/a/sa/f")),
+        };
         m.response(Direction::Inbound, "http1", 502, Some(Cause::UpstreamRefused), peer, 0.001);
-        m.detected(Direction::Outbound, Outcome::Silent);
+        m.detected(Direction::Outbound, "silent");
         {
             let _c = m.conn_open(Direction::Inbound);
         }
@@ -437,19 +468,23 @@ mod tests {
         assert_eq!(dash["uid"], "weft-mesh");
         // One of everything, so every family shows in the exposition.
         let m = Metrics::new();
-        let peer = Peer { route: Some("r/0"), workload: Some("w"), identity: Some("spiffe://t/ns/a/sa/w") };
+        let peer = Peer {
+            route: Some("r/0".into()),
+            workload: Some("w".into()),
+            identity: Some("spiffe://t/ns/a/sa/w".into()),
+        };
         m.response(Direction::Outbound, "h2", 200, None, peer, 0.001);
-        m.detected(Direction::Inbound, Outcome::Silent);
+        m.detected(Direction::Inbound, "silent");
         let _open = m.conn_open(Direction::Inbound);
-        m.tcp_bytes(Direction::Inbound, Some("spiffe://t/ns/a/sa/w"), 1, 1);
-        m.tcp_error(Direction::Inbound, Cause::UpstreamReset);
-        m.denied(Some("spiffe://t/ns/a/sa/x"), "http");
+        m.tcp_bytes(Direction::Inbound, Some("spiffe://t/ns/a/sa/w".into()), 1, 1);
+        m.closed(Direction::Inbound, Cause::UpstreamReset, format_args!("test"));
+        m.denied(Some("spiffe://t/ns/a/sa/x".into()), "http");
         m.tls_handshake(Direction::Inbound, true);
         m.certified(true, 1);
-        m.retried("r/0");
-        m.retry_budget_exhausted("r/0");
-        m.outlier("svc:80", &crate::outlier::Event::Restored);
-        m.outlier("svc:80", &crate::outlier::Event::Ejected(std::time::Duration::from_secs(1)));
+        m.retried(&"r/0".into());
+        m.retry_budget_exhausted(&"r/0".into());
+        m.outlier("svc:80", false);
+        m.outlier("svc:80", true);
         m.spans_exported(1);
         m.span_dropped(1);
         m.span_export_failed();

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 
+use crate::errors::{Cause, CauseError};
+
 pub const WEFT_TIMEOUT_MS: &str = "weft-timeout-ms";
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -24,6 +26,20 @@ pub fn from_headers(headers: &HeaderMap, now: Instant) -> Option<Instant> {
         (a, b) => a.or(b),
     }?;
     Some(now + timeout)
+}
+
+/// `work`, or a `timeout` error naming `why` (the deadline's source) if `deadline`
+/// passes first.
+pub async fn within<T>(
+    deadline: Instant,
+    work: impl std::future::Future<Output = Result<T, CauseError>>,
+    why: impl FnOnce() -> String,
+) -> Result<T, CauseError> {
+    let start = Instant::now();
+    tokio::time::timeout_at(deadline.into(), work).await.unwrap_or_else(|_| {
+        let waited = Instant::now().saturating_duration_since(start);
+        Err(CauseError::new(Cause::Timeout, format!("no response within {}: waited {waited:?}", why())))
+    })
 }
 
 /// The earlier of two optional deadlines.

@@ -17,6 +17,15 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Refuses a request head larger than `max` bytes (`WEFT_MAX_HEADER_BYTES`).
+pub fn check_head_size<B>(req: &Request<B>, max: usize) -> Result<(), crate::errors::CauseError> {
+    if head_size(req) <= max {
+        return Ok(());
+    }
+    let msg = format!("request head is larger than {max} bytes (WEFT_MAX_HEADER_BYTES)");
+    Err(crate::errors::CauseError::new(crate::errors::Cause::HeaderTooLarge, msg))
+}
+
 /// Removes hop-by-hop headers before a message is forwarded. With `keep_upgrade`, an
 /// upgrade request or 101 response keeps `Upgrade` and `Connection: upgrade`, which the
 /// next hop needs to switch protocols.

@@ -1,17 +1,16 @@
-//! HTTP proxying: the server side facing clients, the forwarding service, outbound
-//! routing and retries, the pooled client facing upstreams, and the header rules
-//! between them.
+//! HTTP, shared by both directions: the server facing clients (`server`), the request
+//! wrapper that turns every outcome into an answer, a span, metrics and a log line
+//! (`service`), the `Forwarder` that sends one attempt over the right hop (`forwarder`,
+//! with its connection pools in `pool`), and the header rules between them.
 
-pub mod client;
 pub mod deadline;
+pub mod forwarder;
 pub mod headers;
 pub mod observe;
-pub mod proxy;
-pub mod retry;
-pub mod route;
+pub mod pool;
+pub mod resets;
 pub mod server;
+pub mod service;
 pub mod upgrade;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body type on both sides of the proxy: streamed from hyper or made by the proxy.
-pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+pub use crate::body::{Body, BoxError};

@@ -1,6 +1,6 @@
 //! What a request leaves behind: its spans and the labels of its metrics.
 //!
-//! An [`Exchange`] follows one request through [`super::proxy`] and [`super::route`]:
+//! An [`Exchange`] follows one request through `http::service` and a direction:
 //! it holds the request's span (a server span inbound; outbound, a logical span with a
 //! client span per attempt under it, as OpenTelemetry's HTTP conventions model retries)
 //! and what forwarding learnt (route rule, peer workload and identity).
@@ -9,21 +9,15 @@
 //! responses it sends over mesh mTLS, as Istio's metadata exchange does: a value is
 //! believed only from an authenticated peer and never reaches an app.
 
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{header::CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Version};
 
-use http_body_util::BodyExt;
-
 use super::Body;
 use crate::{
+    body::{self, End, OnEnd, Watched},
     errors::Cause,
-    metrics::Direction,
+    metrics::{Direction, Label, Metrics},
     trace::{context, B3Style, Kind, Span, Traced, Tracer, Value},
 };
 
@@ -37,9 +31,9 @@ pub struct Exchange {
     /// The B3 style the request came with, if any.
     b3: Option<B3Style>,
     /// `<route>/<rule>` that matched, outbound.
-    pub route: Option<String>,
-    pub peer_workload: Option<String>,
-    pub peer_identity: Option<String>,
+    pub route: Label,
+    pub peer_workload: Label,
+    pub peer_identity: Label,
 }
 
 impl Exchange {
@@ -81,7 +75,8 @@ impl Exchange {
         &self,
         tracer: Option<&Tracer>,
         req: &mut Request<Body>,
-        (target, to_mesh): (SocketAddr, bool),
+        target: SocketAddr,
+        to_mesh: bool,
         n: u32,
     ) -> Option<Span> {
         let (tracer, Some(Traced::Recording(logical))) = (tracer?, &self.traced) else { return None };
@@ -103,13 +98,13 @@ impl Exchange {
     }
 
     /// Reads and removes a peer's `weft-peer-workload`; believed only from `identity`,
-    /// an authenticated mesh peer.
-    pub fn learn_peer(&mut self, headers: &mut HeaderMap, identity: Option<&str>) {
+    /// an authenticated mesh peer. Workload names are interned: they are metric labels.
+    pub fn learn_peer(&mut self, headers: &mut HeaderMap, identity: Option<&Arc<str>>, metrics: &Metrics) {
         let claimed = headers.remove(PEER_WORKLOAD);
         let Some(identity) = identity else { return };
-        self.peer_identity = Some(identity.to_string());
+        self.peer_identity = Some(identity.clone());
         if let Some(w) = claimed.as_ref().and_then(|v| v.to_str().ok()).filter(|w| valid_workload(w)) {
-            self.peer_workload = Some(w.to_string());
+            self.peer_workload = Some(metrics.intern(w));
         }
     }
 
@@ -125,18 +120,15 @@ impl Exchange {
         let (Some(tracer), Some(Traced::Recording(span))) = (tracer, self.traced.take()) else { return };
         let mut span = span;
         if let Some(route) = &self.route {
-            span.set("weft.route", route.clone());
+            span.set("weft.route", route.to_string());
         }
         end(&mut span, rsp.status().as_u16(), cause, rsp.headers());
         self.peer_attributes(&mut span);
         let grpc =
             rsp.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if grpc && !rsp.headers().contains_key(GRPC_STATUS) {
-            let body = std::mem::replace(
-                rsp.body_mut(),
-                http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
-            );
-            *rsp.body_mut() = SpanBody { inner: body, span: Some((span, tracer.clone())) }.boxed();
+            let inner = std::mem::replace(rsp.body_mut(), body::empty());
+            *rsp.body_mut() = body::boxed(Watched::new(inner, Trailers { span, tracer: tracer.clone() }));
         } else {
             tracer.finish(span);
         }
@@ -160,10 +152,10 @@ impl Exchange {
 
     fn peer_attributes(&self, span: &mut Span) {
         if let Some(id) = &self.peer_identity {
-            span.set("weft.peer.identity", id.clone());
+            span.set("weft.peer.identity", id.to_string());
         }
         if let Some(w) = &self.peer_workload {
-            span.set("weft.peer.workload", w.clone());
+            span.set("weft.peer.workload", w.to_string());
         }
     }
 }
@@ -180,68 +172,25 @@ fn grpc_status(span: &mut Span, headers: &HeaderMap) {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that ends its request's span when it ends: with the gRPC status
-    /// of its trailers, or as an error when the client goes away first.
-    struct SpanBody {
-        #[pin]
-        inner: Body,
-        span: Option<(Span, Arc<Tracer>)>,
-    }
-
-    impl PinnedDrop for SpanBody {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some((mut span, tracer)) = this.project().span.take() {
-                span.error.get_or_insert_with(|| "the response did not finish".to_string());
-                tracer.finish(span);
-            }
-        }
-    }
+/// Ends a gRPC server span when its response body ends: with the status of its
+/// trailers, or as an error when the body fails or the client goes away first.
+struct Trailers {
+    span: Span,
+    tracer: Arc<Tracer>,
 }
 
-impl http_body::Body for SpanBody {
-    type Data = bytes::Bytes;
-    type Error = super::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some((span, _))) = (frame.trailers_ref(), this.span.as_mut()) {
-                    grpc_status(span, trailers);
-                }
-                // Trailers end a body; the server need not poll again to learn it.
-                if frame.is_trailers() || this.inner.is_end_stream() {
-                    if let Some((span, tracer)) = this.span.take() {
-                        tracer.finish(span);
-                    }
-                }
+impl OnEnd for Trailers {
+    fn ended(self, end: End<'_>) {
+        let Trailers { mut span, tracer } = self;
+        match end {
+            End::Complete(Some(trailers)) => grpc_status(&mut span, trailers),
+            End::Complete(None) => {}
+            End::Failed(Some(e)) => span.error = Some(format!("response body failed: {e}")),
+            End::Failed(None) => {
+                span.error.get_or_insert_with(|| "the response did not finish".to_string());
             }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some((span, _)) = this.span.as_mut() {
-                    span.error = Some(format!("response body failed: {e}"));
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some((span, tracer)) = this.span.take() {
-                    tracer.finish(span);
-                }
-            }
-            Poll::Pending => {}
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        tracer.finish(span);
     }
 }
 

@@ -10,7 +10,7 @@ use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::proxy::{ConnCtx, HttpProxy};
+use super::service::{self, Conn, Forward};
 use crate::{config::HttpConfig, drain, errors::Cause};
 
 /// Concurrently-reset streams a client may leave for us to clean up before the
@@ -19,17 +19,18 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// Streams we may reset because of client errors before closing the connection.
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 
-pub async fn serve<I>(io: I, ctx: ConnCtx, proxy: Arc<HttpProxy>, cfg: &HttpConfig, drain: drain::Watch)
+pub async fn serve<I, F>(io: I, ctx: Conn<F::Meta>, fwd: Arc<F>, cfg: &HttpConfig, drain: drain::Watch)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Forward,
 {
     let ctx = Arc::new(ctx);
-    let dir = proxy.dir;
+    let dir = fwd.common().dir;
     let protocol = ctx.protocol;
-    let metrics = proxy.metrics.clone();
+    let metrics = fwd.common().metrics.clone();
     let svc = {
         let ctx = ctx.clone();
-        service_fn(move |req| proxy.clone().handle(req, ctx.clone()))
+        service_fn(move |req| service::handle(fwd.clone(), req, ctx.clone()))
     };
     if protocol == "h2" {
         let mut conn = conn::http2::Builder::new(TokioExecutor::new())
@@ -48,12 +49,8 @@ where
             _ = ctx.resets.abusive.notified() => {
                 // Dropping the connection closes it at once; a GOAWAY would let the
                 // client keep the server busy until its streams finish.
-                tracing::info!(
-                    direction = dir.as_str(), client = %ctx.client, cause = Cause::RapidReset.as_str(),
-                    "closing HTTP/2 connection: the client cancels most of its requests"
-                );
-                metrics.tcp_error(dir, Cause::RapidReset);
-                return;
+                let why = format_args!("HTTP/2 client {} cancels most of its requests", ctx.client);
+                return metrics.closed(dir, Cause::RapidReset, why);
             }
         };
         if let Err(e) = res {
@@ -63,11 +60,11 @@ where
                 .and_then(|s| s.downcast_ref::<h2::Error>())
                 .is_some_and(|h2| h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM));
             if calm {
-                tracing::info!(
-                    direction = dir.as_str(), client = %ctx.client, cause = Cause::RapidReset.as_str(),
-                    "closed HTTP/2 connection: too many streams reset before they were accepted"
+                let why = format_args!(
+                    "HTTP/2 client {} reset too many streams before they were accepted",
+                    ctx.client
                 );
-                metrics.tcp_error(dir, Cause::RapidReset);
+                metrics.closed(dir, Cause::RapidReset, why);
             } else {
                 tracing::debug!(client = %ctx.client, "HTTP/2 connection ended: {e}");
             }
@@ -91,12 +88,13 @@ where
         }
     };
     let Err(e) = res else { return };
-    let (status, cause) = if e.is_timeout() {
-        (408, Cause::HeaderTimeout)
+    // hyper answers parse errors itself (400, 431); the cause and its status are ours.
+    let cause = if e.is_timeout() {
+        Cause::HeaderTimeout
     } else if e.is_parse_too_large() {
-        (431, Cause::HeaderTooLarge)
+        Cause::HeaderTooLarge
     } else if e.is_parse() {
-        (400, Cause::BadRequest)
+        Cause::BadRequest
     } else {
         tracing::debug!(client = %ctx.client, "HTTP/1 connection ended: {e}");
         return;
@@ -110,13 +108,8 @@ where
             return;
         }
         let mut io = parts.io.into_inner();
-        let msg = format!(
-            "HTTP/1.1 408 Request Timeout\r\nweft-error: {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            cause.as_str()
-        );
-        let _ = io.write_all(msg.as_bytes()).await;
+        let _ = io.write_all(crate::errors::respond_raw_http1(cause).as_bytes()).await;
         let _ = io.shutdown().await;
     }
-    // hyper has already answered parse errors with its own 400/431.
-    metrics.response(dir, protocol, status, Some(cause), Default::default(), 0.0);
+    metrics.response(dir, protocol, cause.status().as_u16(), Some(cause), Default::default(), 0.0);
 }

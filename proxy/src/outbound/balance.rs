@@ -13,23 +13,80 @@
 //! their requests in flight finish on their own connections.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use http::Response;
 use weft_api::v1::{Balancer as Mode, EndpointSet, OutlierDetection};
 
-pub use crate::outlier::Event;
+pub use super::outlier::Event;
+use super::{discovery::Endpoint, outlier::Health};
 use crate::{
-    discovery::Endpoint,
     errors::{Cause, CauseError},
     http::Body,
-    outlier::Health,
+    metrics::Metrics,
 };
+
+/// A lock whose critical sections cannot panic half-way: a poisoned one is still
+/// consistent, and the request path never panics on it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// This shard's balancers, one per service authority, made on first use.
+#[derive(Default)]
+pub struct Balancers(Mutex<HashMap<String, Balancer>>);
+
+impl Balancers {
+    /// An endpoint of `service` (whose current set is `set`) for one attempt, not one of
+    /// `avoid` while others are left.
+    pub fn pick(
+        &self,
+        service: &str,
+        set: &Arc<EndpointSet>,
+        avoid: &[Endpoint],
+        queue_timeout: Duration,
+    ) -> Result<Endpoint, CauseError> {
+        let mut balancers = lock(&self.0);
+        let balancer = match balancers.get_mut(service) {
+            Some(b) => b,
+            None => balancers.entry(service.to_string()).or_default(),
+        };
+        balancer.update(set);
+        balancer.pick(avoid, || fastrand::u64(..)).ok_or_else(|| no_endpoints(service, queue_timeout))
+    }
+
+    /// `attempt` counted in its endpoint's load, and its outcome in outlier detection:
+    /// 5xx and failures to get a response count against the endpoint.
+    pub async fn send(
+        &self,
+        service: &str,
+        endpoint: &Endpoint,
+        attempt: Attempt<'_>,
+        metrics: &Metrics,
+    ) -> Result<Response<Body>, CauseError> {
+        let dispatched = match lock(&self.0).get_mut(service) {
+            Some(b) => b.dispatch(endpoint, attempt),
+            None => attempt,
+        };
+        let result = dispatched.await;
+        let ok = match &result {
+            Ok(rsp) => !rsp.status().is_server_error(),
+            Err(e) => !e.cause.blames_endpoint(),
+        };
+        let event = lock(&self.0).get_mut(service).and_then(|b| b.record(endpoint, ok));
+        if let Some(event) = event {
+            tracing::info!(service, endpoint = %endpoint.addr, "outlier detection: {event:?}");
+            metrics.outlier(service, matches!(event, Event::Ejected(_)));
+        }
+        result
+    }
+}
 
 /// Before an endpoint has answered, its latency is assumed to be this.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -88,7 +145,7 @@ struct InFlight {
 
 impl InFlight {
     fn start(load: &Arc<Mutex<Ewma>>) -> InFlight {
-        load.lock().expect("ewma lock").pending += 1;
+        load.lock().unwrap_or_else(PoisonError::into_inner).pending += 1;
         InFlight { load: load.clone(), sent: Instant::now() }
     }
 }
@@ -96,7 +153,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = Instant::now();
-        let mut l = self.load.lock().expect("ewma lock");
+        let mut l = self.load.lock().unwrap_or_else(PoisonError::into_inner);
         l.pending -= 1;
         l.observe(now - self.sent, now);
     }
@@ -141,7 +198,7 @@ impl Balancer {
                 );
                 continue;
             };
-            let endpoint = Endpoint { addr, identity: e.meshed.then(|| e.identity.clone()) };
+            let endpoint = Endpoint { addr, identity: e.meshed.then(|| Arc::from(e.identity.as_str())) };
             let kept = old.iter().position(|s| s.endpoint == endpoint).map(|i| old.swap_remove(i));
             let (load, health) =
                 kept.map(|s| (s.load, s.health)).unwrap_or_else(|| (Ewma::new(), Health::default()));
@@ -226,7 +283,7 @@ impl Balancer {
     /// Latency estimate × (requests in flight + 1) ÷ weight.
     fn cost(&self, i: usize, now: Instant) -> f64 {
         let slot = &self.slots[i];
-        let mut l = slot.load.lock().expect("ewma lock");
+        let mut l = slot.load.lock().unwrap_or_else(PoisonError::into_inner);
         l.decayed(now) * f64::from(l.pending + 1) / f64::from(slot.weight)
     }
 

@@ -1,11 +1,11 @@
 //! Mutual TLS between meshed proxies: TLS 1.3 only, both sides present the SPIFFE
-//! certificate from [`crate::identity`], and both verify the other's chain against the
+//! certificate `identity` obtains, and both verify the other's chain against the
 //! mesh's trust bundle. The client also checks that the server's SPIFFE ID is the one
 //! discovery announced (server names are not DNS names in the mesh, so rustls' name
 //! check is replaced by an identity check); the server learns the client's identity for
 //! authorization.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -16,8 +16,6 @@ use rustls::{
     server::WebPkiClientVerifier,
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
-
-use crate::identity::Credentials;
 
 /// ALPN of mesh connections carrying multiplexed HTTP (HTTP/2).
 pub const ALPN_HTTP: &[u8] = b"weft.mesh/h2";
@@ -41,6 +39,61 @@ pub async fn connect(
     let name = ServerName::try_from("peer.weft.invalid").expect("valid name");
     tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
 }
+
+/// What the proxy presents and trusts, with the TLS configurations made from it (built
+/// once per certificate, not per connection).
+#[derive(Debug)]
+pub struct Credentials {
+    pub identity: String,
+    pub key_pem: String,
+    pub cert_chain_pem: String,
+    pub trust_bundle_pem: String,
+    pub not_after: SystemTime,
+    server_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+    client_tls: std::sync::Mutex<ClientConfigs>,
+}
+
+impl Credentials {
+    pub fn new(
+        identity: String,
+        key_pem: String,
+        cert_chain_pem: String,
+        trust_bundle_pem: String,
+        not_after: SystemTime,
+    ) -> Self {
+        Credentials {
+            identity,
+            key_pem,
+            cert_chain_pem,
+            trust_bundle_pem,
+            not_after,
+            server_tls: Default::default(),
+            client_tls: Default::default(),
+        }
+    }
+
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+        if let Some(cfg) = self.server_tls.get() {
+            return Ok(cfg.clone());
+        }
+        let cfg = server_config(self)?;
+        Ok(self.server_tls.get_or_init(|| cfg).clone())
+    }
+
+    /// The client configuration for a peer that must prove `peer`, speaking `alpn`.
+    pub fn client_config(&self, peer: &str, alpn: &'static [u8]) -> Result<Arc<rustls::ClientConfig>, Error> {
+        let mut cache = self.client_tls.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cfg) = cache.get(&(peer.to_string(), alpn)) {
+            return Ok(cfg.clone());
+        }
+        let cfg = client_config(self, peer, alpn)?;
+        cache.insert((peer.to_string(), alpn), cfg.clone());
+        Ok(cfg)
+    }
+}
+
+/// Client TLS configurations by (peer identity, ALPN).
+type ClientConfigs = std::collections::HashMap<(String, &'static [u8]), Arc<rustls::ClientConfig>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

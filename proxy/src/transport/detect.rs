@@ -151,7 +151,7 @@ fn classify_tls(buf: &[u8]) -> Verdict {
         Ok(Some(accepted)) => {
             let hello = accepted.client_hello();
             let sni = hello.server_name().map(str::to_string);
-            let mesh = hello.alpn().is_some_and(|mut protos| protos.any(crate::tls::is_mesh_alpn));
+            let mesh = hello.alpn().is_some_and(|mut protos| protos.any(super::tls::is_mesh_alpn));
             Verdict::Known(Protocol::Tls { sni, mesh }, Outcome::Tls)
         }
         Ok(None) => Verdict::NeedMore,

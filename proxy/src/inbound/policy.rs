@@ -2,14 +2,20 @@
 //! (`permissive`) or mTLS is required (`strict`), and which client identities may connect.
 //! One watch per port, shared by all shards (see [`crate::control`] for reconnects).
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use weft_api::v1::{policy_client::PolicyClient, InboundPolicy, InboundRequest, Mode};
 
+use super::rate_limit::RateLimiter;
 use crate::{
-    config::{ControlConfig, TokenSource},
-    control::{self, Watches},
-    limits::RateLimiter,
+    config::ControlConfig,
+    control::{self, Watched},
+    errors::Cause,
+    metrics::{Direction, Label, Metrics},
 };
 
 /// Why a client was refused.
@@ -43,21 +49,20 @@ pub fn default_policy(port: u16) -> InboundPolicy {
 }
 
 pub struct Policies {
-    client: PolicyClient<tonic::transport::Channel>,
-    token: TokenSource,
-    watches: Watches<u16, InboundPolicy>,
+    watches: Watched<u16, InboundPolicy>,
     /// Rate limiters by port, kept while the port's limit stays the same.
-    limiters: std::sync::Mutex<std::collections::HashMap<u16, Arc<RateLimiter>>>,
+    limiters: Mutex<HashMap<u16, Arc<RateLimiter>>>,
 }
 
 impl Policies {
-    pub fn new(cfg: &ControlConfig) -> anyhow::Result<Self> {
-        Ok(Policies {
-            client: PolicyClient::new(control::channel(cfg)?),
-            token: cfg.token.clone(),
-            watches: Watches::default(),
-            limiters: Default::default(),
-        })
+    pub fn new(cfg: &ControlConfig) -> Result<Self, control::Error> {
+        let client = PolicyClient::new(control::channel(cfg)?);
+        let watches = Watched::new("policy of port", cfg.token.clone(), move |port: &u16, token| {
+            let mut client = client.clone();
+            let req = control::authorized(InboundRequest { port: u32::from(*port) }, token);
+            Box::pin(async move { client.watch_inbound(req).await.map(tonic::Response::into_inner) })
+        });
+        Ok(Policies { watches, limiters: Mutex::default() })
     }
 
     /// The rate limiter of the port `policy` is for, when it has a limit; shared by all
@@ -65,7 +70,7 @@ impl Policies {
     pub fn rate_limiter(&self, policy: &InboundPolicy) -> Option<Arc<RateLimiter>> {
         let cfg = policy.rate_limit?;
         let port = u16::try_from(policy.port).ok()?;
-        let mut limiters = self.limiters.lock().expect("limiters lock");
+        let mut limiters = self.limiters.lock().unwrap_or_else(PoisonError::into_inner);
         let limiter = limiters.entry(port).or_insert_with(|| Arc::new(RateLimiter::new(cfg)));
         if limiter.cfg != cfg {
             *limiter = Arc::new(RateLimiter::new(cfg));
@@ -75,17 +80,37 @@ impl Policies {
 
     /// The current policy of `port`; the default until the control plane has answered.
     pub async fn get(&self, port: u16) -> Arc<InboundPolicy> {
-        let (client, token) = (self.client.clone(), self.token.clone());
-        let open = move || {
-            let (mut client, req) =
-                (client.clone(), control::authorized(InboundRequest { port: u32::from(port) }, &token));
-            async move { client.watch_inbound(req).await.map(tonic::Response::into_inner) }
-        };
-        let answer = self.watches.get(port, format!("policy of port {port}"), open).await;
-        answer.unwrap_or_else(|| {
+        self.watches.get(&port).await.unwrap_or_else(|| {
             tracing::warn!(port, "no policy from the control plane yet; using the default (permissive)");
             Arc::new(default_policy(port))
         })
+    }
+
+    /// The policy of the app port `target` names, when the proxy has a control plane.
+    pub async fn of(policies: Option<&Policies>, target: SocketAddr) -> Option<Arc<InboundPolicy>> {
+        Some(policies?.get(target.port()).await)
+    }
+}
+
+/// For an opaque connection to `target`: whether the port's policy admits the client
+/// (`peer`, its SPIFFE ID; `None` for plaintext). A refused one is counted and its
+/// connection closed.
+pub async fn admitted(
+    policies: Option<&Policies>,
+    target: SocketAddr,
+    peer: Label,
+    metrics: &Metrics,
+) -> bool {
+    let Some(policy) = Policies::of(policies, target).await else { return true };
+    match check(&policy, peer.as_deref()) {
+        Ok(()) => true,
+        Err(denied) => {
+            let who = peer.as_deref().unwrap_or("a plaintext client");
+            metrics.denied(peer.clone(), "tcp");
+            let why = format_args!("port {}'s policy does not admit {who} ({denied:?})", target.port());
+            metrics.closed(Direction::Inbound, Cause::Unauthorized, why);
+            false
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Connection-pooled HTTP client towards upstreams.
+//! Connection pools towards upstreams.
 //!
 //! Requests go to a socket address chosen by the caller (the original destination, the
 //! app, or a resolved authority), independent of the request's own authority, which is
@@ -9,41 +9,43 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
-use http_body::Body as _;
-use http_body_util::BodyExt;
-
 use http::{Request, Response, Uri};
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2},
-};
+use http_body::Body as _;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::Body;
 use crate::{
+    body::{self, End, OnEnd, Watched},
     config::HttpConfig,
     errors::{Cause, CauseError},
     metrics::Metrics,
-    tcp::{self, MeshPeer},
+    transport::tcp::{self, MeshPeer},
 };
 
+/// An address and, for a mesh peer, the identity it must prove.
+type H2Key = (SocketAddr, Option<Arc<str>>);
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
-pub struct Client {
+pub struct Pool {
     h1: SharedPool,
     /// Keyed by address and, for mesh peers, the identity they must prove.
-    h2: Mutex<HashMap<(SocketAddr, Option<String>), H2Slot>>,
+    h2: Mutex<HashMap<H2Key, H2Slot>>,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 type SharedPool = Arc<Mutex<H1Pool>>;
+
+/// A pool's lock: its critical sections cannot panic half-way, so a poisoned lock
+/// still holds a consistent pool.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Idle HTTP/1 connections by address. A connection comes back only once its response
 /// has been read to the end, so checking out is a pop.
@@ -91,7 +93,7 @@ impl H1Pool {
     }
 }
 
-impl Client {
+impl Pool {
     pub fn new(cfg: &HttpConfig, connect_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         let pool = H1Pool {
             conns: HashMap::new(),
@@ -110,7 +112,7 @@ impl Client {
     ) -> Result<Response<Body>, CauseError> {
         let is_connect = origin_form(&mut req);
         loop {
-            let pooled = self.h1.lock().expect("h1 pool lock").checkout(target);
+            let pooled = lock(&self.h1).checkout(target);
             let (mut sender, pooled) = match pooled {
                 // The connection may take a moment to be ready after its last response.
                 Some(mut s) => match s.ready().await {
@@ -125,16 +127,14 @@ impl Client {
                         || (is_connect && rsp.status().is_success());
                     if upgraded {
                         // The connection now belongs to the tunnel.
-                        return Ok(rsp.map(|b| b.map_err(Into::into).boxed()));
+                        return Ok(rsp.map(body::boxed));
                     }
                     if rsp.body().is_end_stream() {
-                        self.h1.lock().expect("h1 pool lock").checkin(target, sender);
-                        return Ok(rsp.map(|b| b.map_err(Into::into).boxed()));
+                        lock(&self.h1).checkin(target, sender);
+                        return Ok(rsp.map(body::boxed));
                     }
-                    let pool = self.h1.clone();
-                    return Ok(rsp.map(|inner| {
-                        PooledBody { inner, conn: Some((pool, target, sender)) }.map_err(Into::into).boxed()
-                    }));
+                    let checkin = Checkin { pool: self.h1.clone(), target, sender };
+                    return Ok(rsp.map(|inner| body::boxed(Watched::new(inner, checkin))));
                 }
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the upstream had closed: nothing was sent,
@@ -164,7 +164,7 @@ impl Client {
         let rsp = sender.send_request(req).await.map_err(|e| {
             CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
         })?;
-        Ok(rsp.map(|b| b.map_err(Into::into).boxed()))
+        Ok(rsp.map(body::boxed))
     }
 
     async fn connect_h1(&self, target: SocketAddr) -> Result<http1::SendRequest<Body>, CauseError> {
@@ -187,7 +187,7 @@ impl Client {
         let rsp = sender.send_request(req).await.map_err(|e| {
             CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
         })?;
-        Ok(rsp.map(|b| b.map_err(Into::into).boxed()))
+        Ok(rsp.map(body::boxed))
     }
 
     async fn h2_sender(
@@ -196,7 +196,7 @@ impl Client {
         mesh: Option<&MeshPeer>,
     ) -> Result<http2::SendRequest<Body>, CauseError> {
         let key = (target, mesh.map(|m| m.identity.clone()));
-        let slot = self.h2.lock().expect("h2 pool lock").entry(key).or_default().clone();
+        let slot = lock(&self.h2).entry(key).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
@@ -222,45 +222,19 @@ impl Client {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that returns its connection to the pool once read to the end.
-    /// Dropped earlier, the connection is dropped too: it is mid-response.
-    struct PooledBody {
-        #[pin]
-        inner: Incoming,
-        conn: Option<(SharedPool, SocketAddr, http1::SendRequest<Body>)>,
-    }
+/// Returns an HTTP/1 connection to the pool once its response has been read to the
+/// end. Dropped earlier, the connection is dropped too: it is mid-response.
+struct Checkin {
+    pool: SharedPool,
+    target: SocketAddr,
+    sender: http1::SendRequest<Body>,
 }
 
-impl http_body::Body for PooledBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let res = this.inner.as_mut().poll_frame(cx);
-        let done = match &res {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
-        };
-        if done {
-            if let Some((pool, target, sender)) = this.conn.take() {
-                pool.lock().expect("h1 pool lock").checkin(target, sender);
-            }
+impl OnEnd for Checkin {
+    fn ended(self, end: End<'_>) {
+        if let End::Complete(_) = end {
+            lock(&self.pool).checkin(self.target, self.sender);
         }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -8,34 +8,51 @@ use http::Request;
 use weft_api::v1::{policy_client::PolicyClient, Backend, Match, RouteSet, Rule, WatchRequest};
 
 use crate::{
-    config::{ControlConfig, TokenSource},
-    control::{self, Watches},
+    config::ControlConfig,
+    control::{self, Watched},
 };
 
+/// A service's routes as the control plane sent them, with each rule's name ready to
+/// be a metric label.
 pub struct Routes {
-    client: PolicyClient<tonic::transport::Channel>,
-    token: TokenSource,
-    watches: Watches<String, RouteSet>,
+    pub set: RouteSet,
+    pub names: Vec<Arc<str>>,
 }
 
-impl Routes {
-    pub fn new(cfg: &ControlConfig) -> anyhow::Result<Self> {
-        Ok(Routes {
-            client: PolicyClient::new(control::channel(cfg)?),
-            token: cfg.token.clone(),
-            watches: Watches::default(),
-        })
+pub struct RouteWatch {
+    watches: Watched<String, RouteSet>,
+    /// Rule names per answer, made once per answer rather than per request.
+    named: std::sync::Mutex<std::collections::HashMap<String, Named>>,
+}
+
+/// The answer the names were made for, and the routes with them.
+type Named = (Arc<RouteSet>, Arc<Routes>);
+
+impl RouteWatch {
+    pub fn new(cfg: &ControlConfig) -> Result<Self, control::Error> {
+        let client = PolicyClient::new(control::channel(cfg)?);
+        let watches = Watched::new("routes of", cfg.token.clone(), move |authority: &String, token| {
+            let mut client = client.clone();
+            let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
+            Box::pin(async move { client.watch_routes(req).await.map(tonic::Response::into_inner) })
+        });
+        Ok(RouteWatch { watches, named: Default::default() })
     }
 
     /// The routes of `authority`; `None` until the control plane has answered.
-    pub async fn get(&self, authority: &str) -> Option<Arc<RouteSet>> {
-        let (client, token, auth) = (self.client.clone(), self.token.clone(), authority.to_string());
-        let open = move || {
-            let (mut client, req) =
-                (client.clone(), control::authorized(WatchRequest { authority: auth.clone() }, &token));
-            async move { client.watch_routes(req).await.map(tonic::Response::into_inner) }
-        };
-        self.watches.get(authority.to_string(), format!("routes of {authority}"), open).await
+    pub async fn get(&self, authority: &str) -> Option<Arc<Routes>> {
+        let key = authority.to_string();
+        let set = self.watches.get(&key).await?;
+        let mut named = self.named.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, routes)) = named.get(&key) {
+            if Arc::ptr_eq(seen, &set) {
+                return Some(routes.clone());
+            }
+        }
+        let names = set.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let routes = Arc::new(Routes { set: (*set).clone(), names });
+        named.insert(key, (set, routes.clone()));
+        Some(routes)
     }
 }
 

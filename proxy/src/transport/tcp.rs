@@ -11,11 +11,28 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::io::{Activity, MeteredIo};
 use crate::{
     errors::{Cause, CauseError},
-    io::{Activity, MeteredIo},
-    metrics::{Direction, Metrics},
+    metrics::{Direction, Label, Metrics},
 };
+
+/// The timeouts of an opaque connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// To establish the upstream connection (and its mTLS handshake).
+    pub connect: Duration,
+    /// With no bytes either way for this long, the connection is closed.
+    pub idle: Duration,
+}
+
+/// Who an opaque stream's bytes are counted under: the direction and the mesh peer's
+/// SPIFFE ID (the client's inbound, the upstream's outbound).
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub dir: Direction,
+    pub peer_identity: Label,
+}
 
 /// Opens a TCP connection to `addr`, failing with a classified cause.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, CauseError> {
@@ -35,7 +52,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
 /// A mesh peer: the SPIFFE ID it must prove, and the TLS configuration that checks it
 /// (with the ALPN that says what the connection carries).
 pub struct MeshPeer {
-    pub identity: String,
+    pub identity: Arc<str>,
     pub tls: Arc<rustls::ClientConfig>,
 }
 
@@ -53,7 +70,7 @@ pub async fn dial(
 ) -> Result<Box<dyn Io>, CauseError> {
     let tcp = connect(target, timeout).await?;
     let Some(peer) = peer else { return Ok(Box::new(tcp)) };
-    let res = tokio::time::timeout(timeout, crate::tls::connect(tcp, peer.tls.clone())).await;
+    let res = tokio::time::timeout(timeout, super::tls::connect(tcp, peer.tls.clone())).await;
     metrics.tls_handshake(Direction::Outbound, matches!(res, Ok(Ok(_))));
     match res {
         Ok(Ok(tls)) => Ok(Box::new(tls)),
@@ -98,39 +115,32 @@ where
 
 /// Forwards an accepted connection (with any bytes already read replayed by `client`)
 /// to `target` as opaque TCP, inside mutual TLS when `target` is a mesh peer, recording
-/// bytes and errors.
-/// `client_identity` is the client's SPIFFE ID on an inbound mesh connection.
+/// bytes and errors. `flow.peer_identity` is the client's SPIFFE ID on an inbound mesh
+/// connection; outbound to a mesh peer, the peer's is used.
 pub async fn forward<C>(
     client: C,
     target: SocketAddr,
-    (peer, client_identity): (Option<&MeshPeer>, Option<&str>),
-    dir: Direction,
+    peer: Option<&MeshPeer>,
+    mut flow: Flow,
     metrics: &Arc<Metrics>,
-    (connect_timeout, idle_timeout): (Duration, Duration),
+    timeouts: Timeouts,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    match dial(target, peer, connect_timeout, metrics).await {
+    match dial(target, peer, timeouts.connect, metrics).await {
         Ok(upstream) => {
-            let identity = peer.map(|p| p.identity.as_str()).or(client_identity);
-            splice(client, upstream, idle_timeout, (dir, identity), metrics).await
+            if let Some(p) = peer {
+                flow.peer_identity = Some(p.identity.clone());
+            }
+            splice(client, upstream, timeouts.idle, flow, metrics).await
         }
-        Err(e) => {
-            tracing::info!(cause = e.cause.as_str(), %target, "closing connection: {e}");
-            metrics.tcp_error(dir, e.cause);
-        }
+        Err(e) => metrics.closed(flow.dir, e.cause, format_args!("{target}: {e}")),
     }
 }
 
-/// [`copy`] with the client's bytes counted in metrics when the connection ends, by
-/// direction and the mesh peer's SPIFFE ID (the client's inbound, the upstream's outbound).
-pub async fn splice<C, U>(
-    client: C,
-    upstream: U,
-    idle_timeout: Duration,
-    (dir, peer_identity): (Direction, Option<&str>),
-    metrics: &Metrics,
-) where
+/// [`copy`] with the client's bytes counted in metrics when the connection ends.
+pub async fn splice<C, U>(client: C, upstream: U, idle_timeout: Duration, flow: Flow, metrics: &Metrics)
+where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -143,7 +153,7 @@ pub async fn splice<C, U>(
         Err(e) => tracing::debug!("connection ended: {e}"),
     }
     let (read, written) = (activity.read.load(Ordering::Relaxed), activity.written.load(Ordering::Relaxed));
-    metrics.tcp_bytes(dir, peer_identity, read, written);
+    metrics.tcp_bytes(flow.dir, flow.peer_identity, read, written);
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 pub use tower::retry::budget::{Budget, TpsBudget};
 use weft_api::v1::Retry;
 
-use super::Body;
+use crate::body::Body;
 
 /// How many attempts a response says were made.
 pub const ATTEMPTS_HEADER: &str = "weft-attempts";
@@ -62,7 +62,7 @@ pin_project_lite::pin_project! {
 
 impl http_body::Body for Recording {
     type Data = Bytes;
-    type Error = super::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
@@ -70,7 +70,7 @@ impl http_body::Body for Recording {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
-        let mut rec = this.recorded.lock().expect("recording lock");
+        let mut rec = this.recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) if !rec.given_up => match frame.data_ref() {
                 Some(data) if rec.size + data.len() as u64 <= *this.max => {
@@ -115,10 +115,10 @@ impl Replay {
             recorded: recorded.clone(),
         };
         let body = if body.is_end_stream() {
-            recorded.lock().expect("recording lock").complete = true;
+            recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete = true;
             body
         } else if body.size_hint().lower() > max {
-            recorded.lock().expect("recording lock").given_up = true;
+            recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).given_up = true;
             body
         } else {
             Recording { inner: body, recorded, max }.boxed()
@@ -129,7 +129,7 @@ impl Replay {
     /// The request again, when the first attempt sent its whole body and it fitted; a
     /// body still streaming, or larger than the limit, is not replayed.
     pub fn request(&self) -> Option<Request<Body>> {
-        let rec = self.recorded.lock().expect("recording lock");
+        let rec = self.recorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !rec.complete {
             return None;
         }
@@ -172,7 +172,7 @@ pub struct Budgets {
 
 impl Budgets {
     pub fn of(&self, rule: &str) -> Arc<TpsBudget> {
-        let mut budgets = self.budgets.lock().expect("budgets lock");
+        let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         budgets
             .entry(rule.to_string())
             .or_insert_with(|| Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)))
@@ -236,7 +236,7 @@ mod tests {
         assert!(replay.request().is_none(), "larger than the limit");
         // A body of unknown length (a stream) that fits is replayable once it ended.
         let frames = futures_util::stream::iter(vec![
-            Ok::<_, super::super::BoxError>(http_body::Frame::data(Bytes::from("ab"))),
+            Ok::<_, crate::body::BoxError>(http_body::Frame::data(Bytes::from("ab"))),
             Ok(http_body::Frame::data(Bytes::from("cd"))),
         ]);
         let streamed = http_body_util::StreamBody::new(frames).boxed();

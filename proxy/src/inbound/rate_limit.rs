@@ -1,14 +1,9 @@
-//! Load shedding: the inbound port's local rate limit (token buckets, one for the port
-//! and one per client identity so that no client can take the whole port), and the
-//! outbound limit of requests in flight to one service. Both are shared by the
-//! proxy's shards.
+//! The inbound port's local rate limit: token buckets, one for the port and one per
+//! client identity so that no client can take the whole port; shared by the shards.
 
 use std::{
     collections::HashMap,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Mutex, PoisonError},
     time::Instant,
 };
 
@@ -51,7 +46,7 @@ impl RateLimiter {
     /// Takes a token for a request from `identity` (`None`: plaintext clients, who share
     /// one bucket); false when the port or this client is over its rate.
     pub fn admit(&self, identity: Option<&str>, now: Instant) -> bool {
-        let mut guard = self.buckets.lock().expect("rate limit lock");
+        let mut guard = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         let (total, per) = &mut *guard;
         total.refill(now);
         if total.tokens < 1.0 {
@@ -69,39 +64,6 @@ impl RateLimiter {
         }
         total.tokens -= 1.0;
         true
-    }
-}
-
-/// Requests in flight per service authority, for this proxy.
-#[derive(Default)]
-pub struct InFlight {
-    counts: Mutex<HashMap<String, Arc<AtomicU32>>>,
-}
-
-/// Holds one slot of a service's limit until dropped.
-pub struct Slot(Arc<AtomicU32>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl InFlight {
-    /// A slot for a request to `service`, or `None` when `max` are already in flight.
-    pub fn acquire(&self, service: &str, max: u32) -> Option<Slot> {
-        let count =
-            self.counts.lock().expect("in-flight lock").entry(service.to_string()).or_default().clone();
-        let mut now = count.load(Ordering::Acquire);
-        loop {
-            if now >= max {
-                return None;
-            }
-            match count.compare_exchange(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Slot(count)),
-                Err(actual) => now = actual,
-            }
-        }
     }
 }
 
@@ -123,16 +85,5 @@ mod tests {
         // Tokens come back at the rate.
         let later = t + Duration::from_millis(500);
         assert!(rl.admit(Some("spiffe://d/ns/a/sa/third"), later));
-    }
-
-    #[test]
-    fn in_flight_slots_are_capped_and_returned() {
-        let limits = InFlight::default();
-        let a = limits.acquire("svc:80", 2).unwrap();
-        let _b = limits.acquire("svc:80", 2).unwrap();
-        assert!(limits.acquire("svc:80", 2).is_none());
-        assert!(limits.acquire("other:80", 2).is_some());
-        drop(a);
-        assert!(limits.acquire("svc:80", 2).is_some());
     }
 }

@@ -1,0 +1,15 @@
+//! The names of the proxy's `WEFT_*` settings that other parts set: `weft up` and the
+//! Kubernetes injector configure sidecars with them, and weft-proxy's config reads them.
+//! docs/config.md describes each.
+
+pub const INBOUND_ADDR: &str = "WEFT_INBOUND_ADDR";
+pub const OUTBOUND_ADDR: &str = "WEFT_OUTBOUND_ADDR";
+pub const ADMIN_ADDR: &str = "WEFT_ADMIN_ADDR";
+pub const APP_ADDR: &str = "WEFT_APP_ADDR";
+pub const CONTROL_ADDR: &str = "WEFT_CONTROL_ADDR";
+pub const IDENTITY: &str = "WEFT_IDENTITY";
+pub const TOKEN: &str = "WEFT_TOKEN";
+pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
+pub const WORKLOAD: &str = "WEFT_WORKLOAD";
+pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
+pub const LOG: &str = "WEFT_LOG";

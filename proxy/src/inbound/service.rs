@@ -1,0 +1,127 @@
+//! The inbound HTTP service: one request from a client to this pod's app. The port's
+//! policy (taken when the connection was accepted) and rate limit first, then the head
+//! size, the request's deadline, and one attempt to the app through the forwarder.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{HeaderValue, Request, Response};
+use weft_api::v1::InboundPolicy;
+
+use super::policy::{self, Policies};
+use crate::{
+    errors::{Cause, CauseError},
+    http::{
+        deadline,
+        forwarder::{Forwarder, Target},
+        headers,
+        observe::{self, Exchange},
+        service::{Common, Conn, Forward},
+        upgrade, Body,
+    },
+    identity,
+    metrics::Label,
+    trace::Value,
+    transport::tcp::{Flow, Timeouts},
+};
+
+pub struct Inbound {
+    pub common: Common,
+    pub forwarder: Forwarder,
+    /// The control plane's policies; `None` standalone.
+    pub policies: Option<Arc<Policies>>,
+    /// This proxy's certificate, to terminate mesh mTLS; `None` standalone.
+    pub identity: Option<identity::Current>,
+    /// This proxy's workload, told to mesh clients on every answer.
+    pub workload: Option<HeaderValue>,
+    pub max_header_bytes: usize,
+    pub tcp: Timeouts,
+}
+
+/// What an inbound connection knows before its first request.
+pub struct Meta {
+    /// The app's address.
+    pub target: SocketAddr,
+    /// The client's SPIFFE ID, on mesh mTLS connections.
+    pub peer_identity: Label,
+    /// The port's policy when the connection was accepted; `None` standalone.
+    pub policy: Option<Arc<InboundPolicy>>,
+}
+
+impl Forward for Inbound {
+    type Meta = Meta;
+
+    fn common(&self) -> &Common {
+        &self.common
+    }
+
+    fn begin(&self, conn: &Conn<Meta>, req: &mut Request<Body>, ex: &mut Exchange) {
+        ex.learn_peer(req.headers_mut(), conn.meta.peer_identity.as_ref(), &self.common.metrics);
+        if let Some(span) = ex.traced.as_mut().and_then(|t| t.span_mut()) {
+            span.set("client.address", Value::Ip(conn.client.ip()));
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Body>,
+        conn: &Conn<Meta>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, CauseError> {
+        self.admit(conn)?;
+        headers::check_head_size(&req, self.max_header_bytes)?;
+        let upgrade = upgrade::wanted(&req);
+        let is_connect = req.method() == http::Method::CONNECT;
+        let client_upgrade = upgrade::prepare(&mut req, upgrade);
+        let asked = if upgrade { None } else { deadline::from_headers(req.headers(), Instant::now()) };
+        if let Some(d) = asked {
+            deadline::stamp(req.headers_mut(), d, Instant::now());
+        }
+        let target = Target { addr: conn.meta.target, identity: None };
+        let send = self.forwarder.send(req, &target, upgrade);
+        let mut rsp = match asked {
+            None => send.await?,
+            Some(d) => {
+                deadline::within(d, send, || {
+                    "the request's deadline (grpc-timeout or weft-timeout-ms)".to_string()
+                })
+                .await?
+            }
+        };
+        // Only a peer proxy may say who it is; an app cannot.
+        rsp.headers_mut().remove(observe::PEER_WORKLOAD);
+        let flow = Flow { dir: self.common.dir, peer_identity: ex.peer_identity.clone() };
+        Ok(upgrade::finish(rsp, client_upgrade, is_connect, self.tcp.idle, flow, &self.common.metrics))
+    }
+
+    fn answered(&self, conn: &Conn<Meta>, rsp: &mut Response<Body>) {
+        if let (Some(_), Some(w)) = (&conn.meta.peer_identity, &self.workload) {
+            rsp.headers_mut().insert(observe::PEER_WORKLOAD, w.clone());
+        }
+    }
+}
+
+impl Inbound {
+    /// The port's policy for this client, then its rate limit.
+    fn admit(&self, conn: &Conn<Meta>) -> Result<(), CauseError> {
+        let (Some(policy), Some(policies)) = (conn.meta.policy.as_deref(), self.policies.as_deref()) else {
+            return Ok(());
+        };
+        let peer = conn.meta.peer_identity.as_deref();
+        if let Err(denied) = policy::check(policy, peer) {
+            self.common.metrics.denied(conn.meta.peer_identity.clone(), "http");
+            let who = peer.unwrap_or("a plaintext client");
+            let msg = format!("the port's policy does not admit {who} ({denied:?})");
+            return Err(CauseError::new(Cause::Unauthorized, msg));
+        }
+        let Some(limiter) = policies.rate_limiter(policy) else { return Ok(()) };
+        if limiter.admit(peer, Instant::now()) {
+            return Ok(());
+        }
+        let who = peer.unwrap_or("plaintext clients");
+        let msg = format!(
+            "port {} is over its rate limit ({}/s, {}/s per client) for {who}; slow down and retry later",
+            policy.port, limiter.cfg.requests_per_second, limiter.cfg.per_identity
+        );
+        Err(CauseError::new(Cause::RateLimited, msg))
+    }
+}

@@ -1,0 +1,105 @@
+//! The outbound HTTP service: one request from this pod's app to its upstream. The
+//! head size, then the plan (the fixed destination of a redirected connection, or the
+//! request's own authority: discovery, routes), `CONNECT` tunnels, the rule's header
+//! changes and fault, then the attempts.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{Method, Request, Response};
+
+use super::{
+    attempts::Attempts,
+    discovery::Discovery,
+    plan::{self, Plan, Planner},
+};
+use crate::{
+    errors::CauseError,
+    http::{
+        deadline, headers,
+        observe::Exchange,
+        service::{Common, Conn, Forward},
+        upgrade, Body,
+    },
+    transport::{
+        tcp::{Flow, Timeouts},
+        tls,
+    },
+};
+
+pub struct Outbound {
+    pub common: Common,
+    pub planner: Planner,
+    pub attempts: Attempts,
+    pub max_header_bytes: usize,
+    pub tcp: Timeouts,
+}
+
+/// What an outbound connection knows before its first request.
+pub struct Meta {
+    /// Where every request goes on a redirected connection; `None`: route each request
+    /// by its authority (explicit proxy mode).
+    pub target: Option<SocketAddr>,
+    /// The SPIFFE ID that `target` must prove, when discovery knows it as meshed.
+    pub target_identity: Option<Arc<str>>,
+}
+
+impl Outbound {
+    /// Transparent mode: the SPIFFE ID the endpoint at `target` must prove, when discovery
+    /// knows it as meshed (asked by address, as the app dialled it).
+    pub async fn identity_at(&self, target: SocketAddr) -> Option<Arc<str>> {
+        let discovery: &Discovery = self.planner.discovery.as_deref()?;
+        discovery.identity_at(target).await
+    }
+}
+
+impl Forward for Outbound {
+    type Meta = Meta;
+
+    fn common(&self) -> &Common {
+        &self.common
+    }
+
+    fn begin(&self, _conn: &Conn<Meta>, req: &mut Request<Body>, _ex: &mut Exchange) {
+        // Only a peer proxy may ask for HTTP/1 to be restored (inbound); an app cannot.
+        req.headers_mut().remove(headers::ORIG_PROTO);
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Body>,
+        conn: &Conn<Meta>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, CauseError> {
+        headers::check_head_size(&req, self.max_header_bytes)?;
+        let plan = match conn.meta.target {
+            Some(t) => Plan::fixed(t, conn.meta.target_identity.clone()),
+            None => self.planner.plan(&req).await?,
+        };
+        let is_connect = req.method() == Method::CONNECT;
+        if is_connect && conn.meta.target.is_none() {
+            return self.tunnel(req, &plan).await;
+        }
+        if let Some(rule) = &plan.rule {
+            ex.route = Some(rule.name().clone());
+            plan::apply_rule(rule.rule(), &mut req).await?;
+        }
+        let upgrade = upgrade::wanted(&req);
+        let client_upgrade = upgrade::prepare(&mut req, upgrade);
+        let asked = if upgrade { None } else { deadline::from_headers(req.headers(), Instant::now()) };
+        let rsp = self.attempts.run(req, &plan, upgrade, asked, ex).await?;
+        let flow = Flow { dir: self.common.dir, peer_identity: ex.peer_identity.clone() };
+        Ok(upgrade::finish(rsp, client_upgrade, is_connect, self.tcp.idle, flow, &self.common.metrics))
+    }
+}
+
+impl Outbound {
+    /// Explicit-mode `CONNECT`: a tunnel to one endpoint; to a mesh peer it is one
+    /// opaque stream inside mutual TLS.
+    async fn tunnel(&self, req: Request<Body>, plan: &Plan) -> Result<Response<Body>, CauseError> {
+        let endpoint = self.attempts.endpoint(&plan.dest, &[])?;
+        let forwarder = &self.attempts.forwarder;
+        let mesh = endpoint.identity.as_ref().map(|id| forwarder.mesh_peer(id, tls::ALPN_TCP)).transpose()?;
+        let flow = Flow { dir: self.common.dir, peer_identity: None };
+        upgrade::tunnel(req, endpoint.addr, mesh, self.tcp, flow, self.common.metrics.clone()).await
+    }
+}
