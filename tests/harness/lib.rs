@@ -88,6 +88,12 @@ impl Proxy {
         panic!("weft-proxy not ready after 10s:\n{}", self.logs());
     }
 
+    /// Waits until the series that `series` selects adds up to `value` (the proxy records
+    /// some outcomes after the client has its answer).
+    pub fn wait_metric(&self, series: &str, value: f64) {
+        eventually(Duration::from_secs(5), series, || (self.metric(series) == value).then_some(()));
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -268,4 +274,17 @@ pub fn tally(
         }
     }
     counts
+}
+
+/// Polls `check` until it gives a value, or panics naming `what` after `timeout`: tests
+/// wait for a signal (a metric, a log line, an answer), never for a fixed time.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

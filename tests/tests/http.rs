@@ -216,8 +216,10 @@ fn json_logs_and_access_log() {
     ]);
     let (code, _, _) = curl(&[&format!("http://{}/logged?secret=1", p.inbound)]);
     assert_eq!(code, 200);
-    std::thread::sleep(Duration::from_millis(100));
-    let logs = p.logs();
+    let logs = weft_e2e::eventually(Duration::from_secs(5), "the access log line", || {
+        let logs = p.logs();
+        logs.contains("weft::access").then_some(logs)
+    });
     let line = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

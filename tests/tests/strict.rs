@@ -25,12 +25,9 @@ fn conflicting_content_lengths_are_rejected() {
     let rsp = raw_request(p.inbound, req, Duration::from_secs(5)).unwrap();
     assert_eq!(parse_status(&rsp), Some(400), "{rsp}");
     assert_eq!(app.hits(), 0, "the app must not see a request with two lengths");
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        p.metric(
-            r#"weft_requests_total{direction="inbound",protocol="http1",status="400",cause="bad-request"}"#
-        ),
-        1.0
+    p.wait_metric(
+        r#"weft_requests_total{direction="inbound",protocol="http1",status="400",cause="bad-request"}"#,
+        1.0,
     );
 }
 
@@ -99,7 +96,9 @@ fn oversize_headers_get_431() {
     .unwrap();
     assert_eq!(parse_status(&rsp), Some(431), "{rsp}");
     assert_eq!(app.hits(), 0);
-    std::thread::sleep(Duration::from_millis(50));
+    let series =
+        r#"weft_requests_total{direction="inbound",protocol="http1",status="431",cause="header-too-large"}"#;
+    p.wait_metric(series, 2.0);
     let m = p.metrics();
     assert_eq!(
         metric_value(

@@ -61,8 +61,9 @@ fn half_close_and_byte_counts() {
     s.read_to_end(&mut got).unwrap();
     assert_eq!(got, payload);
     drop(s);
-    std::thread::sleep(Duration::from_millis(100));
     let n = payload.len() as f64;
+    // Bytes are counted when the connection ends, after the client has closed it.
+    p.wait_metric(r#"weft_tcp_read_bytes_total{direction="inbound"}"#, n);
     assert_eq!(p.metric(r#"weft_tcp_read_bytes_total{direction="inbound"}"#), n);
     assert_eq!(p.metric(r#"weft_tcp_write_bytes_total{direction="inbound"}"#), n);
     assert_eq!(p.metric(r#"weft_detect_total{direction="inbound",outcome="opaque"}"#), 1.0);

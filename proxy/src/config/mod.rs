@@ -4,37 +4,17 @@
 //! [`Env`] trait so tests hand in a map instead of mutating the process environment.
 //! A bad value fails startup with an error naming the variable and what it expects.
 
-use std::{collections::BTreeSet, net::SocketAddr, str::FromStr, time::Duration};
+mod env;
+mod otel;
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use ipnet::IpNet;
 
-/// Where configuration values come from.
-pub trait Env {
-    fn get(&self, name: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
-impl Env for std::collections::HashMap<&str, &str> {
-    fn get(&self, name: &str) -> Option<String> {
-        std::collections::HashMap::get(self, name).map(|v| v.to_string())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("invalid {name}={value:?}: expected {expected}")]
-pub struct Error {
-    name: &'static str,
-    value: String,
-    expected: &'static str,
-}
+use env::{duration, err, flag, list, parse, parse_opt, ports, HostPort};
+pub use env::{parse_duration, Env, Error, ProcessEnv};
+use otel::trace_config;
+pub use otel::*;
 
 // === names ===
 
@@ -60,22 +40,6 @@ pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
 pub const PROXY_UID: &str = "WEFT_PROXY_UID";
 pub const INIT_SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
 pub const INIT_SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
-
-// OpenTelemetry's standard variables (the SDK environment specification), so a proxy
-// is configured for tracing exactly as the apps beside it are.
-pub const OTEL_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
-pub const OTEL_TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
-pub const OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
-pub const OTEL_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
-pub const OTEL_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
-pub const OTEL_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
-pub const OTEL_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
-pub const OTEL_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
-pub const OTEL_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
-pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
-pub const OTEL_BSP_MAX_QUEUE_SIZE: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
-pub const OTEL_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
-pub const OTEL_BSP_MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
 
 /// Ports whose protocols are known to be server-speaks-first or otherwise not worth
 /// detecting (SMTP, MySQL, Postgres, Redis, Memcached, …): the same set Linkerd ships.
@@ -112,34 +76,6 @@ pub struct Config {
     pub workload: String,
     /// Span export; `None` when no OTLP endpoint is configured.
     pub tracing: Option<TraceConfig>,
-}
-
-/// Span export over OTLP, from the `OTEL_*` variables.
-#[derive(Clone, Debug)]
-pub struct TraceConfig {
-    /// `service.name` of the spans: `OTEL_SERVICE_NAME`, else the workload.
-    pub service_name: String,
-    /// `http://host:port`; for HTTP/protobuf the full URL spans are POSTed to.
-    pub endpoint: http::Uri,
-    pub protocol: OtlpProtocol,
-    pub sampler: Sampler,
-    /// Spans waiting for export; more are dropped (and counted).
-    pub max_queue: usize,
-    pub max_batch: usize,
-    /// How long a span may wait for its batch to fill.
-    pub schedule_delay: Duration,
-    /// Longest an export may take before it is abandoned (its spans dropped).
-    pub export_timeout: Duration,
-}
-
-pub use weft_api::otlp::Protocol as OtlpProtocol;
-
-/// `OTEL_TRACES_SAMPLER`: sampling of new traces, and whether a caller's decision wins.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Sampler {
-    /// Fraction of new traces sampled, 0 to 1.
-    pub ratio: f64,
-    pub parent_based: bool,
 }
 
 /// How the proxy reaches the control plane and proves who it is.
@@ -242,7 +178,7 @@ impl Config {
             },
             worker_threads: parse(env, WORKER_THREADS, "2", "a thread count like 2")?,
             workload: workload(env),
-            tracing: tracing(env, &workload(env))?,
+            tracing: trace_config(env, &workload(env))?,
         })
     }
 }
@@ -255,86 +191,6 @@ fn workload(env: &dyn Env) -> String {
         .flatten()
         .find(|w| !w.trim().is_empty())
         .map_or_else(|| "weft-proxy".to_string(), |w| w.trim().to_string())
-}
-
-/// Tracing is on when an OTLP endpoint is set and neither `OTEL_SDK_DISABLED=true` nor
-/// `OTEL_TRACES_EXPORTER=none` turns it off.
-fn tracing(env: &dyn Env, workload: &str) -> Result<Option<TraceConfig>, Error> {
-    let get = |name| env.get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-    if get(OTEL_SDK_DISABLED).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Ok(None);
-    }
-    match get(OTEL_TRACES_EXPORTER).as_deref() {
-        None | Some("otlp") => {}
-        Some("none") => return Ok(None),
-        Some(other) => return Err(err(OTEL_TRACES_EXPORTER, other, "otlp or none")),
-    }
-    let (protocol_var, protocol) = match get(OTEL_TRACES_PROTOCOL) {
-        Some(p) => (OTEL_TRACES_PROTOCOL, p),
-        None => (OTEL_PROTOCOL, get(OTEL_PROTOCOL).unwrap_or_else(|| "grpc".into())),
-    };
-    let protocol = weft_api::otlp::protocol(&protocol)
-        .map_err(|_| err(protocol_var, &protocol, "grpc or http/protobuf (http/json is not supported)"))?;
-    const URL: &str =
-        "an http:// URL like http://jaeger:4317 (https is not supported: use a local collector)";
-    // The signal-specific variable is the URL itself; the general one is a base to which
-    // HTTP/protobuf appends /v1/traces.
-    let (name, url, append) = match (get(OTEL_TRACES_ENDPOINT), get(OTEL_ENDPOINT)) {
-        (Some(u), _) => (OTEL_TRACES_ENDPOINT, u, false),
-        (None, Some(u)) => (OTEL_ENDPOINT, u, protocol == OtlpProtocol::HttpProtobuf),
-        (None, None) => return Ok(None),
-    };
-    let full = if append { format!("{}/v1/traces", url.trim_end_matches('/')) } else { url.clone() };
-    let endpoint = weft_api::otlp::endpoint(&full).map_err(|_| err(name, &url, URL))?;
-    let sampler_name = get(OTEL_SAMPLER).unwrap_or_else(|| "parentbased_always_on".into());
-    let arg = || -> Result<f64, Error> {
-        match get(OTEL_SAMPLER_ARG) {
-            None => Ok(1.0),
-            Some(a) => a
-                .parse::<f64>()
-                .ok()
-                .filter(|r| (0.0..=1.0).contains(r))
-                .ok_or_else(|| err(OTEL_SAMPLER_ARG, &a, "a ratio from 0 to 1, like 0.1")),
-        }
-    };
-    let sampler = match sampler_name.as_str() {
-        "always_on" => Sampler { ratio: 1.0, parent_based: false },
-        "always_off" => Sampler { ratio: 0.0, parent_based: false },
-        "traceidratio" => Sampler { ratio: arg()?, parent_based: false },
-        "parentbased_always_on" => Sampler { ratio: 1.0, parent_based: true },
-        "parentbased_always_off" => Sampler { ratio: 0.0, parent_based: true },
-        "parentbased_traceidratio" => Sampler { ratio: arg()?, parent_based: true },
-        other => {
-            return Err(err(
-                OTEL_SAMPLER,
-                other,
-                "always_on, always_off, traceidratio or their parentbased_ forms",
-            ))
-        }
-    };
-    let millis = |name, default: &str| -> Result<Duration, Error> {
-        let ms: u64 = parse(env, name, default, "milliseconds, like 5000")?;
-        Ok(Duration::from_millis(ms))
-    };
-    let max_queue: usize = parse(env, OTEL_BSP_MAX_QUEUE_SIZE, "2048", "a span count like 2048")?;
-    let max_batch: usize = parse(env, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, "512", "a span count like 512")?;
-    if max_queue == 0 || max_batch == 0 || max_batch > max_queue {
-        return Err(err(
-            OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
-            &max_batch.to_string(),
-            "1 to OTEL_BSP_MAX_QUEUE_SIZE",
-        ));
-    }
-    Ok(Some(TraceConfig {
-        service_name: get(OTEL_SERVICE_NAME).unwrap_or_else(|| workload.to_string()),
-        endpoint,
-        protocol,
-        sampler,
-        max_queue,
-        max_batch,
-        schedule_delay: millis(OTEL_BSP_SCHEDULE_DELAY, "5000")?,
-        export_timeout: millis(OTEL_TIMEOUT, "10000")?,
-    }))
 }
 
 impl InitConfig {
@@ -383,98 +239,6 @@ fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
     Ok(Some(ControlConfig { addr, identity, token }))
 }
 
-// === parsing helpers ===
-
-fn err(name: &'static str, value: &str, expected: &'static str) -> Error {
-    Error { name, value: value.to_string(), expected }
-}
-
-fn parse<T: FromStr>(
-    env: &dyn Env,
-    name: &'static str,
-    default: &str,
-    expected: &'static str,
-) -> Result<T, Error> {
-    let value = env.get(name).unwrap_or_else(|| default.to_string());
-    value.trim().parse().map_err(|_| err(name, &value, expected))
-}
-
-fn parse_opt<T: FromStr>(
-    env: &dyn Env,
-    name: &'static str,
-    expected: &'static str,
-) -> Result<Option<T>, Error> {
-    match env.get(name) {
-        None => Ok(None),
-        Some(v) if v.trim().is_empty() => Ok(None),
-        Some(v) => v.trim().parse().map(Some).map_err(|_| err(name, &v, expected)),
-    }
-}
-
-fn list<T: FromStr>(
-    env: &dyn Env,
-    name: &'static str,
-    default: &str,
-    expected: &'static str,
-) -> Result<Vec<T>, Error> {
-    let value = env.get(name).unwrap_or_else(|| default.to_string());
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| err(name, &value, expected)))
-        .collect()
-}
-
-/// Ports as a comma-separated list of numbers and inclusive ranges: `25,3306,8000-8010`.
-fn ports(env: &dyn Env, name: &'static str, default: &str) -> Result<BTreeSet<u16>, Error> {
-    const EXPECTED: &str = "comma-separated ports or ranges like 25,3306,8000-8010";
-    let value = env.get(name).unwrap_or_else(|| default.to_string());
-    let mut out = BTreeSet::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (lo, hi) = item.split_once('-').unwrap_or((item, item));
-        let lo: u16 = lo.trim().parse().map_err(|_| err(name, &value, EXPECTED))?;
-        let hi: u16 = hi.trim().parse().map_err(|_| err(name, &value, EXPECTED))?;
-        if lo == 0 || lo > hi {
-            return Err(err(name, &value, EXPECTED));
-        }
-        out.extend(lo..=hi);
-    }
-    Ok(out)
-}
-
-fn flag(env: &dyn Env, name: &'static str) -> Result<bool, Error> {
-    match env.get(name).as_deref().map(str::trim) {
-        None | Some("") | Some("0") | Some("false") | Some("off") => Ok(false),
-        Some("1") | Some("true") | Some("on") => Ok(true),
-        Some(other) => Err(err(name, other, "true or false")),
-    }
-}
-
-fn duration(env: &dyn Env, name: &'static str, default: &str) -> Result<Duration, Error> {
-    let value = env.get(name).unwrap_or_else(|| default.to_string());
-    parse_duration(value.trim()).ok_or_else(|| err(name, &value, "a duration like 100ms, 10s, 5m or 1h"))
-}
-
-/// The duration grammar Weft shares (`weft_api::duration`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    weft_api::duration::parse(s).ok()
-}
-
-/// `host:port` with a non-empty host and a numeric port.
-struct HostPort(String);
-
-impl FromStr for HostPort {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let (host, port) = s.rsplit_once(':').ok_or(())?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(());
-        }
-        Ok(HostPort(s.to_string()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,56 +260,6 @@ mod tests {
         assert_eq!(c.detect_timeout, Duration::from_millis(100));
         assert!(c.opaque_ports.contains(&3306));
         assert!(!c.log.json);
-    }
-
-    #[test]
-    fn tracing_follows_the_otel_variables() {
-        assert!(cfg(&[]).unwrap().tracing.is_none(), "no endpoint: no export");
-        let t = cfg(&[(OTEL_ENDPOINT, "http://jaeger:4318/"), (OTEL_PROTOCOL, "http/protobuf")])
-            .unwrap()
-            .tracing
-            .unwrap();
-        assert_eq!(t.endpoint, "http://jaeger:4318/v1/traces");
-        assert_eq!(t.sampler, Sampler { ratio: 1.0, parent_based: true });
-        let t = cfg(&[
-            (OTEL_TRACES_ENDPOINT, "http://c:4317"),
-            (OTEL_SAMPLER, "parentbased_traceidratio"),
-            (OTEL_SAMPLER_ARG, "0.25"),
-            (IDENTITY, "spiffe://weft.local/ns/shop/sa/cart"),
-        ])
-        .unwrap();
-        let tr = t.tracing.unwrap();
-        assert_eq!(
-            (tr.protocol, tr.sampler.ratio, tr.service_name.as_str()),
-            (OtlpProtocol::Grpc, 0.25, "cart")
-        );
-        assert_eq!(t.workload, "cart");
-        assert!(cfg(&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SDK_DISABLED, "true")])
-            .unwrap()
-            .tracing
-            .is_none());
-        assert!(cfg(&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_TRACES_EXPORTER, "none")])
-            .unwrap()
-            .tracing
-            .is_none());
-        for (bad, var) in [
-            (&[(OTEL_ENDPOINT, "https://c:4317")][..], OTEL_ENDPOINT),
-            (&[(OTEL_ENDPOINT, "c:4317")], OTEL_ENDPOINT),
-            (&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_PROTOCOL, "http/json")], OTEL_PROTOCOL),
-            (&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SAMPLER, "sometimes")], OTEL_SAMPLER),
-            (
-                &[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SAMPLER, "traceidratio"), (OTEL_SAMPLER_ARG, "2")],
-                OTEL_SAMPLER_ARG,
-            ),
-            (
-                &[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_BSP_MAX_QUEUE_SIZE, "10")],
-                OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
-            ),
-            (&[(OTEL_TRACES_EXPORTER, "zipkin")], OTEL_TRACES_EXPORTER),
-        ] {
-            let e = cfg(bad).unwrap_err().to_string();
-            assert!(e.contains(var), "{e}");
-        }
     }
 
     #[test]
@@ -609,5 +323,55 @@ mod tests {
         assert_eq!(c.outbound_port, 4140);
         assert_eq!(c.proxy_uid, 2102);
         assert!(c.skip_outbound_ports.contains(&443));
+    }
+
+    #[test]
+    fn tracing_follows_the_otel_variables() {
+        assert!(cfg(&[]).unwrap().tracing.is_none(), "no endpoint: no export");
+        let t = cfg(&[(OTEL_ENDPOINT, "http://jaeger:4318/"), (OTEL_PROTOCOL, "http/protobuf")])
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.endpoint, "http://jaeger:4318/v1/traces");
+        assert_eq!(t.sampler, Sampler { ratio: 1.0, parent_based: true });
+        let t = cfg(&[
+            (OTEL_TRACES_ENDPOINT, "http://c:4317"),
+            (OTEL_SAMPLER, "parentbased_traceidratio"),
+            (OTEL_SAMPLER_ARG, "0.25"),
+            (IDENTITY, "spiffe://weft.local/ns/shop/sa/cart"),
+        ])
+        .unwrap();
+        let tr = t.tracing.unwrap();
+        assert_eq!(
+            (tr.protocol, tr.sampler.ratio, tr.service_name.as_str()),
+            (OtlpProtocol::Grpc, 0.25, "cart")
+        );
+        assert_eq!(t.workload, "cart");
+        assert!(cfg(&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SDK_DISABLED, "true")])
+            .unwrap()
+            .tracing
+            .is_none());
+        assert!(cfg(&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_TRACES_EXPORTER, "none")])
+            .unwrap()
+            .tracing
+            .is_none());
+        for (bad, var) in [
+            (&[(OTEL_ENDPOINT, "https://c:4317")][..], OTEL_ENDPOINT),
+            (&[(OTEL_ENDPOINT, "c:4317")], OTEL_ENDPOINT),
+            (&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_PROTOCOL, "http/json")], OTEL_PROTOCOL),
+            (&[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SAMPLER, "sometimes")], OTEL_SAMPLER),
+            (
+                &[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_SAMPLER, "traceidratio"), (OTEL_SAMPLER_ARG, "2")],
+                OTEL_SAMPLER_ARG,
+            ),
+            (
+                &[(OTEL_ENDPOINT, "http://c:4317"), (OTEL_BSP_MAX_QUEUE_SIZE, "10")],
+                OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+            ),
+            (&[(OTEL_TRACES_EXPORTER, "zipkin")], OTEL_TRACES_EXPORTER),
+        ] {
+            let e = cfg(bad).unwrap_err().to_string();
+            assert!(e.contains(var), "{e}");
+        }
     }
 }
