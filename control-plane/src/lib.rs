@@ -1,15 +1,10 @@
-//! weft-control: Weft's control plane (CA, discovery and policy from a mesh file) and the
-//! pieces of the `weft` command line: the local mesh (`weft up`) and the demo's apps.
+//! weft-control: Weft's control plane and the `weft` command line.
+//!
+//! `server/` is the control plane `weft control` runs: the CA and the Identity service,
+//! the mesh file as its source, and the Discovery and Policy watches. `cli/` is the rest
+//! of the `weft` binary: the local mesh (`weft up`), `weft stat` and the demo's apps. The
+//! CLI reads the server's mesh model; the server knows nothing of the CLI.
 #![forbid(unsafe_code)]
 
-pub mod ca;
-pub mod example_app;
-pub mod http_client;
-pub mod identity;
-pub mod mesh;
-pub mod routes;
+pub mod cli;
 pub mod server;
-pub mod source;
-pub mod stat;
-pub mod up;
-pub mod watch;

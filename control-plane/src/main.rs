@@ -4,7 +4,7 @@
 //! from a mesh file.
 #![forbid(unsafe_code)]
 
-use weft_control::{example_app, stat, up};
+use weft_control::cli::{example_app, stat, up};
 
 use std::{path::PathBuf, time::Duration};
 

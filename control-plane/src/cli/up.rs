@@ -23,10 +23,11 @@ use tokio::{
 
 use weft_api::env;
 
-use crate::{http_client::Client, mesh::Mesh};
+use super::http_client::Client;
+use crate::server::mesh::Mesh;
 
 /// The demo mesh, used when `weft up` is given no file.
-pub const DEMO_MESH: &str = include_str!("../../examples/demo.yaml");
+pub const DEMO_MESH: &str = include_str!("../../../examples/demo.yaml");
 
 pub struct Options {
     /// The mesh file; `None` runs the built-in demo (examples/demo.yaml).
@@ -178,7 +179,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     result
 }
 
-impl crate::mesh::Workload {
+impl crate::server::mesh::Workload {
     fn runs_app(&self) -> bool {
         !self.command.is_empty()
     }

@@ -362,7 +362,7 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
 
 #[cfg(test)]
 mod tests {
-    use crate::mesh::Mesh;
+    use crate::server::mesh::Mesh;
 
     const MESH: &str = r#"
 workloads:

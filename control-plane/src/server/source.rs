@@ -15,7 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::mesh::{self, Mesh};
+use crate::server::mesh::{self, Mesh};
 
 /// The current state, as every service sees it.
 pub type State = watch::Receiver<Arc<Mesh>>;

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tonic::{Request, Response, Status};
 use weft_api::v1::{identity_server::Identity, CertifyRequest, CertifyResponse};
 
-use crate::ca::{self, Ca, SpiffeId};
+use crate::server::ca::{self, Ca, SpiffeId};
 
 /// Turns a bearer token into the identity it proves.
 pub trait TokenAuthority: Send + Sync {
@@ -25,7 +25,7 @@ impl TokenAuthority for StaticTokens {
 
 /// The tokens of the mesh as it is now: a workload removed from the mesh file can no
 /// longer get certificates.
-pub struct MeshTokens(pub crate::source::State);
+pub struct MeshTokens(pub crate::server::source::State);
 
 impl TokenAuthority for MeshTokens {
     fn verify(&self, token: &str) -> Option<SpiffeId> {

@@ -20,7 +20,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::http_client::Client;
+use crate::cli::http_client::Client;
 
 pub enum App {
     /// Answers every request with `<workload>: <message>`, failing `fail_percent` % of
@@ -171,7 +171,7 @@ async fn load(target: &str, rate: u32, every: Duration) -> anyhow::Result<()> {
 }
 
 impl Window {
-    fn record(&mut self, res: anyhow::Result<crate::http_client::Reply>, took: Duration) {
+    fn record(&mut self, res: anyhow::Result<crate::cli::http_client::Reply>, took: Duration) {
         match res {
             Ok(r) if r.status == 200 => {
                 self.ok += 1;

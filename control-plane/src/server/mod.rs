@@ -1,5 +1,16 @@
 //! `weft control`: the control-plane server. gRPC (Identity, Discovery, Policy) on one
 //! port; `/live`, `/ready` and `/metrics` on an admin port.
+//!
+//! State flows one way: `source` (the mesh file, parsed and validated by `mesh` and
+//! `routes`) → a `watch::channel<Arc<Mesh>>` → `identity` (tokens → `ca`) and `watch`
+//! (Discovery and Policy streams).
+
+pub mod ca;
+pub mod identity;
+pub mod mesh;
+pub mod routes;
+pub mod source;
+pub mod watch;
 
 use std::{
     net::SocketAddr,
@@ -22,7 +33,7 @@ use weft_api::v1::{
     discovery_server::DiscoveryServer, identity_server::IdentityServer, policy_server::PolicyServer,
 };
 
-use crate::{
+use self::{
     ca::Ca,
     identity::{IdentityService, MeshTokens},
     source::{FileSource, Source},

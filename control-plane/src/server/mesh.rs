@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use weft_api::duration::Setting;
 
-use crate::{
+use super::{
     ca::SpiffeId,
     routes::{self, Invalid},
 };
@@ -35,7 +35,7 @@ pub struct Mesh {
     pub services: Vec<Service>,
     #[serde(default)]
     pub policies: Vec<InboundPolicy>,
-    /// Outbound routing of services (see [`crate::routes`]).
+    /// Outbound routing of services (see [`crate::server::routes`]).
     #[serde(default)]
     pub routes: Vec<routes::Route>,
     /// Where the sidecars (and apps) of a local mesh send spans; `weft up` passes it on
@@ -409,11 +409,11 @@ policies:
 
     #[test]
     fn the_documented_example_and_the_demo_are_valid() {
-        let doc = include_str!("../../docs/mesh-file.md");
+        let doc = include_str!("../../../docs/mesh-file.md");
         let yaml = doc.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).unwrap();
         let m = Mesh::parse("docs/mesh-file.md", yaml).unwrap();
         assert_eq!(m.services[0].balancer, Balancer::PeakEwma);
-        Mesh::parse("examples/demo.yaml", include_str!("../../examples/demo.yaml")).unwrap();
+        Mesh::parse("examples/demo.yaml", include_str!("../../../examples/demo.yaml")).unwrap();
     }
 
     fn err(text: &str) -> String {

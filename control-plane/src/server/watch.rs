@@ -10,7 +10,7 @@ use weft_api::v1::{
     Mode, RouteSet, WatchRequest,
 };
 
-use crate::{
+use super::{
     identity::bearer,
     mesh::{self, Mesh},
     source::State,

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
-use crate::{http_client::Client, up::State};
+use super::{http_client::Client, up::State};
 
 /// One scrape of what a sidecar's inbound side counted.
 #[derive(Clone, Debug, Default, PartialEq)]
