@@ -51,9 +51,10 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     };
     // One discovery cache for all shards: an answer learnt by one serves every shard,
     // also while the control plane is away.
-    let discovery = cfg.control.as_ref().map(Discovery::new).transpose()?.map(Arc::new);
-    let policies = cfg.control.as_ref().map(Policies::new).transpose()?.map(Arc::new);
-    let routes = cfg.control.as_ref().map(RouteWatch::new).transpose()?.map(Arc::new);
+    let control = cfg.control.as_ref();
+    let discovery = control.map(|c| Discovery::new(c, metrics.clone())).transpose()?.map(Arc::new);
+    let policies = control.map(|c| Policies::new(c, metrics.clone())).transpose()?.map(Arc::new);
+    let routes = control.map(|c| RouteWatch::new(c, metrics.clone())).transpose()?.map(Arc::new);
     let budgets = Arc::new(Budgets::default());
     let (tracer, flush_spans) = match &cfg.tracing {
         None => (None, None),
@@ -76,7 +77,13 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
     let outbound_ls = bind_dual(cfg.outbound_addr, shards, config::OUTBOUND_ADDR)?;
     let admin_l = bind_shards(cfg.admin_addr, 1, config::ADMIN_ADDR)?.remove(0);
-    let mut own_addrs = vec![cfg.admin_addr];
+    // The addresses bound, which differ from the settings for port 0: logged for whoever
+    // started the proxy (tests bind port 0 and read them here, instead of racing for a
+    // port picked in advance).
+    let bound = |ls: &[Vec<std::net::TcpListener>]| ls[0][0].local_addr();
+    let (inbound, outbound, admin) = (bound(&inbound_ls)?, bound(&outbound_ls)?, admin_l.local_addr()?);
+    tracing::info!(%inbound, %outbound, %admin, shards, "listening");
+    let mut own_addrs = vec![admin];
     for l in inbound_ls.iter().chain(&outbound_ls).filter_map(|ls| ls.first()) {
         own_addrs.push(l.local_addr()?);
     }
@@ -125,10 +132,6 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             });
         }
     }
-    tracing::info!(
-        inbound = %cfg.inbound_addr, outbound = %cfg.outbound_addr, admin = %cfg.admin_addr, shards,
-        "weft-proxy ready"
-    );
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let why = tokio::select! {
@@ -330,6 +333,14 @@ fn bind_shards(addr: SocketAddr, n: usize, name: &str) -> anyhow::Result<Vec<std
     };
     let probe = socket(false)?;
     probe.bind(&addr.into()).with_context(|| format!("cannot listen on {name}={addr}"))?;
+    if addr.port() == 0 {
+        // A port the kernel picks: `SO_REUSEPORT` sockets bound to it after the probe let
+        // go could share it with another process that picked it meanwhile. So one socket
+        // without it, which every shard accepts from.
+        probe.listen(1024).with_context(|| format!("cannot listen on {name}={addr}"))?;
+        let l: std::net::TcpListener = probe.into();
+        return (0..n).map(|_| l.try_clone().with_context(|| format!("cannot share {name}"))).collect();
+    }
     // An ephemeral port (`:0`) is chosen by the probe and used by every shard.
     let addr = probe.local_addr()?.as_socket().unwrap_or(addr);
     drop(probe);

@@ -15,7 +15,10 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::config::{ControlConfig, TokenSource};
+use crate::{
+    config::{ControlConfig, TokenSource},
+    metrics::Metrics,
+};
 
 /// How long a first use waits for the control plane's first answer.
 pub const FIRST_ANSWER: Duration = Duration::from_secs(1);
@@ -46,15 +49,39 @@ pub fn authorized<T>(msg: T, token: &TokenSource) -> tonic::Request<T> {
 
 pub type Answer<T> = Option<Arc<T>>;
 
+/// An answer's state generation (see the API's Generations).
+pub trait Generation {
+    fn generation(&self) -> u64;
+}
+
+impl Generation for weft_api::v1::EndpointSet {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Generation for weft_api::v1::RouteSet {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Generation for weft_api::v1::InboundPolicy {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 type Opened<T> = Pin<Box<dyn Future<Output = Result<tonic::Streaming<T>, tonic::Status>> + Send>>;
 /// Opens one watch stream: the gRPC call with its request for a key.
 type Open<K, T> = Arc<dyn Fn(&K, &TokenSource) -> Opened<T> + Send + Sync>;
 
 /// Watches of one kind by key (an authority, a port), each started on first use and kept.
 pub struct Watched<K, T> {
-    /// `discovery of`, `policy of port`…: the start of its log lines.
-    what: &'static str,
+    /// `discovery`, `policy` or `routes`: the start of its log lines and its metric label.
+    kind: &'static str,
     token: TokenSource,
+    metrics: Arc<Metrics>,
     open: Open<K, T>,
     watches: Mutex<HashMap<K, watch::Receiver<Answer<T>>>>,
 }
@@ -62,14 +89,14 @@ pub struct Watched<K, T> {
 impl<K, T> Watched<K, T>
 where
     K: Eq + Hash + Clone + std::fmt::Display + Send + Sync + 'static,
-    T: Send + Sync + 'static,
+    T: Generation + Send + Sync + 'static,
 {
     /// `open(key, token)` makes the gRPC call for a key (see [`authorized`]).
-    pub fn new<F>(what: &'static str, token: TokenSource, open: F) -> Self
+    pub fn new<F>(kind: &'static str, cfg: &ControlConfig, metrics: Arc<Metrics>, open: F) -> Self
     where
         F: Fn(&K, &TokenSource) -> Opened<T> + Send + Sync + 'static,
     {
-        Watched { what, token, open: Arc::new(open), watches: Mutex::default() }
+        Watched { kind, token: cfg.token.clone(), metrics, open: Arc::new(open), watches: Mutex::default() }
     }
 
     /// The current answer for `key`, waiting up to [`FIRST_ANSWER`] for the first one.
@@ -99,15 +126,22 @@ where
             return rx.clone();
         }
         let (open, token, key2) = (self.open.clone(), self.token.clone(), key.clone());
-        let rx = spawn(format!("{} {key}", self.what), move || open(&key2, &token));
+        let learnt = Learnt { kind: self.kind, metrics: self.metrics.clone() };
+        let rx = spawn(format!("{} of {key}", self.kind), learnt, move || open(&key2, &token));
         watches.insert(key.clone(), rx.clone());
         rx
     }
 }
 
-fn spawn<T, F>(what: String, open: F) -> watch::Receiver<Answer<T>>
+/// Where a watch records the generation of each answer it gets.
+struct Learnt {
+    kind: &'static str,
+    metrics: Arc<Metrics>,
+}
+
+fn spawn<T, F>(what: String, learnt: Learnt, open: F) -> watch::Receiver<Answer<T>>
 where
-    T: Send + Sync + 'static,
+    T: Generation + Send + Sync + 'static,
     F: Fn() -> Opened<T> + Send + 'static,
 {
     let (tx, rx) = watch::channel(None);
@@ -118,6 +152,7 @@ where
                 Ok(mut stream) => {
                     while let Ok(Some(msg)) = stream.message().await {
                         backoff = Duration::from_millis(200);
+                        learnt.metrics.control_generation(learnt.kind, msg.generation());
                         tx.send_replace(Some(Arc::new(msg)));
                     }
                     tracing::info!("{what}: watch ended; keeping the last answer and reconnecting");

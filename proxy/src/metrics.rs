@@ -125,7 +125,14 @@ pub struct Metrics {
     spans_exported: Counter,
     spans_dropped: Counter,
     span_export_failures: Counter,
+    control_generation: Family<KindLabels, Gauge>,
     interned: Mutex<HashSet<Arc<str>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    /// `discovery`, `policy` or `routes`.
+    kind: &'static str,
 }
 
 /// Label values the interner keeps; past this (a peer sending ever new names), values
@@ -271,7 +278,14 @@ impl Metrics {
             "Span batches the OTLP collector did not accept (unreachable, refused or too slow)",
             span_export_failures.clone(),
         );
+        let control_generation = Family::default();
+        registry.register(
+            "control_generation",
+            "The newest control-plane state generation among the answers received, by kind",
+            control_generation.clone(),
+        );
         Arc::new(Metrics {
+            control_generation,
             interned: Mutex::default(),
             spans_exported,
             spans_dropped,
@@ -314,6 +328,16 @@ impl Metrics {
             interned.insert(v.clone());
         }
         v
+    }
+
+    /// A control-plane answer of `kind` made from state `generation` arrived.
+    pub fn control_generation(&self, kind: &'static str, generation: u64) {
+        let gauge = self.control_generation.get_or_create(&KindLabels { kind });
+        let generation = i64::try_from(generation).unwrap_or(i64::MAX);
+        // Shards race only upwards; the newest wins.
+        if generation > gauge.get() {
+            gauge.set(generation);
+        }
     }
 
     /// An endpoint ejected by outlier detection (`ejected`), or brought back.

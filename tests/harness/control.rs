@@ -3,11 +3,11 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Child, Command},
+    time::Duration,
 };
 
-use crate::{bin, free_addr, http_get, Proxy};
+use crate::{bin, eventually, http_get, log_field, metric_value, Proxy};
 
 pub struct Control {
     pub child: Child,
@@ -17,34 +17,65 @@ pub struct Control {
 }
 
 impl Control {
-    /// Starts `weft control --mesh <file with mesh_yaml> <extra args>` and waits for /ready.
+    /// Starts `weft control --mesh <file with mesh_yaml> <extra args>` on ports it picks
+    /// (port 0) and waits for /ready.
     pub fn start(mesh_yaml: &str, extra: &[&str]) -> Control {
-        Self::start_on(free_addr(), mesh_yaml, extra)
+        Self::start_on("127.0.0.1:0".parse().unwrap(), mesh_yaml, extra)
     }
 
     /// Like `start`, on a chosen gRPC address (to restart a control plane in place).
     pub fn start_on(grpc: SocketAddr, mesh_yaml: &str, extra: &[&str]) -> Control {
-        let dir = std::env::temp_dir().join(format!("weft-control-{}-{}", std::process::id(), grpc.port()));
+        let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("weft-control-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mesh = dir.join("mesh.yaml");
         std::fs::write(&mesh, mesh_yaml).unwrap();
-        let admin = free_addr();
-        let child = Command::new(bin("weft"))
+        let log = dir.join("control.log");
+        let mut child = Command::new(bin("weft"))
             .args(["control", "--mesh"])
             .arg(&mesh)
-            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
+            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", "127.0.0.1:0"])
             .args(extra)
-            .stderr(Stdio::null())
+            .env("WEFT_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(admin, "/ready").map(|(s, _)| s) != Some(200) {
-            assert!(Instant::now() < deadline, "weft control not ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        let line = eventually(Duration::from_secs(10), "weft control's listening line", || {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("weft control exited with {status}:\n{}", read());
+            }
+            read().lines().find(|l| l.contains("listening") && l.contains("admin=")).map(str::to_string)
+        });
+        let addr =
+            |key: &str| log_field(&line, key).unwrap_or_else(|| panic!("no {key} address in {line:?}"));
+        let (grpc, admin) = (addr("grpc"), addr("admin"));
+        eventually(Duration::from_secs(10), "weft control /ready", || {
+            (http_get(admin, "/ready").map(|(s, _)| s) == Some(200)).then_some(())
+        });
         Control { child, grpc, admin, mesh }
     }
+
+    /// The generation of the state the control plane serves.
+    pub fn generation(&self) -> u64 {
+        let text = http_get(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        metric_value(&text, "weft_control_mesh_generation") as u64
+    }
+
+    /// Replaces the mesh file with a valid one and waits until the control plane serves
+    /// it; returns its generation, which a proxy's answers carry once they reflect it
+    /// (see [`Proxy::wait_generation`]).
+    pub fn apply(&self, mesh_yaml: &str) -> u64 {
+        let before = self.generation();
+        self.rewrite(mesh_yaml);
+        eventually(Duration::from_secs(5), "the control plane to apply the mesh file", || {
+            Some(self.generation()).filter(|g| *g > before)
+        })
+    }
 }
+
+/// Numbers the control planes' folders of this test process.
+static DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Control {
     /// A weft-proxy for workload `name` of the mesh file (identity
@@ -62,7 +93,8 @@ impl Control {
         Proxy::start(&env)
     }
 
-    /// Replaces the mesh file; the control plane applies it within its 250 ms poll.
+    /// Replaces the mesh file; the control plane applies it within its 250 ms poll (see
+    /// [`Self::apply`] to wait for that), or refuses it.
     pub fn rewrite(&self, mesh_yaml: &str) {
         std::fs::write(&self.mesh, mesh_yaml).unwrap();
     }

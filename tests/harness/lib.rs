@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod control;
+pub mod mesh;
 pub mod netns;
 pub mod otlp;
 
@@ -11,6 +12,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
+    sync::atomic::Ordering::SeqCst,
     time::{Duration, Instant},
 };
 
@@ -23,19 +25,32 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that is free on 127.0.0.1, for an address a test must know before the process
+/// that binds it starts (a mesh file naming a sidecar's inbound). Taken below the
+/// kernel's ephemeral range (32768 and up on Linux), so no process binding port 0 and no
+/// outgoing connection can take it in the meantime; consecutive within a test process,
+/// so two tests never pick the same one. Everything else binds port 0 and reports what
+/// it got (`Proxy::spawn`, `Control::start`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let _ = NEXT.compare_exchange(0, (std::process::id() % u32::from(SPAN)) as u16 + 1, SeqCst, SeqCst);
+    loop {
+        let port = LOW + NEXT.fetch_add(1, SeqCst) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// `n` distinct free addresses (held open together while choosing, so none repeats).
+/// `n` distinct free addresses (see [`free_port`]).
 pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
-    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap())
+    std::array::from_fn(|_| free_addr())
 }
 
 /// A running `weft-proxy` in explicit mode on loopback; killed when dropped.
@@ -55,23 +70,35 @@ impl Proxy {
         p
     }
 
-    /// Starts a proxy without waiting for it to be ready.
+    /// Starts a proxy without waiting for it to be ready. Its listeners bind port 0 unless
+    /// `env` names an address; the addresses it got are read from its `listening` log line.
     pub fn spawn(env: &[(&str, &str)]) -> Proxy {
-        let [inbound, outbound, admin] = free_addrs::<3>();
-        let log =
-            std::env::temp_dir().join(format!("weft-proxy-{}-{}.log", std::process::id(), admin.port()));
+        let log = std::env::temp_dir().join(format!(
+            "weft-proxy-{}-{}.log",
+            std::process::id(),
+            LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut cmd = Command::new(bin("weft-proxy"));
-        cmd.env("WEFT_INBOUND_ADDR", inbound.to_string())
-            .env("WEFT_OUTBOUND_ADDR", outbound.to_string())
-            .env("WEFT_ADMIN_ADDR", admin.to_string())
+        cmd.env("WEFT_INBOUND_ADDR", "127.0.0.1:0")
+            .env("WEFT_OUTBOUND_ADDR", "127.0.0.1:0")
+            .env("WEFT_ADMIN_ADDR", "127.0.0.1:0")
             .env("WEFT_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start weft-proxy");
-        Proxy { inbound, outbound, admin, child, log }
+        let mut child = cmd.spawn().expect("start weft-proxy");
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        let line = eventually(Duration::from_secs(10), "weft-proxy's listening line", || {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("weft-proxy exited with {status} before listening:\n{}", read());
+            }
+            read().lines().find(|l| l.contains("listening") && l.contains("admin")).map(str::to_string)
+        });
+        let addr =
+            |key: &str| log_field(&line, key).unwrap_or_else(|| panic!("no {key} address in {line:?}"));
+        Proxy { inbound: addr("inbound"), outbound: addr("outbound"), admin: addr("admin"), child, log }
     }
 
     pub fn wait_ready(&mut self) {
@@ -92,6 +119,20 @@ impl Proxy {
     /// some outcomes after the client has its answer).
     pub fn wait_metric(&self, series: &str, value: f64) {
         eventually(Duration::from_secs(5), series, || (self.metric(series) == value).then_some(()));
+    }
+
+    /// Waits until the series adds up to at least `value` (counters that keep growing).
+    pub fn wait_metric_at_least(&self, series: &str, value: f64) {
+        eventually(Duration::from_secs(10), series, || (self.metric(series) >= value).then_some(()));
+    }
+
+    /// Waits until this proxy holds a control-plane answer of `kind` (`discovery`,
+    /// `policy`, `routes`) made from state `generation` or later (see `Control::apply`).
+    pub fn wait_generation(&self, kind: &str, generation: u64) {
+        let series = format!("weft_control_generation{{kind=\"{kind}\"}}");
+        eventually(Duration::from_secs(5), &series, || {
+            (self.metric(&series) >= generation as f64).then_some(())
+        });
     }
 
     pub fn logs(&self) -> String {
@@ -274,6 +315,23 @@ pub fn tally(
         }
     }
     counts
+}
+
+/// Numbers the proxies' log files of this test process.
+static LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A socket address field of a log line, text (`key=addr`) or JSON (`"key":"addr"`); a
+/// wildcard address becomes loopback, where a test connects.
+pub fn log_field(line: &str, key: &str) -> Option<SocketAddr> {
+    let rest = [format!(" {key}="), format!("\"{key}\":\"")]
+        .iter()
+        .find_map(|k| line.split_once(k.as_str()).map(|(_, r)| r.to_string()))?;
+    let value: String = rest.chars().take_while(|c| !matches!(c, ' ' | '"' | ',' | '}')).collect();
+    let addr: SocketAddr = value.parse().ok()?;
+    Some(match addr.ip().is_unspecified() {
+        true => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+        false => addr,
+    })
 }
 
 /// Polls `check` until it gives a value, or panics naming `what` after `timeout`: tests

@@ -11,21 +11,22 @@ use tonic::Request;
 use weft_api::v1::{
     discovery_client::DiscoveryClient, identity_client::IdentityClient, CertifyRequest, WatchRequest,
 };
-use weft_e2e::{bin, control::Control, free_addr, http_get, metric_value};
+use weft_e2e::{
+    bin,
+    control::Control,
+    free_addr, http_get,
+    mesh::{token, MeshFile, Service},
+    metric_value,
+};
 
-const MESH: &str = "workloads:
-  - name: web
-    token: web-token-0123456789
-  - name: api-v1
-    serviceAccount: api
-    token: api-token-0123456789
-services:
-  - name: api
-    port: 80
-    endpoints:
-      - address: 127.0.0.1:9001
-        workload: api-v1
-";
+/// `web`, and `api-v1` (service account `api`) as the endpoint of `api:80` at `api`.
+fn mesh(api: &str) -> String {
+    MeshFile::new()
+        .workload("web")
+        .workload_as("api-v1", "api")
+        .service(Service::new("api", 80).meshed(api, "api-v1"))
+        .yaml()
+}
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut req = Request::new(msg);
@@ -39,10 +40,10 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn discovery_pushes_changes_and_survives_a_bad_file() {
-    let c = Control::start(MESH, &[]);
+    let c = Control::start(&mesh("127.0.0.1:9001"), &[]);
     rt().block_on(async {
         let mut client = DiscoveryClient::connect(format!("http://{}", c.grpc)).await.unwrap();
-        let req = authed(WatchRequest { authority: "api:80".into() }, "web-token-0123456789");
+        let req = authed(WatchRequest { authority: "api:80".into() }, &token("web"));
         let mut stream = client.watch(req).await.unwrap().into_inner();
         let first = stream.message().await.unwrap().unwrap();
         assert!(first.known);
@@ -58,7 +59,7 @@ fn discovery_pushes_changes_and_survives_a_bad_file() {
 
         // A good edit reaches the watcher within a second.
         let start = Instant::now();
-        std::fs::write(&c.mesh, MESH.replace("127.0.0.1:9001", "127.0.0.1:9002")).unwrap();
+        std::fs::write(&c.mesh, mesh("127.0.0.1:9002")).unwrap();
         let next =
             tokio::time::timeout(Duration::from_secs(1), stream.message()).await.unwrap().unwrap().unwrap();
         eprintln!("discovery: file change reached the watcher in {:?}", start.elapsed());
@@ -75,7 +76,7 @@ fn discovery_pushes_changes_and_survives_a_bad_file() {
 
 #[test]
 fn the_ca_signs_only_the_tokens_identity() {
-    let c = Control::start(MESH, &[]);
+    let c = Control::start(&mesh("127.0.0.1:9001"), &[]);
     let csr = |san: &str| {
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
@@ -84,14 +85,11 @@ fn the_ca_signs_only_the_tokens_identity() {
     rt().block_on(async {
         let mut client = IdentityClient::connect(format!("http://{}", c.grpc)).await.unwrap();
         let api = "spiffe://weft.local/ns/default/sa/api";
-        let ok = client
-            .certify(authed(CertifyRequest { csr_pem: csr(api) }, "api-token-0123456789"))
-            .await
-            .unwrap();
+        let ok =
+            client.certify(authed(CertifyRequest { csr_pem: csr(api) }, &token("api-v1"))).await.unwrap();
         assert_eq!(ok.get_ref().identity, api);
         let web = "spiffe://weft.local/ns/default/sa/web";
-        let denied =
-            client.certify(authed(CertifyRequest { csr_pem: csr(web) }, "api-token-0123456789")).await;
+        let denied = client.certify(authed(CertifyRequest { csr_pem: csr(web) }, &token("api-v1"))).await;
         assert_eq!(denied.unwrap_err().code(), tonic::Code::PermissionDenied);
     });
 }

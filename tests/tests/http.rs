@@ -250,8 +250,11 @@ fn upstream_closing_idle_keepalive_connections_is_invisible() {
     // as servers with a short keep-alive timeout do.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let app = listener.local_addr().unwrap();
+    let closed_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closed_count = closed_seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
+            let closed = closed_count.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut line = String::new();
@@ -261,14 +264,20 @@ fn upstream_closing_idle_keepalive_connections_is_invisible() {
                 let mut s = stream;
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
                 std::thread::sleep(Duration::from_millis(100));
+                drop(s);
+                drop(reader);
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
     let p = Proxy::start(&[("WEFT_APP_ADDR", &app.to_string()), ("WEFT_WORKER_THREADS", "1")]);
-    for _ in 0..5 {
+    for i in 1..=5 {
         let (code, body, err) = curl(&[&format!("http://{}/", p.inbound)]);
         assert_eq!((code, body.as_str()), (200, "ok"), "{err}");
-        std::thread::sleep(Duration::from_millis(250));
+        // The next request finds the pooled connection already closed by the app.
+        weft_e2e::eventually(Duration::from_secs(5), "the app closing its connection", || {
+            (closed_seen.load(std::sync::atomic::Ordering::SeqCst) >= i).then_some(())
+        });
     }
 }
 
@@ -310,7 +319,8 @@ fn a_connection_left_mid_response_is_not_reused() {
     let mut buf = [0u8; 4096];
     s.read_exact(&mut buf).unwrap();
     drop(s);
-    std::thread::sleep(Duration::from_millis(100));
+    // The proxy has seen the client go.
+    p.wait_metric(r#"weft_tcp_open_connections{direction="inbound"}"#, 0.0);
     // The next request must get its own clean response, not the rest of the big one.
     for _ in 0..3 {
         let (code, body, err) = curl(&[&format!("http://{}/small", p.inbound)]);

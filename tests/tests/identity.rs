@@ -2,14 +2,16 @@
 //! certificate before it reports ready, renews it, and stays not-ready (loudly) when it
 //! cannot get one.
 
-use std::time::{Duration, Instant};
+use weft_e2e::{
+    control::Control,
+    free_addr, http_get,
+    mesh::{token, MeshFile},
+    Proxy,
+};
 
-use weft_e2e::{control::Control, free_addr, http_get, Proxy};
-
-const MESH: &str = "workloads:
-  - name: web
-    token: web-token-0123456789
-";
+fn mesh() -> String {
+    MeshFile::new().workload("web").yaml()
+}
 const WEB: &str = "spiffe://weft.local/ns/default/sa/web";
 
 fn proxy_env(control: std::net::SocketAddr, token: &str) -> Vec<(&'static str, String)> {
@@ -31,38 +33,34 @@ fn now_unix() -> f64 {
 
 #[test]
 fn certificate_before_ready_then_renewed() {
-    let control = Control::start(MESH, &["--cert-ttl-secs", "3"]);
-    let mut p = spawn(&proxy_env(control.grpc, "web-token-0123456789"));
+    let control = Control::start(&mesh(), &["--cert-ttl-secs", "3"]);
+    let mut p = spawn(&proxy_env(control.grpc, &token("web")));
     p.wait_ready();
     assert!(p.metric(r#"weft_identity_certify_total{result="ok"}"#) >= 1.0);
     let expiry = p.metric("weft_identity_cert_expiry_timestamp_seconds");
     assert!((expiry - now_unix() - 3.0).abs() < 3.0, "expiry {expiry}");
     // Renewed at ~70 % of 3 s.
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while p.metric(r#"weft_identity_certify_total{result="ok"}"#) < 3.0 {
-        assert!(Instant::now() < deadline, "not renewed:\n{}", p.metrics());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    p.wait_metric_at_least(r#"weft_identity_certify_total{result="ok"}"#, 3.0);
     assert!(p.metric("weft_identity_cert_expiry_timestamp_seconds") > expiry);
 }
 
 #[test]
 fn a_bad_token_keeps_the_proxy_unready_and_says_why() {
-    let control = Control::start(MESH, &[]);
+    let control = Control::start(&mesh(), &[]);
     let p = spawn(&proxy_env(control.grpc, "stolen-token-0123456789"));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Refused, and still refused on the retry: never ready.
+    p.wait_metric_at_least(r#"weft_identity_certify_total{result="error"}"#, 2.0);
     assert_eq!(http_get(p.admin, "/ready").map(|(s, _)| s), Some(503));
     assert_eq!(http_get(p.admin, "/live").map(|(s, _)| s), Some(200));
-    assert!(p.metric(r#"weft_identity_certify_total{result="error"}"#) >= 1.0);
     assert!(p.logs().contains("unknown token"), "{}", p.logs());
 }
 
 #[test]
 fn a_late_control_plane_is_waited_for() {
     let grpc = free_addr();
-    let mut p = spawn(&proxy_env(grpc, "web-token-0123456789"));
-    std::thread::sleep(Duration::from_millis(700));
+    let mut p = spawn(&proxy_env(grpc, &token("web")));
+    p.wait_metric_at_least(r#"weft_identity_certify_total{result="error"}"#, 1.0);
     assert_eq!(http_get(p.admin, "/ready").map(|(s, _)| s), Some(503));
-    let _control = Control::start_on(grpc, MESH, &[]);
+    let _control = Control::start_on(grpc, &mesh(), &[]);
     p.wait_ready();
 }

@@ -4,29 +4,25 @@
 
 use std::time::Duration;
 
-use weft_e2e::{backend, control::Control, curl};
+use weft_e2e::{
+    backend,
+    control::Control,
+    curl,
+    mesh::{MeshFile, Service},
+};
 
 #[test]
 fn the_rate_limit_answers_429_and_keeps_a_share_for_each_identity() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
     let port = app.addr.port();
-    let mesh = format!(
-        "workloads:
-  - {{name: web, token: web-token-0123456789}}
-  - {{name: admin, token: admin-token-0123456789}}
-  - {{name: api, token: api-token-0123456789}}
-services:
-  - name: api
-    port: 80
-    endpoints: [{{address: {api_inbound}, workload: api}}]
-policies:
-  - workload: api
-    port: {port}
-    mode: permissive
-    rateLimit: {{requestsPerSecond: 2, burst: 10, perIdentity: 5}}
-"
-    );
+    let mesh = MeshFile::new()
+        .workload("web")
+        .workload("admin")
+        .workload("api")
+        .service(Service::new("api", 80).meshed(api_inbound, "api"))
+        .policy("api", port, "mode: permissive, rateLimit: {requestsPerSecond: 2, burst: 10, perIdentity: 5}")
+        .yaml();
     let control = Control::start(&mesh, &[]);
     let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
     let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
@@ -55,17 +51,10 @@ policies:
 #[test]
 fn a_service_at_its_concurrency_limit_sheds_with_503() {
     let slow = backend::http_slow("slow", Duration::from_millis(800));
-    let mesh = format!(
-        "workloads:
-  - {{name: web, token: web-token-0123456789}}
-services:
-  - name: api
-    port: 80
-    maxConcurrentRequests: 2
-    endpoints: [{{address: {}}}]
-",
-        slow.addr
-    );
+    let mesh = MeshFile::new()
+        .workload("web")
+        .service(Service::new("api", 80).with("maxConcurrentRequests: 2").endpoint(slow.addr))
+        .yaml();
     let control = Control::start(&mesh, &[]);
     let web = control.sidecar("web", &[]);
     let via = format!("http://{}", web.outbound);

@@ -7,29 +7,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft_e2e::{backend, control::Control, curl, Proxy};
+use weft_e2e::{
+    backend,
+    control::Control,
+    curl,
+    mesh::{MeshFile, Service},
+    Proxy,
+};
 
 fn mesh(api_inbound: std::net::SocketAddr) -> String {
-    format!(
-        "workloads:
-  - name: web
-    token: web-token-0123456789
-  - name: api
-    token: api-token-0123456789
-services:
-  - name: api
-    port: 80
-    endpoints:
-      - address: {api_inbound}
-        workload: api
-  # Discovery claims the api proxy is `web`: the client side must refuse it.
-  - name: imposter
-    port: 80
-    endpoints:
-      - address: {api_inbound}
-        workload: web
-"
-    )
+    mesh_file(api_inbound).yaml()
+}
+
+fn mesh_file(api_inbound: std::net::SocketAddr) -> MeshFile {
+    MeshFile::new()
+        .workload("web")
+        .workload("api")
+        .service(Service::new("api", 80).meshed(api_inbound, "api"))
+        // Discovery claims the api proxy is `web`: the client side must refuse it.
+        .service(Service::new("imposter", 80).meshed(api_inbound, "web"))
 }
 
 /// A capture that cannot outlive a failing test.
@@ -58,16 +54,19 @@ fn meshed_calls_are_mutual_tls_on_the_wire() {
     let web = sidecar(&control, "web", &[]);
 
     let pcap = std::env::temp_dir().join(format!("weft-mtls-{}.pcap", std::process::id()));
+    let dump_log = pcap.with_extension("log");
     let dump = Command::new("tcpdump")
         .args(["-i", "lo", "-U", "--immediate-mode", "-w"])
         .arg(&pcap)
         .args(["tcp", "port", &api_inbound.port().to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&dump_log).unwrap())
         .spawn()
         .expect("tcpdump (tests/run installs it)");
     let mut dump = KillOnDrop(dump);
-    std::thread::sleep(Duration::from_millis(500));
+    weft_e2e::eventually(Duration::from_secs(5), "tcpdump listening", || {
+        std::fs::read_to_string(&dump_log).ok().filter(|l| l.contains("listening on")).map(drop)
+    });
 
     for _ in 0..3 {
         let (code, body, err) =
@@ -77,7 +76,10 @@ fn meshed_calls_are_mutual_tls_on_the_wire() {
         assert_eq!(v["path"], "/secret-path");
         assert_eq!(v["version"], "HTTP/1.1", "the app gets HTTP/1 back");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Packets are written as they come (-U, --immediate-mode); the rest is flushed on SIGINT.
+    weft_e2e::eventually(Duration::from_secs(5), "packets in the capture", || {
+        (std::fs::metadata(&pcap).map_or(0, |m| m.len()) > 24).then_some(())
+    });
     let _ = Command::new("kill").args(["-INT", &dump.0.id().to_string()]).status();
     let _ = dump.0.wait();
 
@@ -159,14 +161,14 @@ fn traffic_survives_the_control_plane_and_picks_up_changes_when_it_returns() {
 
 /// `mesh()` plus a policy for the api workload's app port.
 fn mesh_with_policy(api_inbound: std::net::SocketAddr, app_port: u16, policy: &str) -> String {
-    format!("{}policies:\n  - workload: api\n    port: {app_port}\n{policy}", mesh(api_inbound))
+    mesh_file(api_inbound).policy("api", app_port, policy).yaml()
 }
 
 #[test]
 fn a_strict_port_refuses_plaintext_and_admits_the_mesh() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
-    let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), "    mode: strict\n"), &[]);
+    let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), "mode: strict"), &[]);
     let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
     let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
     let web = sidecar(&control, "web", &[]);
@@ -196,7 +198,7 @@ fn a_strict_port_refuses_plaintext_and_admits_the_mesh() {
 fn an_identity_off_the_allow_list_gets_403() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
-    let policy = "    allow: [spiffe://weft.local/ns/default/sa/admin]\n";
+    let policy = "allow: [spiffe://weft.local/ns/default/sa/admin]";
     let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), policy), &[]);
     let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
     let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
@@ -212,13 +214,21 @@ fn an_identity_off_the_allow_list_gets_403() {
 
 #[test]
 fn a_permissive_port_accepts_plaintext() {
+    // The port starts strict, so the control plane's answer visibly decides: plaintext is
+    // refused; made permissive, the same client gets through (not the default at work).
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
-    let control = Control::start(&mesh(api_inbound), &[]);
+    let port = app.addr.port();
+    let control = Control::start(&mesh_with_policy(api_inbound, port, "mode: strict"), &[]);
     let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let _api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
+    assert_eq!(code, 403, "{body}");
+    let generation = control.apply(&mesh_with_policy(api_inbound, port, "mode: permissive"));
+    api.wait_generation("policy", generation);
     let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
     assert_eq!(code, 200, "{body}");
+    assert_eq!(app.hits(), 1);
 }
 
 #[test]
@@ -276,7 +286,7 @@ fn websocket_upgrades_and_connect_tunnels_to_a_meshed_service_ride_mutual_tls() 
     let port = weft_e2e::free_port();
     let _ws = weft_e2e::PyServer::start("ws_echo.py", port);
     let api_inbound = weft_e2e::free_addr();
-    let control = Control::start(&mesh_with_policy(api_inbound, port, "    mode: strict\n"), &[]);
+    let control = Control::start(&mesh_with_policy(api_inbound, port, "mode: strict"), &[]);
     let (app_addr, inbound) = (format!("127.0.0.1:{port}"), api_inbound.to_string());
     let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
     let web = sidecar(&control, "web", &[]);

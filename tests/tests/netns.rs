@@ -8,7 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use weft_e2e::{bin, metric_value, netns::Net};
+use weft_e2e::mesh::token;
+use weft_e2e::{
+    bin,
+    mesh::{MeshFile, Service},
+    metric_value,
+    netns::Net,
+};
 
 const PROXY_UID: &str = "2102";
 
@@ -110,32 +116,14 @@ fn http1_crosses_as_http2_between_meshed_pods() {
 /// The mesh file of [`with_control_plane`]: pod B's HTTP app and TCP echo are endpoints
 /// of workload `b`, and both ports are strict (mutual TLS only).
 fn mesh_file(b: std::net::Ipv4Addr) -> String {
-    format!(
-        "workloads:
-  - name: a
-    token: a-token-0123456789
-  - name: b
-    token: b-token-0123456789
-services:
-  - name: web
-    port: 8080
-    endpoints:
-      - address: {b}:8080
-        workload: b
-  - name: echo
-    port: 7000
-    endpoints:
-      - address: {b}:7000
-        workload: b
-policies:
-  - workload: b
-    port: 8080
-    mode: strict
-  - workload: b
-    port: 7000
-    mode: strict
-"
-    )
+    MeshFile::new()
+        .workload("a")
+        .workload("b")
+        .service(Service::new("web", 8080).meshed(format!("{b}:8080"), "b"))
+        .service(Service::new("echo", 7000).meshed(format!("{b}:7000"), "b"))
+        .policy("b", 8080, "mode: strict")
+        .policy("b", 7000, "mode: strict")
+        .yaml()
 }
 
 /// The two pods of [`mesh`] with `weft control` on the node (10.77.0.1), each sidecar
@@ -154,11 +142,12 @@ fn with_control_plane() -> Net {
     let control = ("WEFT_CONTROL_ADDR", "10.77.0.1:8090");
     let id = |w| format!("spiffe://weft.local/ns/default/sa/{w}");
     let (id_a, id_b) = (id("a"), id("b"));
+    let (token_a, token_b) = (token("a"), token("b"));
     pods(
         net,
         [
-            &[control, ("WEFT_IDENTITY", &id_a), ("WEFT_TOKEN", "a-token-0123456789")],
-            &[control, ("WEFT_IDENTITY", &id_b), ("WEFT_TOKEN", "b-token-0123456789")],
+            &[control, ("WEFT_IDENTITY", &id_a), ("WEFT_TOKEN", &token_a)],
+            &[control, ("WEFT_IDENTITY", &id_b), ("WEFT_TOKEN", &token_b)],
         ],
     )
 }

@@ -10,36 +10,29 @@ use std::{
 };
 
 use serde_json::Value;
-use weft_e2e::{backend, bin, control::Control, curl, free_addr, otlp::Collector, Proxy};
+use weft_e2e::{
+    backend, bin,
+    control::Control,
+    curl, free_addr,
+    mesh::{MeshFile, Service},
+    otlp::Collector,
+    Proxy,
+};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
+/// A trace id of its own, for a request whose span marks the end of a sequence.
+const SENTINEL: &str = "5cf92f3577b34da6a3ce929d0e0e4737";
 
 fn mesh(frontend_in: std::net::SocketAddr, backend_in: std::net::SocketAddr) -> String {
-    format!(
-        "workloads:
-  - name: client
-    token: client-token-0123456789
-  - name: frontend
-    token: frontend-token-0123456789
-  - name: backend
-    token: backend-token-0123456789
-services:
-  - name: frontend
-    port: 80
-    endpoints:
-      - {{address: {frontend_in}, workload: frontend}}
-  - name: backend
-    port: 80
-    endpoints:
-      - {{address: {backend_in}, workload: backend}}
-routes:
-  - name: backend-route
-    service: backend
-    rules:
-      - matches: [{{path: {{prefix: /}}}}]
-"
-    )
+    MeshFile::new()
+        .workload("client")
+        .workload("frontend")
+        .workload("backend")
+        .service(Service::new("frontend", 80).meshed(frontend_in, "frontend"))
+        .service(Service::new("backend", 80).meshed(backend_in, "backend"))
+        .route("backend-route", "backend", "[{matches: [{path: {prefix: /}}]}]")
+        .yaml()
 }
 
 struct KillOnDrop(Child);
@@ -236,13 +229,18 @@ fn b3_and_w3c_contexts_are_converted_and_keep_the_trace() {
     assert_eq!(code, 200);
     let fresh = app.last().headers["traceparent"].clone();
     assert!(fresh.starts_with("00-") && !fresh.contains(TRACE), "{fresh}");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(collector.spans().len(), before + 1, "only the malformed request's new trace is recorded");
+    // A sampled request after them: once its span is in, the spans before it are too
+    // (spans are exported in the order they end).
+    let (code, _, _) = curl(&["-H", &format!("traceparent: 00-{SENTINEL}-{PARENT}-01"), &url]);
+    assert_eq!(code, 200);
+    let spans = collector.wait_for(before + 2);
+    assert_eq!(spans.len(), before + 2, "only the malformed request's new trace is recorded: {spans:#?}");
+    assert_eq!(spans[before + 1]["trace_id"], SENTINEL);
 
     // The access log line carries the trace id; a new trace's id is the one exported.
     let logs = proxy.logs();
     assert!(logs.contains("path=\"/b3\" status=200"), "{logs}");
-    let new_trace = collector.spans().last().unwrap()["trace_id"].as_str().unwrap().to_string();
+    let new_trace = spans[before]["trace_id"].as_str().unwrap().to_string();
     assert!(fresh.contains(&new_trace), "{fresh} vs {new_trace}");
     assert!(logs.contains(&format!("trace_id=\"{new_trace}\"")), "{logs}");
 }
@@ -257,8 +255,8 @@ fn contexts_are_converted_with_tracing_off() {
         curl(&["-H", &format!("b3: {TRACE}-{PARENT}-1"), &format!("http://{}/", proxy.inbound)]);
     assert_eq!(code, 200, "{err}");
     assert_eq!(app.last().headers["traceparent"], format!("00-{TRACE}-{PARENT}-01"));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(proxy.logs().contains(&format!("trace_id=\"{TRACE}\"")), "{}", proxy.logs());
+    let line = format!("trace_id=\"{TRACE}\"");
+    weft_e2e::eventually(Duration::from_secs(5), &line, || proxy.logs().contains(&line).then_some(()));
 }
 
 /// `n` GETs one after another on one keep-alive connection; their latencies.
@@ -330,7 +328,14 @@ fn a_down_or_slow_collector_never_slows_requests_or_grows_memory() {
         }
     }
     let rss_after: Vec<u64> = proxies.iter().map(rss_kib).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let sent = 300.0 + 8.0 * 500.0;
+    // What the exporters have done by now: the live one exported, the others dropped all
+    // but a queue and a batch, and the absent collector's batches failed.
+    proxies[0].wait_metric_at_least("weft_trace_spans_exported_total", 1.0);
+    proxies[1].wait_metric_at_least("weft_trace_export_failures_total", 1.0);
+    for p in &proxies[1..] {
+        p.wait_metric_at_least("weft_trace_spans_dropped_total", sent - 512.0 - 128.0);
+    }
     let metric = |i: usize, name: &str| proxies[i].metric(name);
     let report: Vec<String> = (0..3)
         .map(|i| {
@@ -352,7 +357,6 @@ fn a_down_or_slow_collector_never_slows_requests_or_grows_memory() {
     let report = report.join("\n");
     println!("{report}");
 
-    let sent = 300.0 + 8.0 * 500.0;
     assert!(metric(0, "weft_trace_spans_exported_total") > 0.0, "{report}");
     assert!(!live.spans().is_empty(), "{report}");
     for i in [1, 2] {

@@ -9,31 +9,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft_e2e::{backend, control::Control, curl, Proxy};
+use weft_e2e::{
+    backend,
+    control::Control,
+    curl,
+    mesh::{MeshFile, Service},
+    Proxy,
+};
 
 /// Services `api` (its own endpoint: `base`), `api-v1`, `api-v2`, and the route rules
 /// of `api` in YAML (indented for `rules:`).
 fn mesh(base: SocketAddr, v1: SocketAddr, v2: SocketAddr, rules: &str) -> String {
-    format!(
-        "workloads:
-  - name: web
-    token: web-token-0123456789
-services:
-  - name: api
-    port: 80
-    endpoints: [{{address: {base}}}]
-  - name: api-v1
-    port: 80
-    endpoints: [{{address: {v1}}}]
-  - name: api-v2
-    port: 80
-    endpoints: [{{address: {v2}}}]
-routes:
-  - name: api
-    service: api
-    rules:
-{rules}"
-    )
+    MeshFile::new()
+        .workload("web")
+        .service(Service::new("api", 80).endpoint(base))
+        .service(Service::new("api-v1", 80).endpoint(v1))
+        .service(Service::new("api-v2", 80).endpoint(v2))
+        .route("api", "api", rules)
+        .yaml()
 }
 
 fn send(web: &Proxy, clients: usize, n: usize, url: &str, extra: &[&str]) -> BTreeMap<String, usize> {
@@ -95,8 +88,8 @@ fn retries_hide_a_flaky_backend_for_get_but_not_for_post() {
     let posts = send(&web, 1, 100, "http://api:80/", &["-d", "x=1"]);
     assert!((20..=40).contains(posts.get("status 503").unwrap_or(&0)), "{posts:?}");
     // Unless the rule says so.
-    control.rewrite(&mesh(flaky.addr, v1.addr, v2.addr, &rules(", nonIdempotent: true")));
-    std::thread::sleep(Duration::from_millis(800));
+    let generation = control.apply(&mesh(flaky.addr, v1.addr, v2.addr, &rules(", nonIdempotent: true")));
+    web.wait_generation("routes", generation);
     let posts = send(&web, 1, 100, "http://api:80/", &["-d", "x=1"]);
     assert_eq!(posts.get("status 200"), Some(&100), "{posts:?}");
 }
@@ -185,16 +178,11 @@ fn request_timeouts_and_fault_injection() {
 fn a_deadline_shrinks_hop_by_hop() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
-    let mesh = format!(
-        "workloads:
-  - {{name: web, token: web-token-0123456789}}
-  - {{name: api, token: api-token-0123456789}}
-services:
-  - name: api
-    port: 80
-    endpoints: [{{address: {api_inbound}, workload: api}}]
-"
-    );
+    let mesh = MeshFile::new()
+        .workload("web")
+        .workload("api")
+        .service(Service::new("api", 80).meshed(api_inbound, "api"))
+        .yaml();
     let control = Control::start(&mesh, &[]);
     let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
     let _api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
@@ -224,25 +212,14 @@ fn grpc_rules_match_the_service_and_retry_listed_codes() {
     // The parent's own endpoint is dead: only a matching gRPC rule reaches the server.
     let port = weft_e2e::free_port();
     let _server = weft_e2e::PyServer::start("grpc_echo.py", port);
-    let mesh = format!(
-        "workloads:
-  - {{name: web, token: web-token-0123456789}}
-services:
-  - name: echo
-    port: 80
-    endpoints: [{{address: 127.0.0.1:1}}]
-  - name: echo-v2
-    port: 80
-    endpoints: [{{address: 127.0.0.1:{port}}}]
-routes:
-  - name: echo
-    service: echo
-    rules:
-      - matches: [{{grpc: {{service: weft.test.Echo}}}}]
-        backends: [{{service: echo-v2}}]
-        retry: {{attempts: 3, grpcCodes: [failed-precondition], nonIdempotent: true, backoff: 1ms}}
-"
-    );
+    let rules = "[{matches: [{grpc: {service: weft.test.Echo}}], backends: [{service: echo-v2}], \
+                 retry: {attempts: 3, grpcCodes: [failed-precondition], nonIdempotent: true, backoff: 1ms}}]";
+    let mesh = MeshFile::new()
+        .workload("web")
+        .service(Service::new("echo", 80).endpoint("127.0.0.1:1"))
+        .service(Service::new("echo-v2", 80).endpoint(format!("127.0.0.1:{port}")))
+        .route("echo", "echo", rules)
+        .yaml();
     let control = Control::start(&mesh, &[]);
     let web = control.sidecar("web", &[]);
     // grpcio's unary, streaming and bidi calls, and a call that fails with FAILED_PRECONDITION.

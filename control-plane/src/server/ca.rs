@@ -241,8 +241,9 @@ mod tests {
     fn refuses_weak_keys_and_garbage() {
         let ca = Ca::generate("weft.local").unwrap();
         // A CSR with a 1024-bit RSA key, made with `openssl req -newkey rsa:1024`.
-        let err =
-            ca.sign(include_str!("../../testdata/rsa1024.csr"), &id("a"), Duration::from_secs(60)).unwrap_err();
+        let err = ca
+            .sign(include_str!("../../testdata/rsa1024.csr"), &id("a"), Duration::from_secs(60))
+            .unwrap_err();
         assert!(matches!(err, Error::WeakKey(_)), "{err}");
         let err = ca.sign(
             "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",

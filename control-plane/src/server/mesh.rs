@@ -41,6 +41,10 @@ pub struct Mesh {
     /// Where the sidecars (and apps) of a local mesh send spans; `weft up` passes it on
     /// as the standard `OTEL_*` variables.
     pub tracing: Option<Tracing>,
+    /// Which accepted state this is (1 and up), set by the source, not the file; answers
+    /// carry it (see the API's Generations).
+    #[serde(skip)]
+    pub generation: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -358,7 +362,7 @@ impl Mesh {
             .and_then(|s| self.routes.iter().find(|r| self.service_named(&r.service) == Some(s)))
             .map(|r| routes::rules(r, &services))
             .unwrap_or_default();
-        weft_api::v1::RouteSet { authority: authority.into(), rules }
+        weft_api::v1::RouteSet { authority: authority.into(), rules, generation: 0 }
     }
 }
 

@@ -36,7 +36,7 @@ use weft_api::v1::{
 use self::{
     ca::Ca,
     identity::{IdentityService, MeshTokens},
-    source::{FileSource, Source},
+    source::{FileSource, Source, State},
     watch::{DiscoveryService, PolicyService},
 };
 
@@ -81,8 +81,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(opts.admin_addr)
         .await
         .with_context(|| format!("cannot listen on --admin-addr {}", opts.admin_addr))?;
+    // The addresses bound (they differ from the options for port 0), for whoever started us.
+    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(serve_admin(admin, ready.clone(), valid));
+    tokio::spawn(serve_admin(admin, AdminState { ready: ready.clone(), valid, state: state.clone() }));
 
     let identity =
         IdentityService { ca: Arc::new(ca), tokens: Arc::new(MeshTokens(state.clone())), ttl: opts.cert_ttl };
@@ -92,7 +95,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .add_service(PolicyServer::new(PolicyService { state }))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown());
     ready.store(true, Ordering::Release);
-    tracing::info!(grpc = %opts.grpc_addr, admin = %opts.admin_addr, mesh = %opts.mesh.display(), "weft control ready");
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, mesh = %opts.mesh.display(), "weft control ready");
     server.await?;
     tracing::info!("weft control stopped");
     Ok(())
@@ -109,7 +112,16 @@ async fn shutdown() {
     }
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, ready: Arc<AtomicBool>, valid: Arc<AtomicBool>) {
+/// What the admin port reports.
+#[derive(Clone)]
+struct AdminState {
+    ready: Arc<AtomicBool>,
+    /// Whether the source's latest input was accepted.
+    valid: Arc<AtomicBool>,
+    state: State,
+}
+
+async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState) {
     let mut registry = Registry::with_prefix("weft_control");
     let file_valid: Gauge = Gauge::default();
     registry.register(
@@ -117,11 +129,17 @@ async fn serve_admin(listener: tokio::net::TcpListener, ready: Arc<AtomicBool>, 
         "1 when the mesh file on disk is the state being served",
         file_valid.clone(),
     );
+    let generation: Gauge = Gauge::default();
+    registry.register(
+        "mesh_generation",
+        "The generation of the state being served; answers to proxies carry the one they were made from",
+        generation.clone(),
+    );
     let registry = Arc::new(registry);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (ready, valid, registry, file_valid) =
-            (ready.clone(), valid.clone(), registry.clone(), file_valid.clone());
+        let AdminState { ready, valid, state } = admin.clone();
+        let (registry, file_valid, generation) = (registry.clone(), file_valid.clone(), generation.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let (status, body) = match req.uri().path() {
@@ -130,6 +148,7 @@ async fn serve_admin(listener: tokio::net::TcpListener, ready: Arc<AtomicBool>, 
                     "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
                     "/metrics" => {
                         file_valid.set(i64::from(valid.load(Ordering::Relaxed)));
+                        generation.set(i64::try_from(state.borrow().generation).unwrap_or(i64::MAX));
                         let mut text = String::new();
                         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
                         (StatusCode::OK, text)

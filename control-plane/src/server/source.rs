@@ -52,7 +52,7 @@ impl FileSource {
     pub fn load(path: PathBuf) -> Result<(FileSource, State), anyhow::Error> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("cannot read the mesh file {}: {e}", path.display()))?;
-        let mesh = Mesh::parse(&path.display().to_string(), &text)?;
+        let mesh = Mesh { generation: 1, ..Mesh::parse(&path.display().to_string(), &text)? };
         let (tx, rx) = watch::channel(Arc::new(mesh));
         Ok((FileSource { path, tx, valid: Arc::new(AtomicBool::new(true)) }, rx))
     }
@@ -79,17 +79,19 @@ impl FileSource {
             .map_err(|e| format!("cannot read {name}: {e}"))
             .and_then(|text| Mesh::parse(&name, &text).map_err(|e: mesh::Error| e.to_string()));
         match result {
-            Ok(mesh) => {
+            Ok(mut mesh) => {
                 self.valid.store(true, Ordering::Relaxed);
                 let changed = self.tx.send_if_modified(|cur| {
+                    mesh.generation = cur.generation;
                     if **cur == mesh {
                         return false;
                     }
+                    mesh.generation += 1;
                     *cur = Arc::new(mesh);
                     true
                 });
                 if changed {
-                    tracing::info!(file = %name, "mesh file applied");
+                    tracing::info!(file = %name, generation = self.tx.borrow().generation, "mesh file applied");
                 }
             }
             Err(e) => {

@@ -18,10 +18,34 @@ use super::{
 
 type Watch<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Streams `answer(mesh)` now and after every state change that changes it.
+/// An answer stamped with the state generation it was made from.
+trait Stamped {
+    fn stamp(&mut self, generation: u64);
+}
+
+impl Stamped for EndpointSet {
+    fn stamp(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+}
+
+impl Stamped for RouteSet {
+    fn stamp(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+}
+
+impl Stamped for InboundPolicy {
+    fn stamp(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+}
+
+/// Streams `answer(mesh)` now and after every state change that changes it (a new
+/// generation alone is not a change), stamped with the generation it was made from.
 fn watch_answers<T, F>(state: State, answer: F) -> Watch<T>
 where
-    T: Clone + PartialEq + Send + Sync + 'static,
+    T: Clone + PartialEq + Stamped + Send + Sync + 'static,
     F: Fn(&Mesh) -> T + Send + 'static,
 {
     let init = (state, None::<T>, answer);
@@ -30,9 +54,14 @@ where
             if last.is_some() && state.changed().await.is_err() {
                 return None;
             }
-            let next = answer(&state.borrow_and_update());
+            let (next, generation) = {
+                let mesh = state.borrow_and_update();
+                (answer(&mesh), mesh.generation)
+            };
             if last.as_ref() != Some(&next) {
-                return Some((Ok(next.clone()), (state, Some(next), answer)));
+                let mut sent = next.clone();
+                sent.stamp(generation);
+                return Some((Ok(sent), (state, Some(next), answer)));
             }
         }
     }))
@@ -93,6 +122,7 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
         balancer: balancer as i32,
         outlier_detection,
         max_concurrent_requests,
+        generation: 0,
     }
 }
 
@@ -145,6 +175,7 @@ pub fn inbound_policy(mesh: &Mesh, workload: &str, port: u16) -> InboundPolicy {
         allow_all_meshed: allow.is_none(),
         allowed_identities: allow.unwrap_or_default(),
         rate_limit,
+        generation: 0,
     }
 }
 

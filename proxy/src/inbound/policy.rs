@@ -45,6 +45,7 @@ pub fn default_policy(port: u16) -> InboundPolicy {
         allowed_identities: vec![],
         allow_all_meshed: true,
         rate_limit: None,
+        generation: 0,
     }
 }
 
@@ -55,9 +56,9 @@ pub struct Policies {
 }
 
 impl Policies {
-    pub fn new(cfg: &ControlConfig) -> Result<Self, control::Error> {
+    pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
         let client = PolicyClient::new(control::channel(cfg)?);
-        let watches = Watched::new("policy of port", cfg.token.clone(), move |port: &u16, token| {
+        let watches = Watched::new("policy", cfg, metrics, move |port: &u16, token| {
             let mut client = client.clone();
             let req = control::authorized(InboundRequest { port: u32::from(*port) }, token);
             Box::pin(async move { client.watch_inbound(req).await.map(tonic::Response::into_inner) })
@@ -126,7 +127,7 @@ mod tests {
             mode: mode as i32,
             allow_all_meshed: allow.is_none(),
             allowed_identities: allow.unwrap_or_default().iter().map(|s| s.to_string()).collect(),
-            rate_limit: None,
+            ..Default::default()
         }
     }
 

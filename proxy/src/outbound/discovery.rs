@@ -8,6 +8,7 @@ use weft_api::v1::{discovery_client::DiscoveryClient, EndpointSet, WatchRequest}
 use crate::{
     config::ControlConfig,
     control::{self, Watched},
+    metrics::Metrics,
 };
 
 /// Where a request to a discovered service goes: its address and, for meshed
@@ -19,9 +20,9 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    pub fn new(cfg: &ControlConfig) -> Result<Self, control::Error> {
+    pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
         let client = DiscoveryClient::new(control::channel(cfg)?);
-        let watches = Watched::new("discovery of", cfg.token.clone(), move |authority: &String, token| {
+        let watches = Watched::new("discovery", cfg, metrics, move |authority: &String, token| {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
             Box::pin(async move { client.watch(req).await.map(tonic::Response::into_inner) })

@@ -10,6 +10,7 @@ use weft_api::v1::{policy_client::PolicyClient, Backend, Match, RouteSet, Rule, 
 use crate::{
     config::ControlConfig,
     control::{self, Watched},
+    metrics::Metrics,
 };
 
 /// A service's routes as the control plane sent them, with each rule's name ready to
@@ -29,9 +30,9 @@ pub struct RouteWatch {
 type Named = (Arc<RouteSet>, Arc<Routes>);
 
 impl RouteWatch {
-    pub fn new(cfg: &ControlConfig) -> Result<Self, control::Error> {
+    pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
         let client = PolicyClient::new(control::channel(cfg)?);
-        let watches = Watched::new("routes of", cfg.token.clone(), move |authority: &String, token| {
+        let watches = Watched::new("routes", cfg, metrics, move |authority: &String, token| {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
             Box::pin(async move { client.watch_routes(req).await.map(tonic::Response::into_inner) })
@@ -164,6 +165,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            generation: 1,
         };
         assert_eq!(matching(&set, &req("GET", "/api/x", &[("x-canary", "1")])), Some(0));
         assert_eq!(matching(&set, &req("GET", "/api/x", &[])), Some(1));
