@@ -188,28 +188,20 @@ impl Shard {
                 (Ok(i), Ok(o)) => (i, o),
                 (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot start the proxy: {e:#}"),
             };
+            let listeners = |ls: Vec<std::net::TcpListener>| {
+                ls.into_iter().map(TcpListener::from_std).collect::<std::io::Result<Vec<_>>>()
+            };
+            let (inbound_ls, outbound_ls) = match (listeners(inbound_ls), listeners(outbound_ls)) {
+                (Ok(i), Ok(o)) => (i, o),
+                (Err(e), _) | (_, Err(e)) => return tracing::error!("cannot use a listener: {e}"),
+            };
+            let cfg = &self.cfg;
             let mut loops: Vec<Pin<Box<dyn Future<Output = ()>>>> = vec![];
             for l in inbound_ls {
-                match TcpListener::from_std(l) {
-                    Ok(l) => loops.push(Box::pin(inbound::run(
-                        l,
-                        inbound.clone(),
-                        self.cfg.clone(),
-                        watch.clone(),
-                    ))),
-                    Err(e) => return tracing::error!("cannot use a listener: {e}"),
-                }
+                loops.push(Box::pin(inbound::run(l, inbound.clone(), cfg.clone(), watch.clone())));
             }
             for l in outbound_ls {
-                match TcpListener::from_std(l) {
-                    Ok(l) => loops.push(Box::pin(outbound::run(
-                        l,
-                        outbound.clone(),
-                        self.cfg.clone(),
-                        watch.clone(),
-                    ))),
-                    Err(e) => return tracing::error!("cannot use a listener: {e}"),
-                }
+                loops.push(Box::pin(outbound::run(l, outbound.clone(), cfg.clone(), watch.clone())));
             }
             drop(watch);
             futures_util::future::join_all(loops).await;

@@ -17,7 +17,8 @@ use crate::{
     http::service::Conn,
     metrics::Direction,
     transport::{
-        detect::{self, Outcome, Protocol},
+        self,
+        detect::{Outcome, Protocol},
         io::PrefixedIo,
         tcp::{self, Flow},
     },
@@ -45,14 +46,11 @@ pub async fn serve(
         }
         return;
     }
-    let mut stream = stream;
-    let detected = match detect::detect(&mut stream, cfg.detect_timeout, cfg.http.header_read_timeout).await {
-        Ok(d) => d,
-        Err(e) => return tracing::debug!(%client, "connection failed during detection: {e}"),
+    let timeouts = (cfg.detect_timeout, cfg.http.header_read_timeout);
+    let Some((protocol, io)) = transport::detect_protocol(stream, DIR, &metrics, timeouts).await else {
+        return;
     };
-    metrics.detected(DIR, detected.outcome.as_str());
-    let io = PrefixedIo::new(detected.buffered, stream);
-    match detected.protocol {
+    match protocol {
         proto @ (Protocol::Http1 | Protocol::Http2) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
             let policy = Policies::of(policies, target).await;

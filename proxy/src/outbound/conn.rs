@@ -14,7 +14,8 @@ use crate::{
     http::{self, service::Conn},
     metrics::Direction,
     transport::{
-        detect::{self, Outcome, Protocol},
+        self,
+        detect::{Outcome, Protocol},
         io::PrefixedIo,
         tcp::{self, Flow},
         tls,
@@ -43,14 +44,11 @@ pub async fn serve(
         let io = PrefixedIo::new(Default::default(), stream);
         return forward_tcp(&outbound, io, target, target_identity).await;
     }
-    let mut stream = stream;
-    let detected = match detect::detect(&mut stream, cfg.detect_timeout, cfg.http.header_read_timeout).await {
-        Ok(d) => d,
-        Err(e) => return tracing::debug!(%client, "connection failed during detection: {e}"),
+    let timeouts = (cfg.detect_timeout, cfg.http.header_read_timeout);
+    let Some((protocol, io)) = transport::detect_protocol(stream, DIR, &metrics, timeouts).await else {
+        return;
     };
-    metrics.detected(DIR, detected.outcome.as_str());
-    let io = PrefixedIo::new(detected.buffered, stream);
-    match (detected.protocol, dest) {
+    match (protocol, dest) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
             let conn = Conn::new(client, protocol, Meta { target: dest, target_identity });

@@ -12,7 +12,11 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::drain;
+use self::{detect::Protocol, io::PrefixedIo};
+use crate::{
+    drain,
+    metrics::{Direction, Metrics},
+};
 
 /// Accepts connections until draining starts; each runs in its own task holding a
 /// drain watch, so the drain waits for it.
@@ -36,5 +40,26 @@ where
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(handle(stream, orig_dst::canonical(peer), drain.clone()));
+    }
+}
+
+/// Detects an accepted connection's protocol (see [`detect::detect`]) and counts the
+/// outcome; the bytes read for it are replayed by the returned stream. `None`: the
+/// connection failed meanwhile.
+pub async fn detect_protocol(
+    mut stream: TcpStream,
+    dir: Direction,
+    metrics: &Metrics,
+    (first_byte_timeout, complete_timeout): (Duration, Duration),
+) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
+    match detect::detect(&mut stream, first_byte_timeout, complete_timeout).await {
+        Ok(d) => {
+            metrics.detected(dir, d.outcome.as_str());
+            Some((d.protocol, PrefixedIo::new(d.buffered, stream)))
+        }
+        Err(e) => {
+            tracing::debug!("connection failed during detection: {e}");
+            None
+        }
     }
 }
