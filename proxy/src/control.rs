@@ -77,24 +77,27 @@ type Opened<T> = Pin<Box<dyn Future<Output = Result<tonic::Streaming<T>, tonic::
 type Open<K, T> = Arc<dyn Fn(&K, &TokenSource) -> Opened<T> + Send + Sync>;
 
 /// Watches of one kind by key (an authority, a port), each started on first use and kept.
-pub struct Watched<K, T> {
+/// The stream's messages `M` are kept as `T`, made from each message once when it
+/// arrives (routes name their rules then, not per request).
+pub struct Watched<K, M, T = M> {
     /// `discovery`, `policy` or `routes`: the start of its log lines and its metric label.
     kind: &'static str,
     token: TokenSource,
     metrics: Arc<Metrics>,
-    open: Open<K, T>,
+    open: Open<K, M>,
     watches: Mutex<HashMap<K, watch::Receiver<Answer<T>>>>,
 }
 
-impl<K, T> Watched<K, T>
+impl<K, M, T> Watched<K, M, T>
 where
     K: Eq + Hash + Clone + std::fmt::Display + Send + Sync + 'static,
-    T: Generation + Send + Sync + 'static,
+    M: Generation + Send + 'static,
+    T: From<M> + Send + Sync + 'static,
 {
     /// `open(key, token)` makes the gRPC call for a key (see [`authorized`]).
     pub fn new<F>(kind: &'static str, cfg: &ControlConfig, metrics: Arc<Metrics>, open: F) -> Self
     where
-        F: Fn(&K, &TokenSource) -> Opened<T> + Send + Sync + 'static,
+        F: Fn(&K, &TokenSource) -> Opened<M> + Send + Sync + 'static,
     {
         Watched { kind, token: cfg.token.clone(), metrics, open: Arc::new(open), watches: Mutex::default() }
     }
@@ -139,10 +142,11 @@ struct Learnt {
     metrics: Arc<Metrics>,
 }
 
-fn spawn<T, F>(what: String, learnt: Learnt, open: F) -> watch::Receiver<Answer<T>>
+fn spawn<M, T, F>(what: String, learnt: Learnt, open: F) -> watch::Receiver<Answer<T>>
 where
-    T: Generation + Send + Sync + 'static,
-    F: Fn() -> Opened<T> + Send + 'static,
+    M: Generation + Send + 'static,
+    T: From<M> + Send + Sync + 'static,
+    F: Fn() -> Opened<M> + Send + 'static,
 {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
@@ -153,7 +157,7 @@ where
                     while let Ok(Some(msg)) = stream.message().await {
                         backoff = Duration::from_millis(200);
                         learnt.metrics.control_generation(learnt.kind, msg.generation());
-                        tx.send_replace(Some(Arc::new(msg)));
+                        tx.send_replace(Some(Arc::new(T::from(msg))));
                     }
                     tracing::info!("{what}: watch ended; keeping the last answer and reconnecting");
                 }

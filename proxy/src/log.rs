@@ -23,10 +23,17 @@ impl LogHandle {
     }
 }
 
-pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
-    let filter = EnvFilter::try_new(&cfg.filter).map_err(|e| {
-        anyhow::anyhow!("invalid WEFT_LOG={:?}: {e}; expected e.g. info or weft_proxy=debug", cfg.filter)
-    })?;
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid WEFT_LOG={filter:?}: {reason}; expected e.g. info or weft_proxy=debug")]
+    Filter { filter: String, reason: String },
+    #[error("cannot set up logging: {0}")]
+    Init(#[from] tracing_subscriber::util::TryInitError),
+}
+
+pub fn init(cfg: &LogConfig) -> Result<LogHandle, Error> {
+    let filter = EnvFilter::try_new(&cfg.filter)
+        .map_err(|e| Error::Filter { filter: cfg.filter.clone(), reason: e.to_string() })?;
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = if cfg.json {
         tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed()

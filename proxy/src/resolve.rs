@@ -14,12 +14,20 @@ pub struct Resolver {
     inner: TokioResolver,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read /etc/resolv.conf: {0}; the proxy resolves names as the app does and needs it")]
+    Config(String),
+    #[error("cannot build the DNS resolver: {0}")]
+    Build(String),
+}
+
 impl Resolver {
-    pub fn from_system() -> anyhow::Result<Self> {
+    pub fn from_system() -> Result<Self, Error> {
         let inner = TokioResolver::builder_tokio()
-            .map_err(|e| anyhow::anyhow!("cannot read /etc/resolv.conf: {e}"))?
+            .map_err(|e| Error::Config(e.to_string()))?
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the DNS resolver: {e}"))?;
+            .map_err(|e| Error::Build(e.to_string()))?;
         Ok(Self { inner })
     }
 

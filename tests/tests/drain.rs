@@ -1,12 +1,7 @@
 //! Graceful shutdown: SIGTERM or `POST /shutdown` stops accepting, lets in-flight
 //! requests finish within the grace period, then exits 0.
 
-use std::{
-    net::TcpStream,
-    process::Command,
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{net::TcpStream, process::Command, sync::mpsc, time::Duration};
 
 use weft_e2e::{backend, parse_status, raw_request, Proxy};
 
@@ -16,14 +11,10 @@ fn sigterm(p: &Proxy) {
 }
 
 fn wait_exit(p: &mut Proxy, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "weft-proxy still running after {within:?}:\n{}", p.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let logs = p.log.clone();
+    weft_e2e::eventually(within, &format!("weft-proxy to exit; its log: {}", logs.display()), || {
+        p.child.try_wait().unwrap()
+    })
 }
 
 #[test]
@@ -40,11 +31,9 @@ fn drain_under_load_loses_no_in_flight_request() {
         });
     }
     // Every request has reached the app and is in flight.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while app.hits() < N {
-        assert!(Instant::now() < deadline, "only {} requests arrived", app.hits());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    weft_e2e::eventually(Duration::from_secs(5), "every request at the app", || {
+        (app.hits() >= N).then_some(())
+    });
     sigterm(&p);
     let statuses: Vec<_> = (0..N).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
     assert!(statuses.iter().all(|s| *s == Some(200)), "lost requests during drain: {statuses:?}");
@@ -65,9 +54,9 @@ fn listeners_close_when_draining_starts() {
             Duration::from_secs(10),
         )
     });
-    while app.hits() < 1 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    weft_e2e::eventually(Duration::from_secs(5), "the request at the app", || {
+        (app.hits() >= 1).then_some(())
+    });
     sigterm(&p);
     // Draining: readiness is withdrawn so Kubernetes stops sending traffic, new
     // connections are refused, and the in-flight request is still running.
@@ -98,9 +87,9 @@ fn grace_period_bounds_the_drain() {
     std::thread::spawn(move || {
         raw_request(addr, "GET /?delay_ms=10000 HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(15))
     });
-    while app.hits() < 1 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    weft_e2e::eventually(Duration::from_secs(5), "the request at the app", || {
+        (app.hits() >= 1).then_some(())
+    });
     sigterm(&p);
     let status = wait_exit(&mut p, Duration::from_secs(5));
     assert!(status.success(), "exit status {status}");

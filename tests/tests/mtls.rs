@@ -330,11 +330,8 @@ fn websocket_upgrades_and_connect_tunnels_to_a_meshed_service_ride_mutual_tls() 
     assert!(!api.metrics().contains("weft_inbound_denied_total{"), "{}", api.metrics());
     // The tunnelled bytes are counted against the peer on each side, once the
     // connections have closed.
-    let deadline = Instant::now() + Duration::from_secs(5);
     let out = r#"weft_tcp_read_bytes_total{direction="outbound",peer_identity="spiffe://weft.local/ns/default/sa/api"}"#;
     let inb = r#"weft_tcp_read_bytes_total{direction="inbound",peer_identity="spiffe://weft.local/ns/default/sa/web"}"#;
-    while web.metric(out) == 0.0 || api.metric(inb) == 0.0 {
-        assert!(Instant::now() < deadline, "{}\n{}", web.metrics(), api.metrics());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    web.wait_metric_at_least(out, 1.0);
+    api.wait_metric_at_least(inb, 1.0);
 }

@@ -6,7 +6,7 @@
 //! These tests share the fixed pod subnet inside their own private namespaces, so they
 //! can run in parallel with each other and with anything on the host.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft_e2e::mesh::token;
 use weft_e2e::{
@@ -52,11 +52,9 @@ fn pods(mut net: Net, envs: [&[(&str, &str)]; 2]) -> Net {
 }
 
 fn wait_for(net: &Net, pod: usize, url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while net.try_exec(pod, &["curl", "-sf", "-o", "/dev/null", "--max-time", "1", url]).is_err() {
-        assert!(Instant::now() < deadline, "{url} in pod {pod} not up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    weft_e2e::eventually(Duration::from_secs(10), &format!("{url} in pod {pod}"), || {
+        net.try_exec(pod, &["curl", "-sf", "-o", "/dev/null", "--max-time", "1", url]).ok().map(drop)
+    });
 }
 
 fn metrics(net: &Net, pod: usize) -> String {

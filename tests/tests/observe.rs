@@ -93,11 +93,9 @@ fn one_trace_links_every_hop_of_a_request_across_two_workloads() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(frontend_app).is_err() {
-        assert!(Instant::now() < deadline, "the frontend app did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    weft_e2e::eventually(Duration::from_secs(10), "the frontend app listening", || {
+        std::net::TcpStream::connect(frontend_app).ok().map(drop)
+    });
 
     let (code, body, err) = curl(&["-x", &format!("http://{}", client.outbound), "http://frontend:80/"]);
     assert_eq!(code, 200, "{err}{body}\n{}\n{}", client.logs(), frontend.logs());

@@ -57,14 +57,7 @@ impl Up {
     fn interrupt(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "weft up did not stop:\n{}", self.output());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        weft_e2e::eventually(Duration::from_secs(30), "weft up to stop", || self.child.try_wait().unwrap())
     }
 }
 
@@ -139,11 +132,9 @@ fn the_demo_mesh_runs_meshed_traffic_and_stops_cleanly() {
     assert!(metric_value(&metrics, "weft_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}") >= 1.0);
 
     // The load generator's reports: traffic flowed, nothing failed.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while up.output().lines().filter(|l| l.contains("loadgen | last 2s: ")).count() < 2 {
-        assert!(Instant::now() < deadline, "no load reports:\n{}", up.output());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    weft_e2e::eventually(Duration::from_secs(20), "two load reports from loadgen", || {
+        (up.output().lines().filter(|l| l.contains("loadgen | last 2s: ")).count() >= 2).then_some(())
+    });
 
     // `weft stat` reads the running mesh: the frontend serves the load at 100 % success.
     let stat = weft_e2e::run(

@@ -17,6 +17,14 @@ use tokio::sync::watch;
 
 use crate::server::mesh::{self, Mesh};
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the mesh file {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] mesh::Error),
+}
+
 /// The current state, as every service sees it.
 pub type State = watch::Receiver<Arc<Mesh>>;
 
@@ -49,9 +57,8 @@ pub struct FileSource {
 
 impl FileSource {
     /// Loads the file; it must be valid to start.
-    pub fn load(path: PathBuf) -> Result<(FileSource, State), anyhow::Error> {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read the mesh file {}: {e}", path.display()))?;
+    pub fn load(path: PathBuf) -> Result<(FileSource, State), Error> {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Read(path.display().to_string(), e))?;
         let mesh = Mesh { generation: 1, ..Mesh::parse(&path.display().to_string(), &text)? };
         let (tx, rx) = watch::channel(Arc::new(mesh));
         Ok((FileSource { path, tx, valid: Arc::new(AtomicBool::new(true)) }, rx))

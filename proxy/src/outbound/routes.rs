@@ -14,20 +14,22 @@ use crate::{
 };
 
 /// A service's routes as the control plane sent them, with each rule's name ready to
-/// be a metric label.
+/// be a metric label (made once per answer, not per request).
 pub struct Routes {
     pub set: RouteSet,
     pub names: Vec<Arc<str>>,
 }
 
-pub struct RouteWatch {
-    watches: Watched<String, RouteSet>,
-    /// Rule names per answer, made once per answer rather than per request.
-    named: std::sync::Mutex<std::collections::HashMap<String, Named>>,
+impl From<RouteSet> for Routes {
+    fn from(set: RouteSet) -> Self {
+        let names = set.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        Routes { set, names }
+    }
 }
 
-/// The answer the names were made for, and the routes with them.
-type Named = (Arc<RouteSet>, Arc<Routes>);
+pub struct RouteWatch {
+    watches: Watched<String, RouteSet, Routes>,
+}
 
 impl RouteWatch {
     pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
@@ -37,23 +39,12 @@ impl RouteWatch {
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
             Box::pin(async move { client.watch_routes(req).await.map(tonic::Response::into_inner) })
         });
-        Ok(RouteWatch { watches, named: Default::default() })
+        Ok(RouteWatch { watches })
     }
 
     /// The routes of `authority`; `None` until the control plane has answered.
     pub async fn get(&self, authority: &str) -> Option<Arc<Routes>> {
-        let key = authority.to_string();
-        let set = self.watches.get(&key).await?;
-        let mut named = self.named.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((seen, routes)) = named.get(&key) {
-            if Arc::ptr_eq(seen, &set) {
-                return Some(routes.clone());
-            }
-        }
-        let names = set.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
-        let routes = Arc::new(Routes { set: (*set).clone(), names });
-        named.insert(key, (set, routes.clone()));
-        Some(routes)
+        self.watches.get(&authority.to_string()).await
     }
 }
 
