@@ -102,17 +102,13 @@ impl Proxy {
     }
 
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let ready = within(Duration::from_secs(10), || {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("weft-proxy exited with {status} before ready:\n{}", self.logs());
             }
-            if http_get(self.admin, "/ready").is_some_and(|(status, _)| status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("weft-proxy not ready after 10s:\n{}", self.logs());
+            http_get(self.admin, "/ready").filter(|(status, _)| *status == 200).map(drop)
+        });
+        assert!(ready.is_some(), "weft-proxy not ready after 10s:\n{}", self.logs());
     }
 
     /// Waits until the series that `series` selects adds up to `value` (the proxy records
@@ -336,13 +332,21 @@ pub fn log_field(line: &str, key: &str) -> Option<SocketAddr> {
 
 /// Polls `check` until it gives a value, or panics naming `what` after `timeout`: tests
 /// wait for a signal (a metric, a log line, an answer), never for a fixed time.
-pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(timeout: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    within(timeout, check).unwrap_or_else(|| panic!("not within {timeout:?}: {what}"))
+}
+
+/// Polls `check` until it gives a value, or `None` after `timeout` (for a caller that
+/// says more on failure than [`eventually`] can).
+pub fn within<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
-            return v;
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }

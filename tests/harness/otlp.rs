@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -58,14 +58,8 @@ impl Collector {
 
     /// Waits up to 10 s for at least `n` spans.
     pub fn wait_for(&self, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let spans = self.spans();
-            if spans.len() >= n || Instant::now() > deadline {
-                return spans;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::within(Duration::from_secs(10), || Some(self.spans()).filter(|s| s.len() >= n))
+            .unwrap_or_else(|| self.spans())
     }
 }
 
