@@ -121,16 +121,22 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     let admin =
         Arc::new(Admin { metrics: metrics.clone(), ready: ready.clone(), log, shutdown: shutdown_tx });
     spawn_admin(admin_l, admin)?;
-    match identity.clone() {
-        None => ready.store(true, Ordering::Release),
-        Some(mut creds) => {
-            let ready = ready.clone();
+    // Ready once the proxy holds its certificate and the policy of each of its app's ports
+    // (WEFT_INBOUND_PORTS): before that it would refuse what it is about to accept.
+    match (identity.clone(), policies.clone(), &cfg.control) {
+        (Some(mut creds), Some(policies), Some(control)) => {
+            let (ready, ports) = (ready.clone(), control.inbound_ports.clone());
             tokio::spawn(async move {
-                if creds.wait_for(Option::is_some).await.is_ok() {
-                    ready.store(true, Ordering::Release);
+                if creds.wait_for(Option::is_some).await.is_err() {
+                    return;
                 }
+                for port in ports {
+                    policies.answered(port).await;
+                }
+                ready.store(true, Ordering::Release);
             });
         }
+        _ => ready.store(true, Ordering::Release),
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

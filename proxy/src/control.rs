@@ -123,6 +123,12 @@ where
         found.unwrap_or_else(|| rx.borrow().clone())
     }
 
+    /// Returns once `key` has its first answer (waiting as long as it takes).
+    pub async fn first(&self, key: &K) {
+        let mut rx = self.receiver(key);
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
     fn receiver(&self, key: &K) -> watch::Receiver<Answer<T>> {
         let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = watches.get(key) {

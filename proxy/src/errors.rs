@@ -43,6 +43,9 @@ pub enum Cause {
     Unauthorized,
     /// The service has no endpoints, and none appeared within the queue timeout.
     NoEndpoints,
+    /// Discovery has not answered for the destination, so whether it is a mesh peer (and
+    /// must get mTLS) is unknown: refused rather than sent in plaintext.
+    NoDiscovery,
     /// The route's request timeout (or the last attempt's timeout) passed.
     Timeout,
     /// The route's fault injection answered instead of the service.
@@ -71,6 +74,7 @@ impl Cause {
             Cause::TlsHandshake => "tls-handshake",
             Cause::Unauthorized => "unauthorized",
             Cause::NoEndpoints => "no-endpoints",
+            Cause::NoDiscovery => "no-discovery",
             Cause::Timeout => "timeout",
             Cause::FaultInjected => "fault-injected",
             Cause::RateLimited => "rate-limited",
@@ -82,7 +86,7 @@ impl Cause {
     /// (a retry) might not have, and that counts towards ejecting it. Not having a
     /// certificate, a bad request, or the route's own fault injection are not.
     pub fn blames_endpoint(self) -> bool {
-        !matches!(self, Cause::NoIdentity | Cause::BadRequest | Cause::FaultInjected)
+        !matches!(self, Cause::NoIdentity | Cause::NoDiscovery | Cause::BadRequest | Cause::FaultInjected)
     }
 
     pub fn status(self) -> StatusCode {
@@ -97,7 +101,7 @@ impl Cause {
             }
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::Unauthorized => StatusCode::FORBIDDEN,
-            Cause::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::NoEndpoints | Cause::NoDiscovery => StatusCode::SERVICE_UNAVAILABLE,
             Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
             // The status is the route's; this is only the default.
             Cause::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,

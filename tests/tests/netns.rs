@@ -181,6 +181,28 @@ fn pods_talk_over_mutual_tls_with_the_control_plane() {
 }
 
 #[test]
+fn a_silent_control_plane_fails_closed_in_transparent_mode() {
+    let net = with_control_plane();
+    // The control plane goes away before pod A has asked about pod B, or B about its ports.
+    let pids = std::process::Command::new("ip").args(["netns", "pids", &net.node]).output().unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = std::process::Command::new("kill").arg(pid).status();
+    }
+    let b = net.pods[1].ip.to_string();
+    // A's outbound does not know whether B is meshed: it refuses instead of plaintext.
+    let out = net.exec(0, &["curl", "-sS", "-i", "--max-time", "5", &format!("http://{b}:8080/")]);
+    assert!(out.starts_with("HTTP/1.1 503") && out.contains("weft-error: no-discovery"), "{out}");
+    let tcp = net.try_exec(0, &["curl", "-sS", "--max-time", "5", &format!("telnet://{b}:7000")]);
+    assert!(!tcp.as_deref().unwrap_or_default().contains("hello"), "{tcp:?}");
+    let closed = r#"weft_tcp_errors_total{direction="outbound",cause="no-discovery"}"#;
+    assert_eq!(metric_value(&metrics(&net, 0), closed), 1.0);
+    // B's inbound has no policy for its ports: plaintext from the node is refused.
+    let out =
+        net.node_try_exec(&["curl", "-sS", "-i", "--max-time", "5", &format!("http://{b}:8080/")]).unwrap();
+    assert!(out.starts_with("HTTP/1.1 403") && out.contains("weft-error: unauthorized"), "{out}");
+}
+
+#[test]
 fn init_is_idempotent_and_removable() {
     weft_e2e::netns::available().unwrap_or_else(|e| panic!("transparent-mode tests need root: {e}"));
     let net = Net::new(1);

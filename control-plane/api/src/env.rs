@@ -13,3 +13,4 @@ pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
 pub const WORKLOAD: &str = "WEFT_WORKLOAD";
 pub const ACCESS_LOG: &str = "WEFT_ACCESS_LOG";
 pub const LOG: &str = "WEFT_LOG";
+pub const INBOUND_PORTS: &str = "WEFT_INBOUND_PORTS";

@@ -135,6 +135,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .env(env::OUTBOUND_ADDR, w.outbound.to_string())
             .env(env::ADMIN_ADDR, w.admin.to_string())
             .env(env::APP_ADDR, w.app.to_string())
+            // Ready only once the app port's policy is in: never a window of the default.
+            .env(env::INBOUND_PORTS, w.app.port().to_string())
             .env(env::CONTROL_ADDR, state.control.grpc.to_string())
             .env(env::IDENTITY, &w.identity)
             .env(env::TOKEN_FILE, &tokens[&w.name])

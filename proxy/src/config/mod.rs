@@ -20,10 +20,11 @@ pub use otel::*;
 
 // Set by `weft up` and the injector too, so named where both see them.
 pub use weft_api::env::{
-    ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, IDENTITY, INBOUND_ADDR, LOG, OUTBOUND_ADDR, TOKEN,
-    TOKEN_FILE, WORKLOAD,
+    ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, IDENTITY, INBOUND_ADDR, INBOUND_PORTS, LOG,
+    OUTBOUND_ADDR, TOKEN, TOKEN_FILE, WORKLOAD,
 };
 pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
+pub const DEFAULT_INBOUND_POLICY: &str = "WEFT_DEFAULT_INBOUND_POLICY";
 pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
 pub const CONNECT_TIMEOUT: &str = "WEFT_CONNECT_TIMEOUT";
@@ -86,6 +87,23 @@ pub struct ControlConfig {
     /// The SPIFFE ID this proxy asks a certificate for.
     pub identity: String,
     pub token: TokenSource,
+    /// The policy of an app port the control plane has not answered for.
+    pub default_inbound_policy: DefaultPolicy,
+    /// The app's ports (`WEFT_INBOUND_PORTS`): the proxy is ready only once the control
+    /// plane has answered for each.
+    pub inbound_ports: BTreeSet<u16>,
+}
+
+/// `WEFT_DEFAULT_INBOUND_POLICY`: what an inbound port gets before (or without) the
+/// control plane's answer. Fail closed: `deny` unless said otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultPolicy {
+    /// Nobody: plaintext and mesh clients are refused.
+    Deny,
+    /// Mesh clients (any identity), no plaintext.
+    Strict,
+    /// Anyone.
+    Permissive,
 }
 
 /// Where the workload token comes from. A file is re-read for every request, because
@@ -236,7 +254,14 @@ fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
                 ))
             }
         };
-    Ok(Some(ControlConfig { addr, identity, token }))
+    let default_inbound_policy = match env.get(DEFAULT_INBOUND_POLICY).as_deref().map(str::trim) {
+        None | Some("") | Some("deny") => DefaultPolicy::Deny,
+        Some("strict") => DefaultPolicy::Strict,
+        Some("permissive") => DefaultPolicy::Permissive,
+        Some(other) => return Err(err(DEFAULT_INBOUND_POLICY, other, "deny, strict or permissive")),
+    };
+    let inbound_ports = ports(env, INBOUND_PORTS, "")?;
+    Ok(Some(ControlConfig { addr, identity, token, default_inbound_policy, inbound_ports }))
 }
 
 #[cfg(test)]

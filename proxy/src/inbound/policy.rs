@@ -12,7 +12,7 @@ use weft_api::v1::{policy_client::PolicyClient, InboundPolicy, InboundRequest, M
 
 use super::rate_limit::RateLimiter;
 use crate::{
-    config::ControlConfig,
+    config::{ControlConfig, DefaultPolicy},
     control::{self, Watched},
     errors::Cause,
     metrics::{Direction, Label, Metrics},
@@ -37,20 +37,32 @@ pub fn check(policy: &InboundPolicy, peer: Option<&str>) -> Result<(), Denied> {
     }
 }
 
-/// The policy when the control plane has not answered: what the mesh file's default is.
-pub fn default_policy(port: u16) -> InboundPolicy {
-    InboundPolicy {
-        port: u32::from(port),
-        mode: Mode::Permissive as i32,
-        allowed_identities: vec![],
-        allow_all_meshed: true,
-        rate_limit: None,
-        generation: 0,
+/// The policy of a port the control plane has not answered for
+/// (`WEFT_DEFAULT_INBOUND_POLICY`). Its generation is 0: no answer made it.
+pub fn default_policy(port: u16, default: DefaultPolicy) -> InboundPolicy {
+    let (mode, allow_all_meshed) = match default {
+        DefaultPolicy::Deny => (Mode::Strict, false),
+        DefaultPolicy::Strict => (Mode::Strict, true),
+        DefaultPolicy::Permissive => (Mode::Permissive, true),
+    };
+    InboundPolicy { port: u32::from(port), mode: mode as i32, allow_all_meshed, ..Default::default() }
+}
+
+/// Why `peer` is refused by `policy`, for the log and the client.
+pub fn refusal(policy: &InboundPolicy, peer: Option<&str>, denied: Denied) -> String {
+    let who = peer.unwrap_or("a plaintext client");
+    match policy.generation {
+        0 => format!(
+            "no policy from the control plane for port {} yet; WEFT_DEFAULT_INBOUND_POLICY does not admit {who}",
+            policy.port
+        ),
+        _ => format!("port {}'s policy does not admit {who} ({denied:?})", policy.port),
     }
 }
 
 pub struct Policies {
     watches: Watched<u16, InboundPolicy>,
+    default: DefaultPolicy,
     /// Rate limiters by port, kept while the port's limit stays the same.
     limiters: Mutex<HashMap<u16, Arc<RateLimiter>>>,
 }
@@ -63,7 +75,7 @@ impl Policies {
             let req = control::authorized(InboundRequest { port: u32::from(*port) }, token);
             Box::pin(async move { client.watch_inbound(req).await.map(tonic::Response::into_inner) })
         });
-        Ok(Policies { watches, limiters: Mutex::default() })
+        Ok(Policies { watches, default: cfg.default_inbound_policy, limiters: Mutex::default() })
     }
 
     /// The rate limiter of the port `policy` is for, when it has a limit; shared by all
@@ -79,12 +91,23 @@ impl Policies {
         Some(limiter.clone())
     }
 
-    /// The current policy of `port`; the default until the control plane has answered.
+    /// The current policy of `port`; `WEFT_DEFAULT_INBOUND_POLICY` until the control plane
+    /// has answered (it keeps serving its last answer if it goes away).
     pub async fn get(&self, port: u16) -> Arc<InboundPolicy> {
         self.watches.get(&port).await.unwrap_or_else(|| {
-            tracing::warn!(port, "no policy from the control plane yet; using the default (permissive)");
-            Arc::new(default_policy(port))
+            let default = self.default;
+            tracing::warn!(
+                port,
+                ?default,
+                "no policy from the control plane yet; using WEFT_DEFAULT_INBOUND_POLICY"
+            );
+            Arc::new(default_policy(port, default))
         })
+    }
+
+    /// Returns once the control plane has answered for `port` (readiness).
+    pub async fn answered(&self, port: u16) {
+        self.watches.first(&port).await
     }
 
     /// The policy of the app port `target` names, when the proxy has a control plane.
@@ -106,10 +129,9 @@ pub async fn admitted(
     match check(&policy, peer.as_deref()) {
         Ok(()) => true,
         Err(denied) => {
-            let who = peer.as_deref().unwrap_or("a plaintext client");
             metrics.denied(peer.clone(), "tcp");
-            let why = format_args!("port {}'s policy does not admit {who} ({denied:?})", target.port());
-            metrics.closed(Direction::Inbound, Cause::Unauthorized, why);
+            let why = refusal(&policy, peer.as_deref(), denied);
+            metrics.closed(Direction::Inbound, Cause::Unauthorized, format_args!("{why}"));
             false
         }
     }

@@ -109,9 +109,7 @@ impl Inbound {
         let peer = conn.meta.peer_identity.as_deref();
         if let Err(denied) = policy::check(policy, peer) {
             self.common.metrics.denied(conn.meta.peer_identity.clone(), "http");
-            let who = peer.unwrap_or("a plaintext client");
-            let msg = format!("the port's policy does not admit {who} ({denied:?})");
-            return Err(CauseError::new(Cause::Unauthorized, msg));
+            return Err(CauseError::new(Cause::Unauthorized, policy::refusal(policy, peer, denied)));
         }
         let Some(limiter) = policies.rate_limiter(policy) else { return Ok(()) };
         if limiter.admit(peer, Instant::now()) {

@@ -6,7 +6,10 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::service::{Meta, Outbound};
+use super::{
+    discovery::NoAnswer,
+    service::{Meta, Outbound},
+};
 use crate::{
     config::Config,
     drain,
@@ -37,7 +40,7 @@ pub async fn serve(
     // Transparent mode to an endpoint discovery knows as meshed: mutual TLS.
     let target_identity = match dest {
         Some(target) => outbound.identity_at(target).await,
-        None => None,
+        None => Ok(None),
     };
     if let Some(target) = dest.filter(|t| cfg.opaque_ports.contains(&t.port())) {
         metrics.detected(DIR, Outcome::OpaquePort.as_str());
@@ -70,9 +73,13 @@ async fn forward_tcp(
     outbound: &Outbound,
     io: PrefixedIo<TcpStream>,
     target: SocketAddr,
-    identity: Option<Arc<str>>,
+    identity: Result<Option<Arc<str>>, NoAnswer>,
 ) {
     let metrics = &outbound.common.metrics;
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => return metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error())),
+    };
     let forwarder = &outbound.attempts.forwarder;
     let peer = match identity.map(|id| forwarder.mesh_peer(&id, tls::ALPN_TCP)).transpose() {
         Ok(peer) => peer,

@@ -8,6 +8,7 @@ use weft_api::v1::{discovery_client::DiscoveryClient, EndpointSet, WatchRequest}
 use crate::{
     config::ControlConfig,
     control::{self, Watched},
+    errors::{Cause, CauseError},
     metrics::Metrics,
 };
 
@@ -30,29 +31,61 @@ impl Discovery {
         Ok(Discovery { watches })
     }
 
-    /// The endpoint set of `authority`, or `None` when the mesh does not know it (or the
-    /// control plane has not answered yet): the caller then resolves it with DNS. A known
-    /// service with no endpoints is waited for up to `queue_timeout`, and then returned
-    /// empty (the caller fails the request with `no-endpoints`).
-    pub async fn resolve(&self, authority: &str, queue_timeout: Duration) -> Option<Arc<EndpointSet>> {
+    /// What the mesh knows of `authority`. A known service with no endpoints is waited for
+    /// up to `queue_timeout`, and then returned empty (the caller fails the request with
+    /// `no-endpoints`). The last answer keeps serving while the control plane is away.
+    pub async fn resolve(&self, authority: &str, queue_timeout: Duration) -> Resolved {
         let key = authority.to_string();
-        let first = self.watches.get(&key).await?;
+        let Some(first) = self.watches.get(&key).await else { return Resolved::NoAnswer };
         if !first.known {
-            return None;
+            return Resolved::NotInMesh;
         }
         if !first.endpoints.is_empty() {
-            return Some(first);
+            return Resolved::Service(first);
         }
         let ready = |s: &EndpointSet| !s.known || !s.endpoints.is_empty();
-        let set = self.watches.get_when(&key, queue_timeout, ready).await?;
-        set.known.then_some(set)
+        match self.watches.get_when(&key, queue_timeout, ready).await {
+            Some(set) if set.known => Resolved::Service(set),
+            Some(_) => Resolved::NotInMesh,
+            None => Resolved::NoAnswer,
+        }
     }
 
-    /// Transparent mode: the SPIFFE ID the endpoint at `addr` must prove, when the mesh
-    /// knows that address as a meshed endpoint.
-    pub async fn identity_at(&self, addr: SocketAddr) -> Option<Arc<str>> {
-        let set = self.resolve(&addr.to_string(), Duration::ZERO).await?;
-        let e = set.endpoints.iter().find(|e| e.address.parse() == Ok(addr))?;
-        e.meshed.then(|| Arc::from(e.identity.as_str()))
+    /// Transparent mode: the SPIFFE ID the endpoint at `addr` must prove when the mesh
+    /// knows that address as a meshed endpoint, `None` when it is not meshed.
+    pub async fn identity_at(&self, addr: SocketAddr) -> Result<Option<Arc<str>>, NoAnswer> {
+        let set = match self.resolve(&addr.to_string(), Duration::ZERO).await {
+            Resolved::Service(set) => set,
+            Resolved::NotInMesh => return Ok(None),
+            Resolved::NoAnswer => return Err(NoAnswer(addr.to_string())),
+        };
+        let e = set.endpoints.iter().find(|e| e.address.parse() == Ok(addr));
+        Ok(e.filter(|e| e.meshed).map(|e| Arc::from(e.identity.as_str())))
+    }
+}
+
+/// What discovery says of a destination: three states, so that not knowing is never
+/// taken for "not meshed" (which would send a mesh peer's traffic in plaintext).
+pub enum Resolved {
+    /// A service of the mesh, with its endpoints.
+    Service(Arc<EndpointSet>),
+    /// The control plane answered that the mesh does not know it: DNS, plaintext.
+    NotInMesh,
+    /// No answer yet (the control plane is unreachable and never answered for it).
+    NoAnswer,
+}
+
+/// Discovery has not answered for a destination.
+#[derive(Clone, Debug)]
+pub struct NoAnswer(pub String);
+
+impl NoAnswer {
+    pub fn error(&self) -> CauseError {
+        let msg = format!(
+            "discovery has not answered for {} yet, and the proxy never guesses that a destination is \
+             outside the mesh; check WEFT_CONTROL_ADDR and the control plane",
+            self.0
+        );
+        CauseError::new(Cause::NoDiscovery, msg)
     }
 }

@@ -9,7 +9,7 @@ use weft_api::v1::{EndpointSet, Rule};
 
 use super::{
     balance,
-    discovery::{Discovery, Endpoint},
+    discovery::{Discovery, Endpoint, NoAnswer, Resolved},
     routes::{self, RouteWatch, Routes},
 };
 use crate::{
@@ -86,7 +86,12 @@ impl Planner {
         let port = authority.port_u16().unwrap_or(default_port);
         if let Some(discovery) = &self.discovery {
             let key = format!("{}:{port}", authority.host());
-            if let Some(set) = discovery.resolve(&key, self.queue_timeout).await {
+            let known = match discovery.resolve(&key, self.queue_timeout).await {
+                Resolved::Service(set) => Some(set),
+                Resolved::NotInMesh => None,
+                Resolved::NoAnswer => return Err(NoAnswer(key).error()),
+            };
+            if let Some(set) = known {
                 let routes = match &self.routes {
                     Some(r) => r.get(&key).await,
                     None => None,
@@ -101,8 +106,9 @@ impl Planner {
                 let dest = match backend {
                     None => Dest::Service(key, set),
                     Some(b) => match discovery.resolve(&b, self.queue_timeout).await {
-                        Some(set) => Dest::Service(b, set),
-                        None => return Err(balance::no_endpoints(&b, self.queue_timeout)),
+                        Resolved::Service(set) => Dest::Service(b, set),
+                        Resolved::NotInMesh => return Err(balance::no_endpoints(&b, self.queue_timeout)),
+                        Resolved::NoAnswer => return Err(NoAnswer(b).error()),
                     },
                 };
                 return Ok(Plan { dest, rule });

@@ -9,7 +9,7 @@ use http::{Method, Request, Response};
 
 use super::{
     attempts::Attempts,
-    discovery::Discovery,
+    discovery::NoAnswer,
     plan::{self, Plan, Planner},
 };
 use crate::{
@@ -39,15 +39,16 @@ pub struct Meta {
     /// Where every request goes on a redirected connection; `None`: route each request
     /// by its authority (explicit proxy mode).
     pub target: Option<SocketAddr>,
-    /// The SPIFFE ID that `target` must prove, when discovery knows it as meshed.
-    pub target_identity: Option<Arc<str>>,
+    /// The SPIFFE ID that `target` must prove when discovery knows it as meshed; an
+    /// error when discovery has not answered (every request is refused, 503).
+    pub target_identity: Result<Option<Arc<str>>, NoAnswer>,
 }
 
 impl Outbound {
     /// Transparent mode: the SPIFFE ID the endpoint at `target` must prove, when discovery
     /// knows it as meshed (asked by address, as the app dialled it).
-    pub async fn identity_at(&self, target: SocketAddr) -> Option<Arc<str>> {
-        let discovery: &Discovery = self.planner.discovery.as_deref()?;
+    pub async fn identity_at(&self, target: SocketAddr) -> Result<Option<Arc<str>>, NoAnswer> {
+        let Some(discovery) = self.planner.discovery.as_deref() else { return Ok(None) };
         discovery.identity_at(target).await
     }
 }
@@ -72,7 +73,7 @@ impl Forward for Outbound {
     ) -> Result<Response<Body>, CauseError> {
         headers::check_head_size(&req, self.max_header_bytes)?;
         let plan = match conn.meta.target {
-            Some(t) => Plan::fixed(t, conn.meta.target_identity.clone()),
+            Some(t) => Plan::fixed(t, conn.meta.target_identity.clone().map_err(|e| e.error())?),
             None => self.planner.plan(&req).await?,
         };
         let is_connect = req.method() == Method::CONNECT;
