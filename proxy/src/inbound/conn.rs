@@ -1,14 +1,17 @@
 //! One inbound connection: opaque port → TCP; else detect the protocol: HTTP to the
 //! inbound service, a peer proxy's mTLS to `mesh`, anything else as opaque TCP, each
-//! after the port's policy.
+//! after the port's policy. A client silent through the detect window meets the app:
+//! whichever speaks first decides (server-first protocols never stall, slow clients are
+//! still detected).
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::{
     mesh,
-    policy::{admitted, Policies},
+    policy::{admits_plaintext, admitted, Policies},
     service::{Inbound, Meta},
 };
 use crate::{
@@ -18,16 +21,17 @@ use crate::{
     metrics::Direction,
     transport::{
         self,
-        detect::{Outcome, Protocol},
+        detect::{Limits, Outcome, Protocol},
         io::PrefixedIo,
         tcp::{self, Flow},
+        Speaker,
     },
 };
 
 const DIR: Direction = Direction::Inbound;
 
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     target: SocketAddr,
     inbound: Arc<Inbound>,
@@ -46,10 +50,42 @@ pub async fn serve(
         }
         return;
     }
-    let timeouts = (cfg.detect_timeout, cfg.http.header_read_timeout);
-    let Some((protocol, io)) = transport::detect_protocol(stream, DIR, &metrics, timeouts).await else {
+    let header_read = cfg.http.header_read_timeout;
+    let mut limits =
+        Limits { first_byte: cfg.detect_timeout, complete: header_read, max_head: cfg.http.max_header_bytes };
+    let Some((mut protocol, mut buffered)) =
+        transport::detect_protocol(&mut stream, DIR, &metrics, limits).await
+    else {
         return;
     };
+    if protocol == Protocol::Silent {
+        // The app may speak first only where an opaque plaintext stream is allowed at all.
+        let speaker = match admits_plaintext(policies, target).await {
+            true => match tcp::dial(target, None, inbound.tcp.connect, &metrics).await {
+                Ok(upstream) => transport::first_speaker(&stream, upstream, header_read).await,
+                Err(e) => return metrics.closed(DIR, e.cause, format_args!("{target}: {e}")),
+            },
+            false => tokio::time::timeout(header_read, stream.readable()).await.ok().map(|_| Speaker::Client),
+        };
+        match speaker {
+            Some(Speaker::Client) => {}
+            Some(Speaker::Server(upstream)) => {
+                metrics.detected(DIR, Outcome::Silent.as_str());
+                if admitted(policies, target, None, &metrics).await {
+                    let client = PrefixedIo::new(BytesMut::new(), stream);
+                    tcp::splice(client, upstream, inbound.tcp.idle, plain, &metrics).await
+                }
+                return;
+            }
+            None => return metrics.detected(DIR, Outcome::Silent.as_str()),
+        }
+        limits.first_byte = header_read;
+        (protocol, buffered) = match transport::detect_protocol(&mut stream, DIR, &metrics, limits).await {
+            Some(detected) => detected,
+            None => return,
+        };
+    }
+    let io = PrefixedIo::new(buffered, stream);
     match protocol {
         proto @ (Protocol::Http1 | Protocol::Http2) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
@@ -66,8 +102,9 @@ pub async fn serve(
                 tcp::forward(io, target, None, plain, &metrics, inbound.tcp).await
             }
         }
-        Protocol::Opaque => {
-            if admitted(policies, target, None, &metrics).await {
+        // Silent twice: the client never spoke.
+        Protocol::Opaque | Protocol::Silent => {
+            if protocol == Protocol::Opaque && admitted(policies, target, None, &metrics).await {
                 tcp::forward(io, target, None, plain, &metrics, inbound.tcp).await
             }
         }

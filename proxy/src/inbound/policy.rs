@@ -116,6 +116,15 @@ impl Policies {
     }
 }
 
+/// Whether `target`'s port admits plaintext opaque streams at all (no side effects: no
+/// denial is counted, no rate-limit token taken).
+pub async fn admits_plaintext(policies: Option<&Policies>, target: SocketAddr) -> bool {
+    match Policies::of(policies, target).await {
+        None => true,
+        Some(policy) => check(&policy, None).is_ok(),
+    }
+}
+
 /// For an opaque connection to `target`: whether the port's policy admits the client
 /// (`peer`, its SPIFFE ID; `None` for plaintext). A refused one is counted and its
 /// connection closed.
@@ -127,7 +136,15 @@ pub async fn admitted(
 ) -> bool {
     let Some(policy) = Policies::of(policies, target).await else { return true };
     match check(&policy, peer.as_deref()) {
-        Ok(()) => true,
+        // An opaque connection is one request to the port's rate limit.
+        Ok(()) => match policies.and_then(|p| p.rate_limiter(&policy)) {
+            Some(limiter) if !limiter.admit(peer.as_deref(), std::time::Instant::now()) => {
+                let why = format_args!("port {} is over its rate limit (an opaque connection)", policy.port);
+                metrics.closed(Direction::Inbound, Cause::RateLimited, why);
+                false
+            }
+            _ => true,
+        },
         Err(denied) => {
             metrics.denied(peer.clone(), "tcp");
             let why = refusal(&policy, peer.as_deref(), denied);

@@ -1,9 +1,13 @@
 //! One outbound connection. Redirected (`dest` is the original destination): opaque
 //! ports and anything not HTTP go as TCP, inside mTLS when discovery knows the address
-//! as a mesh peer. Explicit mode (`dest` is `None`): only HTTP, each request routed.
+//! as a mesh peer; a client silent through the detect window meets the destination, and
+//! whichever speaks first decides. Explicit mode (`dest` is `None`): only HTTP, each
+//! request routed; there is no server-first protocol to wait for, so the client gets the
+//! header-read timeout to start.
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::{
@@ -18,17 +22,17 @@ use crate::{
     metrics::Direction,
     transport::{
         self,
-        detect::{Outcome, Protocol},
+        detect::{Limits, Outcome, Protocol},
         io::PrefixedIo,
-        tcp::{self, Flow},
-        tls,
+        tcp::{self, Flow, MeshPeer},
+        tls, Speaker,
     },
 };
 
 const DIR: Direction = Direction::Outbound;
 
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     dest: Option<SocketAddr>,
     outbound: Arc<Outbound>,
@@ -47,10 +51,40 @@ pub async fn serve(
         let io = PrefixedIo::new(Default::default(), stream);
         return forward_tcp(&outbound, io, target, target_identity).await;
     }
-    let timeouts = (cfg.detect_timeout, cfg.http.header_read_timeout);
-    let Some((protocol, io)) = transport::detect_protocol(stream, DIR, &metrics, timeouts).await else {
+    let header_read = cfg.http.header_read_timeout;
+    let first_byte = if dest.is_some() { cfg.detect_timeout } else { header_read };
+    let mut limits = Limits { first_byte, complete: header_read, max_head: cfg.http.max_header_bytes };
+    let Some((mut protocol, mut buffered)) =
+        transport::detect_protocol(&mut stream, DIR, &metrics, limits).await
+    else {
         return;
     };
+    if let (Protocol::Silent, Some(target)) = (&protocol, dest) {
+        let peer = match mesh_peer(&outbound, target, &target_identity) {
+            Ok(peer) => peer,
+            Err(()) => return,
+        };
+        let upstream = match tcp::dial(target, peer.as_ref(), outbound.tcp.connect, &metrics).await {
+            Ok(upstream) => upstream,
+            Err(e) => return metrics.closed(DIR, e.cause, format_args!("{target}: {e}")),
+        };
+        match transport::first_speaker(&stream, upstream, header_read).await {
+            Some(Speaker::Client) => {}
+            Some(Speaker::Server(upstream)) => {
+                metrics.detected(DIR, Outcome::Silent.as_str());
+                let flow = Flow { dir: DIR, peer_identity: peer.map(|p| p.identity) };
+                let client = PrefixedIo::new(BytesMut::new(), stream);
+                return tcp::splice(client, upstream, outbound.tcp.idle, flow, &metrics).await;
+            }
+            None => return metrics.detected(DIR, Outcome::Silent.as_str()),
+        }
+        limits.first_byte = header_read;
+        (protocol, buffered) = match transport::detect_protocol(&mut stream, DIR, &metrics, limits).await {
+            Some(detected) => detected,
+            None => return,
+        };
+    }
+    let io = PrefixedIo::new(buffered, stream);
     match (protocol, dest) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
@@ -62,11 +96,33 @@ pub async fn serve(
             forward_tcp(&outbound, io, target, target_identity).await
         }
         (Protocol::Opaque, Some(target)) => forward_tcp(&outbound, io, target, target_identity).await,
+        (Protocol::Silent, _) => {}
         (_, None) => {
             let why = format_args!("{client}: not HTTP and not redirected, so it has no destination");
             metrics.closed(DIR, Cause::ProtocolUnknown, why)
         }
     }
+}
+
+/// The mTLS peer `target` is, if discovery says it is meshed; `Err` (closed and
+/// counted) when it cannot be reached safely: no discovery answer, or no certificate.
+fn mesh_peer(
+    outbound: &Outbound,
+    target: SocketAddr,
+    identity: &Result<Option<Arc<str>>, NoAnswer>,
+) -> Result<Option<MeshPeer>, ()> {
+    let metrics = &outbound.common.metrics;
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error()));
+            return Err(());
+        }
+    };
+    let forwarder = &outbound.attempts.forwarder;
+    identity.as_ref().map(|id| forwarder.mesh_peer(id, tls::ALPN_TCP)).transpose().map_err(|e| {
+        metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message));
+    })
 }
 
 async fn forward_tcp(
@@ -75,16 +131,7 @@ async fn forward_tcp(
     target: SocketAddr,
     identity: Result<Option<Arc<str>>, NoAnswer>,
 ) {
-    let metrics = &outbound.common.metrics;
-    let identity = match identity {
-        Ok(identity) => identity,
-        Err(e) => return metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error())),
-    };
-    let forwarder = &outbound.attempts.forwarder;
-    let peer = match identity.map(|id| forwarder.mesh_peer(&id, tls::ALPN_TCP)).transpose() {
-        Ok(peer) => peer,
-        Err(e) => return metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message)),
-    };
+    let Ok(peer) = mesh_peer(outbound, target, &identity) else { return };
     let flow = Flow { dir: DIR, peer_identity: None };
-    tcp::forward(io, target, peer.as_ref(), flow, metrics, outbound.tcp).await
+    tcp::forward(io, target, peer.as_ref(), flow, &outbound.common.metrics, outbound.tcp).await
 }

@@ -12,6 +12,8 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
+use bytes::BytesMut;
+
 use self::{detect::Protocol, io::PrefixedIo};
 use crate::{
     drain,
@@ -44,22 +46,57 @@ where
 }
 
 /// Detects an accepted connection's protocol (see [`detect::detect`]) and counts the
-/// outcome; the bytes read for it are replayed by the returned stream. `None`: the
-/// connection failed meanwhile.
+/// outcome (a silent one is counted by whoever decides what it is). Returns the bytes read
+/// for it, to replay; `None`: the connection failed meanwhile.
 pub async fn detect_protocol(
-    mut stream: TcpStream,
+    stream: &mut TcpStream,
     dir: Direction,
     metrics: &Metrics,
-    (first_byte_timeout, complete_timeout): (Duration, Duration),
-) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
-    match detect::detect(&mut stream, first_byte_timeout, complete_timeout).await {
+    limits: detect::Limits,
+) -> Option<(Protocol, BytesMut)> {
+    match detect::detect(stream, limits).await {
         Ok(d) => {
-            metrics.detected(dir, d.outcome.as_str());
-            Some((d.protocol, PrefixedIo::new(d.buffered, stream)))
+            if d.protocol != Protocol::Silent {
+                metrics.detected(dir, d.outcome.as_str());
+            }
+            Some((d.protocol, d.buffered))
         }
         Err(e) => {
             tracing::debug!("connection failed during detection: {e}");
             None
         }
+    }
+}
+
+/// Who spoke first on a connection that was silent through the detect window.
+pub enum Speaker {
+    /// The client: detect what it sends, as for any connection (a slow client).
+    Client,
+    /// The upstream (a server-first protocol): forward opaque; `upstream` replays what it
+    /// sent first.
+    Server(PrefixedIo<Box<dyn tcp::Io>>),
+}
+
+/// For a connection silent through the detect window: with the upstream connected, the
+/// side that speaks first decides (up to `wait`, then `None`). A server-first protocol
+/// never stalls, and a slow client is still detected, never forwarded unchecked.
+pub async fn first_speaker(
+    client: &TcpStream,
+    mut upstream: Box<dyn tcp::Io>,
+    wait: Duration,
+) -> Option<Speaker> {
+    use tokio::io::AsyncReadExt;
+    let mut hello = BytesMut::with_capacity(1024);
+    let raced = tokio::time::timeout(wait, async {
+        tokio::select! {
+            biased;
+            // Readable (or closed): the client has something to say.
+            r = client.readable() => r.ok().map(|_| true),
+            n = upstream.read_buf(&mut hello) => n.ok().filter(|n| *n > 0).map(|_| false),
+        }
+    });
+    match raced.await.ok().flatten()? {
+        true => Some(Speaker::Client),
+        false => Some(Speaker::Server(PrefixedIo::new(hello, upstream))),
     }
 }
