@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         tracing::warn!(workload = cfg.workload, "not a valid workload name; peers will not learn it");
     }
     let in_flight = Arc::new(InFlight::default());
+    let hop = crate::outbound::hop::HopGuard::default();
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -107,6 +108,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             in_flight: in_flight.clone(),
             tracer: tracer.clone(),
             workload: workload.clone(),
+            hop: hop.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -176,6 +178,7 @@ struct Shard {
     in_flight: Arc<InFlight>,
     tracer: Option<Arc<crate::trace::Tracer>>,
     workload: Option<http::HeaderValue>,
+    hop: crate::outbound::hop::HopGuard,
 }
 
 impl Shard {
@@ -258,6 +261,7 @@ impl Shard {
         );
         Ok(Arc::new(Outbound {
             common: self.common(Direction::Outbound),
+            hop: self.hop.clone(),
             planner: Planner {
                 discovery: self.discovery.clone(),
                 routes: self.routes.clone(),

@@ -28,6 +28,10 @@ pub enum Cause {
     BadRequest,
     /// The request head is larger than the configured limit.
     HeaderTooLarge,
+    /// The request target is longer than the codec accepts.
+    UriTooLong,
+    /// An HTTP/2 client sent more CONTINUATION frames than a header block needs.
+    ContinuationFlood,
     /// The client did not send a complete request head in time.
     HeaderTimeout,
     /// A connection that must be HTTP (explicit proxy mode) was something else.
@@ -67,6 +71,8 @@ impl Cause {
             Cause::LoopDetected => "loop-detected",
             Cause::BadRequest => "bad-request",
             Cause::HeaderTooLarge => "header-too-large",
+            Cause::UriTooLong => "uri-too-long",
+            Cause::ContinuationFlood => "continuation-flood",
             Cause::HeaderTimeout => "header-timeout",
             Cause::ProtocolUnknown => "protocol-unknown",
             Cause::RapidReset => "rapid-reset",
@@ -83,22 +89,32 @@ impl Cause {
     }
 
     /// Whether the endpoint a request went to is to blame: a failure another endpoint
-    /// (a retry) might not have, and that counts towards ejecting it. Not having a
-    /// certificate, a bad request, or the route's own fault injection are not.
+    /// (a retry) might not have, and that counts towards ejecting it. Only upstream
+    /// faults do: not the proxy's own state (no certificate, no discovery answer), not
+    /// the client (a malformed request or body), not the route's fault injection.
     pub fn blames_endpoint(self) -> bool {
-        !matches!(self, Cause::NoIdentity | Cause::NoDiscovery | Cause::BadRequest | Cause::FaultInjected)
+        matches!(
+            self,
+            Cause::UpstreamRefused
+                | Cause::ConnectTimeout
+                | Cause::UpstreamReset
+                | Cause::TlsHandshake
+                | Cause::Timeout
+        )
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            Cause::UpstreamRefused | Cause::UpstreamReset | Cause::ResolveFailed | Cause::LoopDetected => {
-                StatusCode::BAD_GATEWAY
-            }
+            Cause::UpstreamRefused | Cause::UpstreamReset | Cause::ResolveFailed => StatusCode::BAD_GATEWAY,
+            Cause::LoopDetected => StatusCode::LOOP_DETECTED,
             Cause::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             Cause::NoIdentity | Cause::TlsHandshake => StatusCode::BAD_GATEWAY,
-            Cause::NoRoute | Cause::BadRequest | Cause::ProtocolUnknown | Cause::RapidReset => {
-                StatusCode::BAD_REQUEST
-            }
+            Cause::NoRoute
+            | Cause::BadRequest
+            | Cause::ProtocolUnknown
+            | Cause::RapidReset
+            | Cause::ContinuationFlood => StatusCode::BAD_REQUEST,
+            Cause::UriTooLong => StatusCode::URI_TOO_LONG,
             Cause::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Cause::Unauthorized => StatusCode::FORBIDDEN,
             Cause::NoEndpoints | Cause::NoDiscovery => StatusCode::SERVICE_UNAVAILABLE,

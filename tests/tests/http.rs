@@ -97,7 +97,7 @@ fn no_route_and_loop_are_refused() {
     // A request addressed to the proxy itself would loop.
     let (code, body, _) =
         curl(&["-x", &format!("http://{}", p.outbound), &format!("http://{}/", p.outbound)]);
-    assert_eq!(code, 502, "{body}");
+    assert_eq!(code, 508, "{body}");
     assert!(body.contains("loop-detected"), "{body}");
     // Unresolvable names.
     let (code, body, _) = curl(&["-x", &format!("http://{}", p.outbound), "http://no-such-host.invalid/"]);

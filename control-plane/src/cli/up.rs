@@ -204,13 +204,26 @@ async fn refuse_second_mesh(state_file: &Path) -> anyhow::Result<()> {
 /// Chooses every address: the control plane's and each sidecar's free ports, the inbound
 /// addresses the mesh file gives as endpoints, the apps' addresses.
 fn plan(mesh: &Mesh, mesh_file: &Path) -> anyhow::Result<State> {
-    // Held together while choosing, so no port is handed out twice.
+    // Held together while choosing, so no port is handed out twice; taken below the
+    // kernel's ephemeral range, so that between now and the sidecar's bind no port-0 bind
+    // or outgoing connection can take one.
     let mut held = Vec::new();
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000u16, ephemeral.saturating_sub(10_000).max(1000));
+    let mut next = (std::process::id() % u32::from(span)) as u16;
     let mut free = || -> anyhow::Result<SocketAddr> {
-        let l = StdListener::bind("127.0.0.1:0")?;
-        let a = l.local_addr()?;
-        held.push(l);
-        Ok(a)
+        for _ in 0..span {
+            next = (next + 1) % span;
+            if let Ok(l) = StdListener::bind(("127.0.0.1", low + next)) {
+                let a = l.local_addr()?;
+                held.push(l);
+                return Ok(a);
+            }
+        }
+        anyhow::bail!("no free port on 127.0.0.1 between {low} and {}", low + span)
     };
     let control = ControlAddrs { grpc: free()?, admin: free()? };
     let mut workloads = Vec::new();

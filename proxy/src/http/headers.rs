@@ -2,6 +2,8 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Version};
 
+use crate::errors::{Cause, CauseError};
+
 /// Set by the outbound proxy when it carries an HTTP/1 request over HTTP/2 to a peer
 /// proxy; the peer's inbound restores HTTP/1 towards the application.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("weft-orig-proto");
@@ -85,6 +87,47 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
         + uri.scheme().map_or(0, |s| s.as_str().len() + 3);
     let line = req.method().as_str().len() + target + 12;
     req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4) + 2
+}
+
+/// The front door every request passes, both directions, before anything else: one
+/// authority, consistent wherever the client wrote it.
+/// - Two `Host` headers: 400 (RFC 9112 §3.2).
+/// - HTTP/1 absolute form: the target's authority wins; `Host` is set to it
+///   (RFC 9112 §3.2.2), so a client cannot send one authority and route by another.
+/// - HTTP/2: `:authority` and `host` that differ: 400; `host` alone stands for
+///   `:authority` (RFC 9113 §8.3.1).
+pub fn front_door<B>(req: &mut Request<B>) -> Result<(), CauseError> {
+    let bad = |msg: &str| Err(CauseError::new(Cause::BadRequest, msg.to_string()));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return bad("the request has two Host headers (RFC 9112 §3.2); send one");
+    }
+    let Some(authority) = req.uri().authority().cloned() else {
+        if let (Version::HTTP_2, Some(host)) = (req.version(), &host) {
+            // h2 without :authority but with host: the same request as with it.
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let scheme = req.uri().scheme_str().unwrap_or("http");
+            let uri = host.to_str().ok().and_then(|h| format!("{scheme}://{h}{pq}").parse().ok());
+            match uri {
+                Some(uri) => *req.uri_mut() = uri,
+                None => return bad("the host header is not a valid authority"),
+            }
+        }
+        return Ok(());
+    };
+    match (req.version(), host) {
+        (Version::HTTP_2, Some(h)) if h.as_bytes() != authority.as_str().as_bytes() => {
+            bad(":authority and host name different authorities; send one, or the same in both")
+        }
+        (Version::HTTP_2, _) => Ok(()),
+        _ => {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The authority a request is addressed to: the absolute URI's, else `Host`.

@@ -5,6 +5,7 @@
 
 pub mod deadline;
 pub mod forwarder;
+pub mod frames;
 pub mod headers;
 pub mod observe;
 pub mod pool;

@@ -34,6 +34,8 @@ pub struct Exchange {
     pub route: Label,
     pub peer_workload: Label,
     pub peer_identity: Label,
+    /// The stream's place in the rapid-reset count, when its connection is watched.
+    pub stream: Option<super::resets::StreamGuard>,
 }
 
 impl Exchange {
@@ -105,6 +107,13 @@ impl Exchange {
         self.peer_identity = Some(identity.clone());
         if let Some(w) = claimed.as_ref().and_then(|v| v.to_str().ok()).filter(|w| valid_workload(w)) {
             self.peer_workload = Some(metrics.intern(w));
+        }
+    }
+
+    /// The request is answered: it no longer counts as a possible premature reset.
+    pub fn settled(&mut self) {
+        if let Some(g) = self.stream.as_mut() {
+            g.settled = true;
         }
     }
 

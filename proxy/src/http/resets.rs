@@ -1,10 +1,22 @@
 //! Envoy's premature-reset rule against HTTP/2 rapid reset (CVE-2023-44487): a client
-//! that cancels at least half of its first hundred or more requests before they are
-//! answered is abusing the connection, which is then closed. h2's own limit only
-//! counts streams reset before they were accepted; this also covers streams the proxy
-//! had already started forwarding.
+//! that cancels at least half of its first hundred or more requests prematurely is
+//! abusing the connection, which is then closed. h2's own limit only counts streams reset
+//! before they were accepted; this also covers streams the proxy had already started
+//! forwarding.
+//!
+//! Premature, as in Envoy, means cancelled before its answer *and* within a short
+//! lifetime ([`PREMATURE`]): the attack resets streams within milliseconds of opening
+//! them. A stream cancelled later is an ordinary cancellation, a client's timeout: a peer
+//! proxy cancelling the requests its route's timeout gave up on is exactly that, and
+//! cutting its connection would fail the unrelated requests it carries.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 /// One connection's count of streams and of streams dropped before their answer.
 #[derive(Debug, Default)]
@@ -16,25 +28,29 @@ pub struct ResetWatch {
 }
 
 const RESET_MIN_STREAMS: u32 = 100;
+/// Cancelled within this of its start, a stream counts as a premature reset.
+pub const PREMATURE: Duration = Duration::from_millis(250);
 
 impl ResetWatch {
-    /// Counts a stream; mark the guard `answered` when its response is ready.
-    pub fn started(&self) -> StreamGuard<'_> {
+    /// Counts a stream; settle the guard once the request is answered.
+    pub fn started(self: &Arc<Self>) -> StreamGuard {
         self.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard { watch: self, answered: false }
+        StreamGuard { watch: self.clone(), settled: false, since: Instant::now() }
     }
 }
 
-/// Dropped with `answered == false` when hyper drops the request future: the client
-/// reset the stream (or went away) before the proxy answered.
-pub struct StreamGuard<'a> {
-    watch: &'a ResetWatch,
-    pub answered: bool,
+/// Dropped unsettled when hyper drops the request future: the client reset the stream
+/// (or went away) before the proxy answered it.
+#[derive(Debug)]
+pub struct StreamGuard {
+    watch: Arc<ResetWatch>,
+    pub settled: bool,
+    since: Instant,
 }
 
-impl Drop for StreamGuard<'_> {
+impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.answered {
+        if self.settled || self.since.elapsed() >= PREMATURE {
             return;
         }
         let premature = self.watch.premature.fetch_add(1, Ordering::Relaxed) + 1;
@@ -49,7 +65,7 @@ impl Drop for StreamGuard<'_> {
 mod tests {
     use super::*;
 
-    fn abusive(w: &ResetWatch) -> bool {
+    fn abusive(w: &Arc<ResetWatch>) -> bool {
         use std::future::Future;
         let notified = w.abusive.notified();
         tokio::pin!(notified);
@@ -58,25 +74,35 @@ mod tests {
 
     #[test]
     fn a_client_cancelling_half_of_a_hundred_streams_is_abusive() {
-        let w = ResetWatch::default();
+        let w = Arc::new(ResetWatch::default());
         for i in 0..100 {
             let mut g = w.started();
-            g.answered = i % 2 == 0;
+            g.settled = i % 2 == 0;
         }
         assert!(abusive(&w));
     }
 
     #[test]
+    fn late_cancellations_are_timeouts_not_an_attack() {
+        let w = Arc::new(ResetWatch::default());
+        for _ in 0..200 {
+            let mut g = w.started();
+            g.since -= PREMATURE;
+        }
+        assert!(!abusive(&w));
+    }
+
+    #[test]
     fn few_streams_or_few_cancels_are_not() {
-        let w = ResetWatch::default();
+        let w = Arc::new(ResetWatch::default());
         for _ in 0..99 {
             drop(w.started());
         }
         assert!(!abusive(&w), "99 streams is below the minimum");
-        let w = ResetWatch::default();
+        let w = Arc::new(ResetWatch::default());
         for i in 0..200 {
             let mut g = w.started();
-            g.answered = i % 3 != 0;
+            g.settled = i % 3 != 0;
         }
         assert!(!abusive(&w), "a third cancelled is not abuse");
     }

@@ -10,7 +10,10 @@ use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::service::{self, Conn, Forward};
+use super::{
+    frames::{Continuations, FrameWatch},
+    service::{self, Conn, Forward},
+};
 use crate::{config::HttpConfig, drain, errors::Cause};
 
 /// Concurrently-reset streams a client may leave for us to clean up before the
@@ -33,6 +36,8 @@ where
         service_fn(move |req| service::handle(fwd.clone(), req, ctx.clone()))
     };
     if protocol == "h2" {
+        let continuations = Arc::new(Continuations::default());
+        let io = FrameWatch::new(io, continuations.clone());
         let mut conn = conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.h2_max_concurrent_streams)
@@ -55,16 +60,19 @@ where
         };
         if let Err(e) = res {
             // h2 itself sends GOAWAY(ENHANCE_YOUR_CALM) when too many streams are reset
-            // before they were accepted: the same attack, caught earlier.
+            // before they were accepted (the same attack, caught earlier), or when a header
+            // block comes in more CONTINUATION frames than its size allows (a flood).
             let calm = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<h2::Error>())
-                .is_some_and(|h2| h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM));
-            if calm {
-                let why = format_args!(
-                    "HTTP/2 client {} reset too many streams before they were accepted",
-                    ctx.client
-                );
-                metrics.closed(dir, Cause::RapidReset, why);
+                .filter(|h2| h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM));
+            if let Some(h2) = calm {
+                // h2 sends no more than this many in a row of its own (its limit is at least 5).
+                let (cause, what) = match continuations.most_in_a_row() >= 5 {
+                    true => (Cause::ContinuationFlood, "sent a header block in too many CONTINUATION frames"),
+                    false => (Cause::RapidReset, "reset too many streams before they were accepted"),
+                };
+                let _ = h2;
+                metrics.closed(dir, cause, format_args!("HTTP/2 client {} {what}", ctx.client));
             } else {
                 tracing::debug!(client = %ctx.client, "HTTP/2 connection ended: {e}");
             }
@@ -88,9 +96,12 @@ where
         }
     };
     let Err(e) = res else { return };
-    // hyper answers parse errors itself (400, 431); the cause and its status are ours.
+    // hyper answers parse errors itself (400, 414, 431), without `weft-error` (hyper has no
+    // hook for it); the cause and its true status are recorded here.
     let cause = if e.is_timeout() {
         Cause::HeaderTimeout
+    } else if e.is_parse_too_large() && e.to_string().contains("URI too long") {
+        Cause::UriTooLong
     } else if e.is_parse_too_large() {
         Cause::HeaderTooLarge
     } else if e.is_parse() {

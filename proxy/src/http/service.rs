@@ -9,9 +9,8 @@ use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time:
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 
-use super::{observe::Exchange, resets::ResetWatch, Body};
+use super::{headers, observe::Exchange, resets::ResetWatch, Body};
 use crate::{
-    body,
     errors::{Cause, CauseError},
     metrics::{Direction, Metrics, Peer},
     trace::Tracer,
@@ -53,14 +52,14 @@ pub struct Conn<M> {
     pub client: SocketAddr,
     /// `http1` or `h2`, as the client speaks it.
     pub protocol: &'static str,
-    pub resets: ResetWatch,
+    pub resets: std::sync::Arc<ResetWatch>,
     /// The direction's own knowledge of the connection.
     pub meta: M,
 }
 
 impl<M> Conn<M> {
     pub fn new(client: SocketAddr, protocol: &'static str, meta: M) -> Self {
-        Conn { client, protocol, resets: ResetWatch::default(), meta }
+        Conn { client, protocol, resets: Default::default(), meta }
     }
 }
 
@@ -72,16 +71,20 @@ pub async fn handle<F: Forward>(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let common = svc.common();
-    let mut guard = conn.resets.started();
     // Cheap clones (shared bytes) kept for the log line, formatted only if one is written.
     let (method, uri, host) =
         (req.method().clone(), req.uri().clone(), req.headers().get(header::HOST).cloned());
-    let mut req = req.map(body::boxed);
+    let mut req = req.map(client_body);
     let tracer = common.tracer.as_deref();
     let mut ex = Exchange::begin(tracer, common.dir, &mut req);
+    ex.stream = Some(conn.resets.started());
     svc.begin(&conn, &mut req, &mut ex);
 
-    let (mut rsp, cause) = match svc.forward(req, &conn, &mut ex).await {
+    let forwarded = match headers::front_door(&mut req) {
+        Ok(()) => svc.forward(req, &conn, &mut ex).await,
+        Err(e) => Err(e),
+    };
+    let (mut rsp, cause) = match forwarded {
         Ok(rsp) => (rsp, None),
         Err(e) => {
             let (authority, path) = log_target(&uri, host.as_ref());
@@ -114,8 +117,18 @@ pub async fn handle<F: Forward>(
             trace_id = trace_id.as_deref().unwrap_or("-"),
         );
     }
-    guard.answered = true;
+    ex.settled();
     Ok(rsp)
+}
+
+/// The client's request body: a failure reading it (a malformed chunk, a client gone
+/// mid-body) is the client's fault, a 400 that never blames the endpoint it was going to.
+fn client_body(body: Incoming) -> Body {
+    use http_body_util::BodyExt;
+    body.map_err(|e| -> crate::body::BoxError {
+        Box::new(CauseError::new(Cause::BadRequest, format!("the request body from the client failed: {e}")))
+    })
+    .boxed()
 }
 
 /// Authority and path of a request for log lines; never a query string, which may hold secrets.

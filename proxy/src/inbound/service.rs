@@ -56,6 +56,8 @@ impl Forward for Inbound {
 
     fn begin(&self, conn: &Conn<Meta>, req: &mut Request<Body>, ex: &mut Exchange) {
         ex.learn_peer(req.headers_mut(), conn.meta.peer_identity.as_ref(), &self.common.metrics);
+        // The mesh's loop guard ends here; the app never sees it.
+        req.headers_mut().remove(crate::outbound::hop::HOP);
         if let Some(span) = ex.traced.as_mut().and_then(|t| t.span_mut()) {
             span.set("client.address", Value::Ip(conn.client.ip()));
         }

@@ -13,6 +13,7 @@ pub mod attempts;
 pub mod balance;
 mod conn;
 pub mod discovery;
+pub mod hop;
 pub mod in_flight;
 pub mod outlier;
 pub mod plan;

@@ -124,10 +124,18 @@ impl Planner {
         Ok(Plan::fixed(target, None))
     }
 
+    /// Whether `target` is one of this proxy's listeners, however it is written: an
+    /// IPv4-mapped IPv6 address, the unspecified address (which connects to this host),
+    /// or loopback for a listener on all addresses. (A listener reached through another
+    /// of the host's addresses is caught by the hop guard.)
     fn is_own_addr(&self, target: SocketAddr) -> bool {
-        self.own_addrs.iter().any(|own| {
+        let target = crate::transport::orig_dst::canonical(target);
+        let local = |ip: std::net::IpAddr| ip.is_unspecified() || ip.is_loopback();
+        self.own_addrs.iter().map(|own| crate::transport::orig_dst::canonical(*own)).any(|own| {
             own.port() == target.port()
-                && (own.ip() == target.ip() || (own.ip().is_unspecified() && target.ip().is_loopback()))
+                && (own.ip() == target.ip()
+                    || target.ip().is_unspecified()
+                    || (own.ip().is_unspecified() && local(target.ip())))
         })
     }
 }

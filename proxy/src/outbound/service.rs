@@ -10,6 +10,7 @@ use http::{Method, Request, Response};
 use super::{
     attempts::Attempts,
     discovery::NoAnswer,
+    hop::HopGuard,
     plan::{self, Plan, Planner},
 };
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
 
 pub struct Outbound {
     pub common: Common,
+    pub hop: HopGuard,
     pub planner: Planner,
     pub attempts: Attempts,
     pub max_header_bytes: usize,
@@ -72,6 +74,7 @@ impl Forward for Outbound {
         ex: &mut Exchange,
     ) -> Result<Response<Body>, CauseError> {
         headers::check_head_size(&req, self.max_header_bytes)?;
+        self.hop.pass(req.headers_mut())?;
         let plan = match conn.meta.target {
             Some(t) => Plan::fixed(t, conn.meta.target_identity.clone().map_err(|e| e.error())?),
             None => self.planner.plan(&req).await?,
