@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod drain;
 pub mod errors;
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod inbound;

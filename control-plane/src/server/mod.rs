@@ -6,6 +6,7 @@
 //! (Discovery and Policy streams).
 
 pub mod ca;
+pub mod fuzzing;
 pub mod identity;
 pub mod mesh;
 pub mod routes;

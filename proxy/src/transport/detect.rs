@@ -109,6 +109,15 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, limits: Limits) -> std::io
     }
 }
 
+/// The verdict on the first bytes of a connection, `None` while more are needed: what
+/// `detect` decides on, for fuzzing and tests.
+pub fn verdict(buf: &[u8], max_head: usize) -> Option<(Protocol, Outcome)> {
+    match classify(buf, max_head) {
+        Verdict::Known(p, o) => Some((p, o)),
+        Verdict::NeedMore => None,
+    }
+}
+
 fn done(protocol: Protocol, outcome: Outcome, buffered: BytesMut) -> Detected {
     Detected { protocol, outcome, buffered }
 }
