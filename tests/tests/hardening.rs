@@ -336,3 +336,33 @@ fn no_request_loops_through_the_proxy() {
     assert_eq!(code, 200);
     assert!(p.metric(r#"weft_tcp_open_connections{direction="outbound"}"#) < 10.0);
 }
+
+#[test]
+fn opaque_connections_count_against_the_ports_rate_limit() {
+    let echo = backend::echo();
+    let api_inbound = weft_e2e::free_addr();
+    let mesh = MeshFile::new()
+        .workload("api")
+        .service(Service::new("api", 80).meshed(api_inbound, "api"))
+        .policy("api", echo.addr.port(), "mode: permissive, rateLimit: {requestsPerSecond: 1, burst: 1}")
+        .yaml();
+    let control = Control::start(&mesh, &[]);
+    let (app_addr, inbound) = (echo.addr.to_string(), api_inbound.to_string());
+    let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    // Three at once: one token in the bucket.
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(api_inbound).unwrap()).collect();
+    for c in &mut conns {
+        c.write_all(b"\x00\x01binary").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let echoed = conns
+        .iter_mut()
+        .map(|c| {
+            let mut buf = [0u8; 8];
+            c.read_exact(&mut buf).is_ok() && &buf == b"\x00\x01binary"
+        })
+        .filter(|echoed| *echoed)
+        .count();
+    assert_eq!(echoed, 1);
+    api.wait_metric(r#"weft_tcp_errors_total{direction="inbound",cause="rate-limited"}"#, 2.0);
+}
