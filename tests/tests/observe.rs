@@ -292,11 +292,11 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 /// The same sustained load through three proxies, interleaved so the machine's noise hits
 /// them alike: one exporting to a live collector, one whose collector is absent, one whose
-/// collector answers after 30 s. Requests do not wait for export: latency and memory stay
+/// collector answers after 10 minutes (longer than any run). Requests do not wait for export: latency and memory stay
 /// with the live case, and the spans that could not go are counted as dropped.
 #[test]
 fn a_down_or_slow_collector_never_slows_requests_or_grows_memory() {
-    let (live, slow) = (Collector::start(), Collector::start_slow(Duration::from_secs(30)));
+    let (live, slow) = (Collector::start(), Collector::start_slow(Duration::from_secs(600)));
     let absent = free_addr(); // nothing listens here
     let app = backend::http("app");
     let app_addr = app.addr.to_string();
@@ -331,8 +331,11 @@ fn a_down_or_slow_collector_never_slows_requests_or_grows_memory() {
     // but a queue and a batch, and the absent collector's batches failed.
     proxies[0].wait_metric_at_least("weft_trace_spans_exported_total", 1.0);
     proxies[1].wait_metric_at_least("weft_trace_export_failures_total", 1.0);
-    for p in &proxies[1..] {
-        p.wait_metric_at_least("weft_trace_spans_dropped_total", sent - 512.0 - 128.0);
+    for (i, p) in proxies.iter().enumerate().skip(1) {
+        let dropped = |p: &Proxy| p.metric("weft_trace_spans_dropped_total");
+        let all =
+            weft_e2e::within(Duration::from_secs(10), || (dropped(p) >= sent - 512.0 - 128.0).then_some(()));
+        assert!(all.is_some(), "proxy {i} dropped {} of {sent}:\n{}", dropped(p), p.metrics());
     }
     let metric = |i: usize, name: &str| proxies[i].metric(name);
     let report: Vec<String> = (0..3)
