@@ -92,19 +92,29 @@ fn detection_cannot_route_a_request_around_http_handling() {
 }
 
 #[test]
-fn a_smuggled_request_behind_crlf_never_reaches_the_app() {
+fn both_lengths_are_refused_and_nothing_is_smuggled() {
     let app = backend::http("app");
     let p = in_front_of(&app);
-    // CL.TE with empty lines first, so an old detector took it for opaque TCP.
-    let attack = "\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
-                  0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
-    let rsp = raw_request(p.inbound, attack, Duration::from_secs(5)).unwrap();
-    assert_eq!(parse_status(&rsp), Some(200), "{rsp}");
-    // Chunked framing wins, and the connection closes after the answer (RFC 9112 §6.3):
-    // what follows is never parsed as a request of its own.
-    assert_eq!(app.hits(), 1);
-    assert_eq!(app.last().path, "/");
-    assert_eq!(rsp.matches("HTTP/1.1 ").count(), 1, "{rsp}");
+    // CL.TE, plain and behind empty lines (which an old detector took for opaque TCP).
+    for prefix in ["", "\r\n"] {
+        let attack = format!(
+            "{prefix}POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+             0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let rsp = raw_request(p.inbound, &attack, Duration::from_secs(5)).unwrap();
+        assert_eq!(parse_status(&rsp), Some(400), "{rsp}");
+        assert!(rsp.contains("weft-error: bad-request") && rsp.contains("Transfer-Encoding"), "{rsp}");
+        assert_eq!(rsp.matches("HTTP/1.1 ").count(), 1, "{rsp}");
+    }
+    assert_eq!(app.hits(), 0);
+    // A later request on the connection: framed by Transfer-Encoding, and the connection
+    // ends after its answer, so what follows is never parsed as a request of its own.
+    let later =
+        "GET /first HTTP/1.1\r\nHost: a\r\n\r\nPOST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let rsp = raw_request(p.inbound, later, Duration::from_secs(5)).unwrap();
+    assert_eq!(rsp.matches("HTTP/1.1 200").count(), 2, "{rsp}");
+    assert!(app.seen.lock().unwrap().iter().all(|s| s.path != "/smuggled"));
 }
 
 #[test]

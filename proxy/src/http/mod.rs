@@ -4,6 +4,7 @@
 //! with its connection pools in `pool`), and the header rules between them.
 
 pub mod deadline;
+pub mod first_head;
 pub mod forwarder;
 pub mod frames;
 pub mod headers;

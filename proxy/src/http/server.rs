@@ -11,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{
+    first_head::{FirstHead, FirstHeadWatch},
     frames::{Continuations, FrameWatch},
     service::{self, Conn, Forward},
 };
@@ -27,6 +28,11 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Forward,
 {
+    let mut ctx = ctx;
+    let first_head = Arc::new(FirstHead::default());
+    if ctx.protocol == "http1" {
+        ctx.first_head = Some(first_head.clone());
+    }
     let ctx = Arc::new(ctx);
     let dir = fwd.common().dir;
     let protocol = ctx.protocol;
@@ -80,6 +86,7 @@ where
         return;
     }
 
+    let io = FirstHeadWatch::new(io, cfg.max_header_bytes.saturating_mul(2), first_head);
     // Oversize heads past the proxy's own check (which answers with `weft-error`) are cut
     // off by hyper's hard limit at twice the setting, so memory stays bounded.
     let mut conn = conn::http1::Builder::new()

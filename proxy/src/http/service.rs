@@ -53,13 +53,15 @@ pub struct Conn<M> {
     /// `http1` or `h2`, as the client speaks it.
     pub protocol: &'static str,
     pub resets: std::sync::Arc<ResetWatch>,
+    /// HTTP/1: what the connection's first request head said of its framing.
+    pub first_head: Option<std::sync::Arc<super::first_head::FirstHead>>,
     /// The direction's own knowledge of the connection.
     pub meta: M,
 }
 
 impl<M> Conn<M> {
     pub fn new(client: SocketAddr, protocol: &'static str, meta: M) -> Self {
-        Conn { client, protocol, resets: Default::default(), meta }
+        Conn { client, protocol, resets: Default::default(), first_head: None, meta }
     }
 }
 
@@ -80,7 +82,15 @@ pub async fn handle<F: Forward>(
     ex.stream = Some(conn.resets.started());
     svc.begin(&conn, &mut req, &mut ex);
 
-    let forwarded = match headers::front_door(&mut req) {
+    let both_lengths = conn.first_head.as_ref().is_some_and(|h| h.take_both_lengths());
+    let checked = match both_lengths {
+        true => Err(CauseError::new(
+            Cause::BadRequest,
+            "the request has both Content-Length and Transfer-Encoding (RFC 9112 §6.3); send one",
+        )),
+        false => headers::front_door(&mut req),
+    };
+    let forwarded = match checked {
         Ok(()) => svc.forward(req, &conn, &mut ex).await,
         Err(e) => Err(e),
     };
