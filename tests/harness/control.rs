@@ -93,6 +93,13 @@ impl Control {
         Proxy::start(&env)
     }
 
+    /// The sidecar of workload `name` in front of its app at `app`, with its inbound on
+    /// `inbound` (the address the mesh file names as the workload's endpoint), ready.
+    pub fn app_sidecar(&self, name: &str, app: SocketAddr, inbound: SocketAddr) -> Proxy {
+        let (app, inbound) = (app.to_string(), inbound.to_string());
+        self.sidecar(name, &[("WEFT_APP_ADDR", &app), ("WEFT_INBOUND_ADDR", &inbound)])
+    }
+
     /// Replaces the mesh file; the control plane applies it within its 250 ms poll (see
     /// [`Self::apply`] to wait for that), or refuses it.
     pub fn rewrite(&self, mesh_yaml: &str) {

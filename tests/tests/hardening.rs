@@ -46,8 +46,7 @@ fn detection_cannot_route_a_request_around_http_handling() {
         .policy("api", app.addr.port(), "mode: permissive, rateLimit: {requestsPerSecond: 1, burst: 1}")
         .yaml();
     let control = Control::start(&mesh, &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let long = format!("PROPFIND /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "x".repeat(20_000));
     let variants: [(&str, Duration, String); 5] = [
         (
@@ -278,8 +277,7 @@ fn mesh_timeouts_are_not_a_rapid_reset_attack() {
         .route("api", "api", "[{timeout: 1s}]")
         .yaml();
     let control = Control::start(&mesh, &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let web = control.sidecar("web", &[]);
     let slow: Vec<_> = (0..150)
         .map(|_| {
@@ -357,8 +355,7 @@ fn opaque_connections_count_against_the_ports_rate_limit() {
         .policy("api", echo.addr.port(), "mode: permissive, rateLimit: {requestsPerSecond: 1, burst: 1}")
         .yaml();
     let control = Control::start(&mesh, &[]);
-    let (app_addr, inbound) = (echo.addr.to_string(), api_inbound.to_string());
-    let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", echo.addr, api_inbound);
     // Three at once: one token in the bucket.
     let mut conns: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(api_inbound).unwrap()).collect();
     for c in &mut conns {

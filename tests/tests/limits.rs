@@ -24,8 +24,7 @@ fn the_rate_limit_answers_429_and_keeps_a_share_for_each_identity() {
         .policy("api", port, "mode: permissive, rateLimit: {requestsPerSecond: 2, burst: 10, perIdentity: 5}")
         .yaml();
     let control = Control::start(&mesh, &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let (web, admin) = (control.sidecar("web", &[]), control.sidecar("admin", &[]));
     let burst = |proxy: &weft_e2e::Proxy, n: usize| -> (usize, usize) {
         let counts = weft_e2e::tally(proxy.outbound, 1, n, "http://api:80/", &[]);

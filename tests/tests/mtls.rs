@@ -103,8 +103,7 @@ fn a_peer_with_the_wrong_identity_is_refused() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
     let control = Control::start(&mesh(api_inbound), &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let _api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let _api = control.app_sidecar("api", app.addr, api_inbound);
     let web = sidecar(&control, "web", &[]);
     let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://imposter:80/"]);
     assert_eq!(code, 502, "{body}");
@@ -169,8 +168,7 @@ fn a_strict_port_refuses_plaintext_and_admits_the_mesh() {
     let app = backend::http("api-app");
     let api_inbound = weft_e2e::free_addr();
     let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), "mode: strict"), &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let web = sidecar(&control, "web", &[]);
     // Plaintext, straight to the api sidecar: refused with its cause.
     let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
@@ -200,8 +198,7 @@ fn an_identity_off_the_allow_list_gets_403() {
     let api_inbound = weft_e2e::free_addr();
     let policy = "allow: [spiffe://weft.local/ns/default/sa/admin]";
     let control = Control::start(&mesh_with_policy(api_inbound, app.addr.port(), policy), &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let web = sidecar(&control, "web", &[]);
     let (code, body, _) = curl(&["-x", &format!("http://{}", web.outbound), "http://api:80/"]);
     assert_eq!(code, 403, "{body}");
@@ -220,8 +217,7 @@ fn a_permissive_port_accepts_plaintext() {
     let api_inbound = weft_e2e::free_addr();
     let port = app.addr.port();
     let control = Control::start(&mesh_with_policy(api_inbound, port, "mode: strict"), &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let (code, body, _) = curl(&[&format!("http://{api_inbound}/")]);
     assert_eq!(code, 403, "{body}");
     let generation = control.apply(&mesh_with_policy(api_inbound, port, "mode: permissive"));
@@ -237,8 +233,7 @@ fn certificate_renewal_under_load_loses_no_request() {
     let api_inbound = weft_e2e::free_addr();
     // 3-second certificates: each proxy renews about every 2 s during the run.
     let control = Control::start(&mesh(api_inbound), &["--cert-ttl-secs", "3"]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", app.addr, api_inbound);
     let web = sidecar(&control, "web", &[]);
     let proxy = format!("http://{}", web.outbound);
     let start = Instant::now();
@@ -287,8 +282,7 @@ fn websocket_upgrades_and_connect_tunnels_to_a_meshed_service_ride_mutual_tls() 
     let _ws = weft_e2e::PyServer::start("ws_echo.py", port);
     let api_inbound = weft_e2e::free_addr();
     let control = Control::start(&mesh_with_policy(api_inbound, port, "mode: strict"), &[]);
-    let (app_addr, inbound) = (format!("127.0.0.1:{port}"), api_inbound.to_string());
-    let api = sidecar(&control, "api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let api = control.app_sidecar("api", std::net::SocketAddr::from(([127, 0, 0, 1], port)), api_inbound);
     let web = sidecar(&control, "web", &[]);
 
     // An HTTP/1 upgrade through the web sidecar used as an HTTP proxy.

@@ -184,8 +184,7 @@ fn a_deadline_shrinks_hop_by_hop() {
         .service(Service::new("api", 80).meshed(api_inbound, "api"))
         .yaml();
     let control = Control::start(&mesh, &[]);
-    let (app_addr, inbound) = (app.addr.to_string(), api_inbound.to_string());
-    let _api = control.sidecar("api", &[("WEFT_APP_ADDR", &app_addr), ("WEFT_INBOUND_ADDR", &inbound)]);
+    let _api = control.app_sidecar("api", app.addr, api_inbound);
     let web = control.sidecar("web", &[]);
     let proxy = format!("http://{}", web.outbound);
     // Client -> web's outbound -> mTLS -> api's inbound -> app: the app sees what is left.
