@@ -9,9 +9,9 @@ pub fn mesh_file(data: &[u8]) {
     let Ok(mesh) = Mesh::parse("fuzz.yaml", text) else { return };
     for s in &mesh.services {
         for authority in mesh.authorities(s) {
-            let set = watch::endpoint_set(&mesh, &authority);
+            let set = watch::endpoint_set(&mesh, &authority, &s.namespace);
             assert!(set.known, "{authority} of a valid mesh is not known");
-            let routes = mesh.route_set(&authority);
+            let routes = mesh.route_set(&authority, &s.namespace);
             assert!(routes.rules.iter().all(|r| !r.name.is_empty()));
         }
     }

@@ -8,36 +8,52 @@ use weft_api::v1::{identity_server::Identity, CertifyRequest, CertifyResponse};
 
 use crate::server::ca::{self, Ca, SpiffeId};
 
-/// Turns a bearer token into the identity it proves.
-pub trait TokenAuthority: Send + Sync {
-    fn verify(&self, token: &str) -> Option<SpiffeId>;
+/// Who a token proves the caller is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Caller {
+    pub identity: SpiffeId,
+    /// `name:port` authorities and consumer routes are relative to it.
+    pub namespace: String,
+    /// Whose inbound policies apply: the workload (mesh file) or pod (Kubernetes).
+    pub workload: String,
 }
 
-/// Local mode: tokens declared per workload in the mesh file.
-#[derive(Default)]
-pub struct StaticTokens(pub HashMap<String, SpiffeId>);
+/// Turns a bearer token into the caller it proves; every gRPC call passes through it.
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync {
+    async fn authenticate(&self, token: &str) -> Result<Caller, Status>;
+}
 
-impl TokenAuthority for StaticTokens {
-    fn verify(&self, token: &str) -> Option<SpiffeId> {
-        self.0.get(token).cloned()
+/// Fixed tokens (tests).
+#[derive(Default)]
+pub struct StaticTokens(pub HashMap<String, Caller>);
+
+#[tonic::async_trait]
+impl Authenticator for StaticTokens {
+    async fn authenticate(&self, token: &str) -> Result<Caller, Status> {
+        self.0.get(token).cloned().ok_or_else(|| Status::unauthenticated("unknown token"))
     }
 }
 
-/// The tokens of the mesh as it is now: a workload removed from the mesh file can no
-/// longer get certificates.
+/// Local mode: the tokens of the mesh file as it is now, so a workload removed from the
+/// file can no longer get certificates or answers.
 pub struct MeshTokens(pub crate::server::source::State);
 
-impl TokenAuthority for MeshTokens {
-    fn verify(&self, token: &str) -> Option<SpiffeId> {
+#[tonic::async_trait]
+impl Authenticator for MeshTokens {
+    async fn authenticate(&self, token: &str) -> Result<Caller, Status> {
         let mesh = self.0.borrow();
-        let w = mesh.workloads.iter().find(|w| w.token == token)?;
-        mesh.identity_of(w).parse().ok()
+        let unknown =
+            || Status::unauthenticated("unknown token: check the workload's token in the mesh file");
+        let w = mesh.workloads.iter().find(|w| w.token == token).ok_or_else(unknown)?;
+        let identity = mesh.identity_of(w).parse().map_err(|_| unknown())?;
+        Ok(Caller { identity, namespace: w.namespace.clone(), workload: w.name.clone() })
     }
 }
 
 pub struct IdentityService {
     pub ca: Arc<Ca>,
-    pub tokens: Arc<dyn TokenAuthority>,
+    pub tokens: Arc<dyn Authenticator>,
     /// Lifetime of issued leaves.
     pub ttl: Duration,
 }
@@ -54,9 +70,7 @@ pub fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn certify(&self, req: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
-        let identity = self.tokens.verify(bearer(&req)?).ok_or_else(|| {
-            Status::unauthenticated("unknown token: check the workload's token in the mesh file")
-        })?;
+        let identity = self.tokens.authenticate(bearer(&req)?).await?.identity;
         match self.ca.sign(&req.get_ref().csr_pem, &identity, self.ttl) {
             Ok(issued) => {
                 tracing::info!(%identity, not_after = %issued.not_after, "issued certificate");
@@ -98,7 +112,8 @@ mod tests {
     /// A real gRPC server on a real socket, and a real tonic client.
     async fn serve() -> IdentityClient<tonic::transport::Channel> {
         let frontend: SpiffeId = "spiffe://weft.local/ns/shop/sa/frontend".parse().unwrap();
-        let tokens = StaticTokens([("frontend-token".to_string(), frontend)].into_iter().collect());
+        let caller = Caller { identity: frontend, namespace: "shop".into(), workload: "frontend".into() };
+        let tokens = StaticTokens([("frontend-token".to_string(), caller)].into_iter().collect());
         let svc = IdentityService {
             ca: Arc::new(Ca::generate("weft.local").unwrap()),
             tokens: Arc::new(tokens),

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -45,6 +45,24 @@ pub struct Mesh {
     /// carry it (see the API's Generations).
     #[serde(skip)]
     pub generation: u64,
+    /// Pods by address, from sources that know them (Kubernetes): direct calls to a pod
+    /// and the labels inbound policies select on. The mesh file has none.
+    #[serde(skip)]
+    pub pods: BTreeMap<IpAddr, Pod>,
+    /// Authority → index in `services`, made by [`Mesh::index`] so that a lookup does not
+    /// scan every service (a change is answered to every watcher at once).
+    #[serde(skip)]
+    by_authority: HashMap<String, usize>,
+}
+
+/// A pod a source knows (Kubernetes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The SPIFFE ID its proxy proves, when it is meshed.
+    pub identity: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -200,6 +218,13 @@ pub struct Endpoint {
     pub weight: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The SPIFFE ID, for sources that know it directly (Kubernetes: the pod's service
+    /// account); the mesh file names a `workload` instead.
+    #[serde(skip)]
+    pub identity: Option<String>,
+    /// The endpoint's zone, when its source knows it (an EndpointSlice's `zone`).
+    #[serde(skip)]
+    pub zone: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -224,6 +249,22 @@ pub struct InboundPolicy {
     /// SPIFFE IDs allowed to connect; absent means every meshed identity.
     pub allow: Option<Vec<String>>,
     pub rate_limit: Option<RateLimit>,
+    /// Sources that select pods by label (Kubernetes) set this in place of `workload`.
+    #[serde(skip)]
+    pub pods: Option<PodSelector>,
+}
+
+/// Pods of one namespace whose labels include all of `labels`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodSelector {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodSelector {
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.namespace == self.namespace && self.labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
 }
 
 /// A local rate limit of HTTP requests on an inbound port (429 beyond).
@@ -249,7 +290,19 @@ impl Mesh {
             Error::Syntax { file: file.into(), msg: format!("{at}{e}") }
         })?;
         mesh.validate(file)?;
-        Ok(mesh)
+        Ok(mesh.index())
+    }
+
+    /// Makes the authority index; sources call it once a state is complete.
+    pub fn index(mut self) -> Mesh {
+        let mut by_authority = HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            for a in self.authorities(s) {
+                by_authority.entry(a).or_insert(i);
+            }
+        }
+        self.by_authority = by_authority;
+        self
     }
 
     fn validate(&self, file: &str) -> Result<(), Error> {
@@ -324,13 +377,14 @@ impl Mesh {
         format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, w.namespace, sa)
     }
 
-    /// Every authority a service answers to: `name.namespace.svc.cluster.local:port`,
-    /// `name.namespace:port`, `name:port` and its aliases.
+    /// Every authority a service answers to from any namespace:
+    /// `name.namespace.svc.cluster.local:port`, `name.namespace:port` and its aliases
+    /// (Kubernetes: its ClusterIPs). `name:port` is answered to clients of its own
+    /// namespace only (see [`Mesh::service_for`]), as cluster DNS does.
     pub fn authorities(&self, s: &Service) -> Vec<String> {
         let mut out = vec![
             format!("{}.{}.svc.cluster.local:{}", s.name, s.namespace, s.port),
             format!("{}.{}:{}", s.name, s.namespace, s.port),
-            format!("{}:{}", s.name, s.port),
         ];
         out.extend(s.aliases.iter().cloned());
         out
@@ -344,24 +398,53 @@ impl Mesh {
             .collect()
     }
 
-    pub fn service_for(&self, authority: &str) -> Option<&Service> {
-        self.services.iter().find(|s| self.authorities(s).iter().any(|a| a == authority))
+    /// The service `authority` names for a client in namespace `client_ns`: one of its
+    /// [`authorities`](Mesh::authorities), or `name:port` in the client's namespace.
+    pub fn service_for(&self, authority: &str, client_ns: &str) -> Option<&Service> {
+        let found = |a: &str| match self.by_authority.is_empty() {
+            true => self.services.iter().find(|s| self.authorities(s).iter().any(|x| x == a)),
+            false => self.by_authority.get(a).map(|&i| &self.services[i]),
+        };
+        found(authority).or_else(|| {
+            let (host, port) = authority.rsplit_once(':')?;
+            if host.contains(['.', '[', ']']) || host.is_empty() {
+                return None;
+            }
+            found(&format!("{host}.{client_ns}:{port}"))
+        })
     }
 
-    /// `name` (namespace `default`) or `name.namespace`, as routes name services.
+    /// `name` (namespace `default`) or `name.namespace`, as routes name services, with
+    /// `:port` for a service that has several.
     fn service_named(&self, name: &str) -> Option<&Service> {
+        let (name, port) = match name.rsplit_once(':') {
+            Some((name, port)) => (name, port.parse::<u16>().ok()),
+            None => (name, None),
+        };
         let (name, ns) = name.split_once('.').unwrap_or((name, "default"));
-        self.services.iter().find(|s| s.name == name && s.namespace == ns)
+        self.services.iter().find(|s| s.name == name && s.namespace == ns && port.is_none_or(|p| p == s.port))
     }
 
-    /// The route of the service `authority` names, as the proxies receive it.
-    pub fn route_set(&self, authority: &str) -> weft_api::v1::RouteSet {
+    /// The rules for a client in `client_ns` of the service `authority` names, as the
+    /// proxies receive them: the routes in the client's own namespace when it has some
+    /// for the service (Kubernetes consumer routes), else the service's own ones.
+    pub fn route_set(&self, authority: &str, client_ns: &str) -> weft_api::v1::RouteSet {
         let services = |name: &str| self.service_named(name).map(Service::authority);
-        let rules = self
-            .service_for(authority)
-            .and_then(|s| self.routes.iter().find(|r| self.service_named(&r.service) == Some(s)))
-            .map(|r| routes::rules(r, &services))
-            .unwrap_or_default();
+        let rules = match self.service_for(authority, client_ns) {
+            None => Vec::new(),
+            Some(s) => {
+                let of_service = |r: &&routes::Route| self.service_named(&r.service) == Some(s);
+                let consumer =
+                    |r: &&routes::Route| r.consumer_namespace.as_deref().is_some_and(|ns| ns == client_ns);
+                let producer = |r: &&routes::Route| r.consumer_namespace.is_none();
+                let mine: Vec<_> = self.routes.iter().filter(of_service).filter(consumer).collect();
+                let chosen = match mine.is_empty() {
+                    true => self.routes.iter().filter(of_service).filter(producer).collect(),
+                    false => mine,
+                };
+                chosen.into_iter().flat_map(|r| routes::rules(r, &services)).collect()
+            }
+        };
         weft_api::v1::RouteSet { authority: authority.into(), rules, generation: 0 }
     }
 }
@@ -404,9 +487,12 @@ policies:
     fn parses_a_good_file() {
         let m = Mesh::parse("mesh.yaml", GOOD).unwrap();
         assert_eq!(m.identity_of(&m.workloads[1]), "spiffe://weft.local/ns/default/sa/backend");
-        let s = m.service_for("backend.default.svc.cluster.local:8080").unwrap();
+        let s = m.service_for("backend.default.svc.cluster.local:8080", "default").unwrap();
         assert_eq!(s.endpoints.len(), 2);
-        assert!(m.service_for("backend:8080").is_some());
+        assert!(m.service_for("backend:8080", "default").is_some());
+        // `name:port` is relative to the client's namespace, as cluster DNS makes it.
+        assert!(m.service_for("backend:8080", "other").is_none());
+        assert!(m.service_for("backend.default:8080", "other").is_some());
         assert_eq!(m.policies[0].mode, Mode::Permissive);
         assert_eq!(m.tokens().len(), 2);
     }

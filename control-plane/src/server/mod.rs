@@ -36,7 +36,7 @@ use weft_api::v1::{
 
 use self::{
     ca::Ca,
-    identity::{IdentityService, MeshTokens},
+    identity::{Authenticator, IdentityService, MeshTokens},
     source::{FileSource, Source, State},
     watch::{DiscoveryService, PolicyService},
 };
@@ -88,12 +88,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_admin(admin, AdminState { ready: ready.clone(), valid, state: state.clone() }));
 
-    let identity =
-        IdentityService { ca: Arc::new(ca), tokens: Arc::new(MeshTokens(state.clone())), ttl: opts.cert_ttl };
+    let auth: Arc<dyn Authenticator> = Arc::new(MeshTokens(state.clone()));
+    let identity = IdentityService { ca: Arc::new(ca), tokens: auth.clone(), ttl: opts.cert_ttl };
     let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone() }))
-        .add_service(PolicyServer::new(PolicyService { state }))
+        .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone(), auth: auth.clone() }))
+        .add_service(PolicyServer::new(PolicyService { state, auth }))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown());
     ready.store(true, Ordering::Release);
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, mesh = %opts.mesh.display(), "weft control ready");

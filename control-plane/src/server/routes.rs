@@ -30,6 +30,10 @@ pub struct Route {
     /// The parent service: `name` or `name.namespace`.
     pub service: String,
     pub rules: Vec<Rule>,
+    /// Set by sources with consumer routes (Kubernetes: a route in another namespace than
+    /// its service): the route applies to that namespace's clients only.
+    #[serde(skip)]
+    pub consumer_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -43,6 +47,9 @@ pub struct Rule {
     pub backends: Vec<BackendRef>,
     #[serde(default)]
     pub request_headers: HeaderChanges,
+    /// Changes to the response before the client sees it.
+    #[serde(default)]
+    pub response_headers: HeaderChanges,
     /// The whole request, retries included, e.g. `2s`.
     pub timeout: Option<Setting>,
     pub retry: Option<Retry>,
@@ -293,9 +300,16 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         return Err("backends: at least one weight must be above 0".into());
     }
-    let changes = &rule.request_headers;
-    for name in changes.set.keys().chain(changes.add.keys()).chain(&changes.remove) {
-        header_name(name).map_err(|e| format!("requestHeaders: {e}"))?;
+    for (field, changes) in
+        [("requestHeaders", &rule.request_headers), ("responseHeaders", &rule.response_headers)]
+    {
+        for name in changes.set.keys().chain(changes.add.keys()).chain(&changes.remove) {
+            header_name(name).map_err(|e| format!("{field}: {e}"))?;
+        }
+        for (name, value) in changes.set.iter().chain(&changes.add) {
+            http::HeaderValue::from_str(value)
+                .map_err(|_| format!("{field}: the value of {name} is not a valid header value"))?;
+        }
     }
     let ms = |d: &Option<Setting>| d.map_or(0, Setting::millis);
     let retry = match &rule.retry {
@@ -354,6 +368,14 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
         set_request_headers: kv(&rule.request_headers.set),
         add_request_headers: kv(&rule.request_headers.add),
         remove_request_headers: rule.request_headers.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        set_response_headers: kv(&rule.response_headers.set),
+        add_response_headers: kv(&rule.response_headers.add),
+        remove_response_headers: rule
+            .response_headers
+            .remove
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
         timeout_ms: ms(&rule.timeout),
         retry,
         fault,
@@ -388,7 +410,7 @@ routes:
     #[test]
     fn rules_become_what_proxies_receive() {
         let mesh = Mesh::parse("m", MESH).unwrap();
-        let set = mesh.route_set("words:8080");
+        let set = mesh.route_set("words:8080", "default");
         assert_eq!(set.rules.len(), 2);
         assert_eq!(set.rules[0].matches[0].headers[0].name, "x-canary");
         assert_eq!(set.rules[0].backends[0].authority, "words-v2.default:8080");
@@ -405,7 +427,7 @@ routes:
             (&[14][..], 300, 25)
         );
         assert_eq!(r.fault.as_ref().unwrap().abort_permille, 125);
-        assert!(mesh.route_set("words-v1:8080").rules.is_empty());
+        assert!(mesh.route_set("words-v1:8080", "default").rules.is_empty());
     }
 
     fn err(text: &str) -> String {

@@ -59,7 +59,8 @@ impl FileSource {
     /// Loads the file; it must be valid to start.
     pub fn load(path: PathBuf) -> Result<(FileSource, State), Error> {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Read(path.display().to_string(), e))?;
-        let mesh = Mesh { generation: 1, ..Mesh::parse(&path.display().to_string(), &text)? };
+        let mut mesh = Mesh::parse(&path.display().to_string(), &text)?;
+        mesh.generation = 1;
         let (tx, rx) = watch::channel(Arc::new(mesh));
         Ok((FileSource { path, tx, valid: Arc::new(AtomicBool::new(true)) }, rx))
     }

@@ -1,7 +1,7 @@
 //! The Discovery and Policy gRPC services: streaming watches that push a new message
 //! whenever the answer for the caller changes, starting with the current one.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -11,7 +11,7 @@ use weft_api::v1::{
 };
 
 use super::{
-    identity::bearer,
+    identity::{bearer, Authenticator, Caller},
     mesh::{self, Mesh},
     source::State,
 };
@@ -67,45 +67,35 @@ where
     }))
 }
 
-/// The workload whose token the request carries, in the current state.
-fn caller<T>(state: &State, req: &Request<T>) -> Result<mesh::Workload, Status> {
-    let token = bearer(req)?;
-    state
-        .borrow()
-        .workloads
-        .iter()
-        .find(|w| w.token == token)
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("unknown token: check the workload's token in the mesh file"))
+/// Who the request's token proves the caller is.
+async fn caller<T>(auth: &dyn Authenticator, req: &Request<T>) -> Result<Caller, Status> {
+    auth.authenticate(bearer(req)?).await
 }
 
 pub struct DiscoveryService {
     pub state: State,
+    pub auth: Arc<dyn Authenticator>,
 }
 
-/// The endpoints of the service `authority` names. An `ip:port` that is no service's
-/// authority but an endpoint's address (transparent mode asks by the address the app
-/// dialled) is answered with that endpoint alone, so the proxy learns whether it is
-/// meshed and which identity it must prove.
-pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
+/// The endpoints of the service `authority` names for a client in `client_ns`. An
+/// `ip:port` that is no service's authority but an endpoint's or a pod's address
+/// (transparent mode asks by the address the app dialled) is answered with that one
+/// endpoint, so the proxy learns whether it is meshed and which identity it must prove.
+pub fn endpoint_set(mesh: &Mesh, authority: &str, client_ns: &str) -> EndpointSet {
     let (mut balancer, mut outlier) = (mesh::Balancer::PeakEwma, mesh::OutlierDetection::default());
     let mut max_concurrent_requests = 0;
-    let endpoints: Vec<&mesh::Endpoint> = match mesh.service_for(authority) {
+    let service = mesh.service_for(authority, client_ns);
+    let endpoints: Vec<Endpoint> = match service {
         Some(service) => {
             (balancer, outlier) = (service.balancer, service.outlier_detection.clone());
             max_concurrent_requests = service.max_concurrent_requests.unwrap_or(0);
-            service.endpoints.iter().collect()
+            service.endpoints.iter().map(|e| endpoint(mesh, e)).collect()
         }
-        None => {
-            let addr = authority.parse::<std::net::SocketAddr>().ok();
-            let all = || mesh.services.iter().flat_map(|s| &s.endpoints);
-            match addr.and_then(|a| all().find(|e| e.address == a)) {
-                Some(e) => vec![e],
-                None => return EndpointSet { authority: authority.into(), ..Default::default() },
-            }
-        }
+        None => match authority.parse::<std::net::SocketAddr>().ok().and_then(|a| at_address(mesh, a)) {
+            Some(e) => vec![e],
+            None => return EndpointSet { authority: authority.into(), ..Default::default() },
+        },
     };
-    let endpoints = endpoints.into_iter().map(|e| endpoint(mesh, e)).collect();
     let balancer = match balancer {
         mesh::Balancer::PeakEwma => weft_api::v1::Balancer::PeakEwma,
         mesh::Balancer::RoundRobin => weft_api::v1::Balancer::RoundRobin,
@@ -123,17 +113,36 @@ pub fn endpoint_set(mesh: &Mesh, authority: &str) -> EndpointSet {
         outlier_detection,
         max_concurrent_requests,
         generation: 0,
+        service: service.is_some(),
     }
+}
+
+/// The one endpoint at `addr`: a service's endpoint, or a pod the source knows.
+fn at_address(mesh: &Mesh, addr: std::net::SocketAddr) -> Option<Endpoint> {
+    let mut all = mesh.services.iter().flat_map(|s| &s.endpoints);
+    if let Some(e) = all.find(|e| e.address == addr) {
+        return Some(endpoint(mesh, e));
+    }
+    let pod = mesh.pods.get(&addr.ip())?;
+    Some(Endpoint {
+        address: addr.to_string(),
+        weight: 1,
+        identity: pod.identity.clone().unwrap_or_default(),
+        meshed: pod.identity.is_some(),
+        ..Default::default()
+    })
 }
 
 fn endpoint(mesh: &Mesh, e: &mesh::Endpoint) -> Endpoint {
     let workload = e.workload.as_ref().and_then(|w| mesh.workloads.iter().find(|x| &x.name == w));
+    let identity = e.identity.clone().or_else(|| workload.map(|w| mesh.identity_of(w)));
     Endpoint {
         address: e.address.to_string(),
         weight: e.weight,
-        identity: workload.map(|w| mesh.identity_of(w)).unwrap_or_default(),
-        meshed: workload.is_some(),
+        meshed: identity.is_some(),
+        identity: identity.unwrap_or_default(),
         labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        zone: e.zone.clone().unwrap_or_default(),
     }
 }
 
@@ -142,23 +151,34 @@ impl Discovery for DiscoveryService {
     type WatchStream = Watch<EndpointSet>;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        caller(&self.state, &req)?;
+        let ns = caller(&*self.auth, &req).await?.namespace;
         let authority = req.into_inner().authority;
         if authority.is_empty() {
             return Err(Status::invalid_argument("authority is empty: send host:port"));
         }
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| endpoint_set(m, &authority))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| endpoint_set(m, &authority, &ns))))
     }
 }
 
 pub struct PolicyService {
     pub state: State,
+    pub auth: Arc<dyn Authenticator>,
 }
 
-/// The policy of `workload`'s inbound `port`: what the mesh file says, or permissive and
-/// open to every meshed identity.
-pub fn inbound_policy(mesh: &Mesh, workload: &str, port: u16) -> InboundPolicy {
-    let rule = mesh.policies.iter().find(|p| p.workload == workload && p.port == port);
+/// The policy of the caller's inbound `port`: the first that names its workload (mesh
+/// file) or selects its pod (Kubernetes), or permissive and open to every meshed identity.
+pub fn inbound_policy(mesh: &Mesh, caller: &Caller, port: u16) -> InboundPolicy {
+    let mut pod = None;
+    let mut applies = |p: &mesh::InboundPolicy| match &p.pods {
+        None => p.workload == caller.workload,
+        Some(selector) => {
+            let me = pod.get_or_insert_with(|| {
+                mesh.pods.values().find(|x| x.name == caller.workload && x.namespace == caller.namespace)
+            });
+            me.is_some_and(|me| selector.selects(me))
+        }
+    };
+    let rule = mesh.policies.iter().filter(|p| p.port == port).find(|p| applies(p));
     let mode = match rule.map(|r| r.mode).unwrap_or(mesh::Mode::Permissive) {
         mesh::Mode::Strict => Mode::Strict,
         mesh::Mode::Permissive => Mode::Permissive,
@@ -187,10 +207,10 @@ impl Policy for PolicyService {
         &self,
         req: Request<InboundRequest>,
     ) -> Result<Response<Self::WatchInboundStream>, Status> {
-        let workload = caller(&self.state, &req)?.name;
+        let caller = caller(&*self.auth, &req).await?;
         let port = u16::try_from(req.into_inner().port)
             .map_err(|_| Status::invalid_argument("port must be between 1 and 65535"))?;
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| inbound_policy(m, &workload, port))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| inbound_policy(m, &caller, port))))
     }
 
     type WatchRoutesStream = Watch<RouteSet>;
@@ -199,12 +219,12 @@ impl Policy for PolicyService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchRoutesStream>, Status> {
-        caller(&self.state, &req)?;
+        let ns = caller(&*self.auth, &req).await?.namespace;
         let authority = req.into_inner().authority;
         if authority.is_empty() {
             return Err(Status::invalid_argument("authority is empty: send host:port"));
         }
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| m.route_set(&authority))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| m.route_set(&authority, &ns))))
     }
 }
 
@@ -220,7 +240,7 @@ mod tests {
     async fn pushes_the_current_set_then_only_changes() {
         let mesh = Mesh::parse("m", MESH).unwrap();
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(mesh.clone()));
-        let mut s = watch_answers(rx, |m| endpoint_set(m, "api:80"));
+        let mut s = watch_answers(rx, |m| endpoint_set(m, "api:80", "default"));
         let first = s.next().await.unwrap().unwrap();
         assert!(first.known);
         assert_eq!(first.endpoints[0].identity, "spiffe://weft.local/ns/default/sa/web");
@@ -232,6 +252,7 @@ mod tests {
             mode: mesh::Mode::Strict,
             allow: None,
             rate_limit: None,
+            pods: None,
         });
         tx.send(Arc::new(other)).unwrap();
         let mut moved = mesh.clone();
@@ -243,22 +264,27 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(next.endpoints[0].address, "127.0.0.1:9002");
-        assert!(!endpoint_set(&mesh, "nope:80").known);
+        assert!(!endpoint_set(&mesh, "nope:80", "default").known);
     }
 
     #[test]
     fn an_endpoint_address_is_answered_with_that_endpoint() {
         let mesh = Mesh::parse("m", MESH).unwrap();
-        let set = endpoint_set(&mesh, "127.0.0.1:9001");
+        let set = endpoint_set(&mesh, "127.0.0.1:9001", "default");
         assert!(set.known && set.endpoints.len() == 1 && set.endpoints[0].meshed);
         assert_eq!(set.endpoints[0].identity, "spiffe://weft.local/ns/default/sa/web");
-        assert!(!endpoint_set(&mesh, "127.0.0.1:9002").known);
+        assert!(!endpoint_set(&mesh, "127.0.0.1:9002", "default").known);
     }
 
     #[test]
     fn policy_defaults_to_permissive_for_all_meshed() {
         let mesh = Mesh::parse("m", MESH).unwrap();
-        let p = inbound_policy(&mesh, "web", 9001);
+        let web = Caller {
+            identity: "spiffe://weft.local/ns/default/sa/web".parse().unwrap(),
+            namespace: "default".into(),
+            workload: "web".into(),
+        };
+        let p = inbound_policy(&mesh, &web, 9001);
         assert_eq!(p.mode, Mode::Permissive as i32);
         assert!(p.allow_all_meshed && p.allowed_identities.is_empty());
     }

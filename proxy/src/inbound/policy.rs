@@ -30,10 +30,21 @@ pub enum Denied {
 /// Whether `peer` (its SPIFFE ID, `None` for plaintext) may use a port with `policy`.
 pub fn check(policy: &InboundPolicy, peer: Option<&str>) -> Result<(), Denied> {
     match peer {
-        Some(id) if policy.allow_all_meshed || policy.allowed_identities.iter().any(|a| a == id) => Ok(()),
+        Some(id) if policy.allow_all_meshed || policy.allowed_identities.iter().any(|a| allows(a, id)) => {
+            Ok(())
+        }
         Some(_) => Err(Denied::Identity),
         None if policy.mode == Mode::Permissive as i32 && policy.allow_all_meshed => Ok(()),
         None => Err(Denied::Plaintext),
+    }
+}
+
+/// Whether the allowed entry `allowed` names `id`: exactly, or as a prefix ending in `/*`
+/// (every service account of a namespace).
+fn allows(allowed: &str, id: &str) -> bool {
+    match allowed.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('/') => id.starts_with(prefix) && !id[prefix.len()..].contains('/'),
+        _ => allowed == id,
     }
 }
 
@@ -184,5 +195,17 @@ mod tests {
         assert_eq!(check(&p, Some("spiffe://weft.local/ns/default/sa/admin")), Ok(()));
         // With a named list, unauthenticated clients are not on it.
         assert_eq!(check(&p, None), Err(Denied::Plaintext));
+    }
+
+    #[test]
+    fn a_namespace_entry_allows_its_service_accounts_only() {
+        let p = policy(Mode::Strict, Some(&["spiffe://weft.local/ns/default/sa/*"]));
+        assert_eq!(check(&p, Some(WEB)), Ok(()));
+        assert_eq!(check(&p, Some("spiffe://weft.local/ns/defaultx/sa/web")), Err(Denied::Identity));
+        assert_eq!(check(&p, Some("spiffe://weft.local/ns/other/sa/web")), Err(Denied::Identity));
+        assert_eq!(check(&p, Some("spiffe://weft.local/ns/default/sa/web/x")), Err(Denied::Identity));
+        // A star anywhere but a whole last segment is a literal.
+        let p = policy(Mode::Strict, Some(&["spiffe://weft.local/ns/default/sa/w*"]));
+        assert_eq!(check(&p, Some(WEB)), Err(Denied::Identity));
     }
 }

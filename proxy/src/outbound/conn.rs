@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::{
-    discovery::NoAnswer,
+    discovery::{Destination, NoAnswer},
     service::{Meta, Outbound},
 };
 use crate::{
@@ -41,15 +41,16 @@ pub async fn serve(
 ) {
     let metrics = outbound.common.metrics.clone();
     let _open = metrics.conn_open(DIR);
-    // Transparent mode to an endpoint discovery knows as meshed: mutual TLS.
-    let target_identity = match dest {
-        Some(target) => outbound.identity_at(target).await,
-        None => Ok(None),
+    // Transparent mode: a service's virtual address is balanced and routed as the
+    // service; an endpoint discovery knows as meshed gets mutual TLS.
+    let destination = match dest {
+        Some(target) => outbound.destination(target).await,
+        None => Ok(Destination::Endpoint(None)),
     };
     if let Some(target) = dest.filter(|t| cfg.opaque_ports.contains(&t.port())) {
         metrics.detected(DIR, Outcome::OpaquePort.as_str());
         let io = PrefixedIo::new(Default::default(), stream);
-        return forward_tcp(&outbound, io, target, target_identity).await;
+        return forward_tcp(&outbound, io, target, &destination).await;
     }
     let header_read = cfg.http.header_read_timeout;
     let first_byte = if dest.is_some() { cfg.detect_timeout } else { header_read };
@@ -60,13 +61,10 @@ pub async fn serve(
         return;
     };
     if let (Protocol::Silent, Some(target)) = (&protocol, dest) {
-        let peer = match mesh_peer(&outbound, target, &target_identity) {
-            Ok(peer) => peer,
-            Err(()) => return,
-        };
-        let upstream = match tcp::dial(target, peer.as_ref(), outbound.tcp.connect, &metrics).await {
+        let Ok((addr, peer)) = tcp_target(&outbound, target, &destination).await else { return };
+        let upstream = match tcp::dial(addr, peer.as_ref(), outbound.tcp.connect, &metrics).await {
             Ok(upstream) => upstream,
-            Err(e) => return metrics.closed(DIR, e.cause, format_args!("{target}: {e}")),
+            Err(e) => return metrics.closed(DIR, e.cause, format_args!("{addr}: {e}")),
         };
         match transport::first_speaker(&stream, upstream, header_read).await {
             Some(Speaker::Client) => {}
@@ -88,14 +86,14 @@ pub async fn serve(
     match (protocol, dest) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
-            let conn = Conn::new(client, protocol, Meta { target: dest, target_identity });
+            let conn = Conn::new(client, protocol, Meta { target: dest, destination });
             http::server::serve(io, conn, outbound, &cfg.http, drain).await
         }
         (Protocol::Tls { sni, .. }, Some(target)) => {
             tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");
-            forward_tcp(&outbound, io, target, target_identity).await
+            forward_tcp(&outbound, io, target, &destination).await
         }
-        (Protocol::Opaque, Some(target)) => forward_tcp(&outbound, io, target, target_identity).await,
+        (Protocol::Opaque, Some(target)) => forward_tcp(&outbound, io, target, &destination).await,
         (Protocol::Silent, _) => {}
         (_, None) => {
             let why = format_args!("{client}: not HTTP and not redirected, so it has no destination");
@@ -104,34 +102,43 @@ pub async fn serve(
     }
 }
 
-/// The mTLS peer `target` is, if discovery says it is meshed; `Err` (closed and
-/// counted) when it cannot be reached safely: no discovery answer, or no certificate.
-fn mesh_peer(
+/// Where a TCP connection to `target` goes and the mTLS peer that must answer there: one
+/// of the service's endpoints (per connection) for a service's virtual address, else
+/// `target` itself. `Err` (closed and counted) when it cannot be reached safely: no
+/// discovery answer, no endpoint, or no certificate.
+async fn tcp_target(
     outbound: &Outbound,
     target: SocketAddr,
-    identity: &Result<Option<Arc<str>>, NoAnswer>,
-) -> Result<Option<MeshPeer>, ()> {
+    destination: &Result<Destination, NoAnswer>,
+) -> Result<(SocketAddr, Option<MeshPeer>), ()> {
     let metrics = &outbound.common.metrics;
-    let identity = match identity {
-        Ok(identity) => identity,
-        Err(e) => {
-            metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error()));
-            return Err(());
+    let (addr, identity) = match destination {
+        Err(e) => return Err(metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error()))),
+        Ok(Destination::Endpoint(identity)) => (target, identity.clone()),
+        Ok(Destination::Service(key)) => {
+            let endpoint = match outbound.planner.service_dest(key, target).await {
+                Ok(dest) => outbound.attempts.endpoint(&dest, &[]),
+                Err(e) => Err(e),
+            };
+            match endpoint {
+                Ok(e) => (e.addr, e.identity),
+                Err(e) => return Err(metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message))),
+            }
         }
     };
     let forwarder = &outbound.attempts.forwarder;
-    identity.as_ref().map(|id| forwarder.mesh_peer(id, tls::ALPN_TCP)).transpose().map_err(|e| {
-        metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message));
-    })
+    let peer = identity.map(|id| forwarder.mesh_peer(&id, tls::ALPN_TCP)).transpose();
+    let peer = peer.map_err(|e| metrics.closed(DIR, e.cause, format_args!("{addr}: {}", e.message)))?;
+    Ok((addr, peer))
 }
 
 async fn forward_tcp(
     outbound: &Outbound,
     io: PrefixedIo<TcpStream>,
     target: SocketAddr,
-    identity: Result<Option<Arc<str>>, NoAnswer>,
+    destination: &Result<Destination, NoAnswer>,
 ) {
-    let Ok(peer) = mesh_peer(outbound, target, &identity) else { return };
+    let Ok((addr, peer)) = tcp_target(outbound, target, destination).await else { return };
     let flow = Flow { dir: DIR, peer_identity: None };
-    tcp::forward(io, target, peer.as_ref(), flow, &outbound.common.metrics, outbound.tcp).await
+    tcp::forward(io, addr, peer.as_ref(), flow, &outbound.common.metrics, outbound.tcp).await
 }

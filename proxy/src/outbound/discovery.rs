@@ -51,17 +51,28 @@ impl Discovery {
         }
     }
 
-    /// Transparent mode: the SPIFFE ID the endpoint at `addr` must prove when the mesh
-    /// knows that address as a meshed endpoint, `None` when it is not meshed.
-    pub async fn identity_at(&self, addr: SocketAddr) -> Result<Option<Arc<str>>, NoAnswer> {
-        let set = match self.resolve(&addr.to_string(), Duration::ZERO).await {
-            Resolved::Service(set) => set,
-            Resolved::NotInMesh => return Ok(None),
-            Resolved::NoAnswer => return Err(NoAnswer(addr.to_string())),
-        };
+    /// Transparent mode: what the address the app dialled is. A service's virtual address
+    /// (a Kubernetes ClusterIP) is that service; any other address is one endpoint, with
+    /// the SPIFFE ID it must prove when the mesh knows it as meshed.
+    pub async fn destination(&self, addr: SocketAddr) -> Result<Destination, NoAnswer> {
+        let key = addr.to_string();
+        let Some(set) = self.watches.get(&key).await else { return Err(NoAnswer(key)) };
+        if set.known && set.service {
+            return Ok(Destination::Service(key));
+        }
         let e = set.endpoints.iter().find(|e| e.address.parse() == Ok(addr));
-        Ok(e.filter(|e| e.meshed).map(|e| Arc::from(e.identity.as_str())))
+        Ok(Destination::Endpoint(e.filter(|e| e.meshed).map(|e| Arc::from(e.identity.as_str()))))
     }
+}
+
+/// What a redirected connection's original destination is.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// A service, by the key discovery knows it by (its `ip:port`): balanced over its
+    /// endpoints with its routes, as its name would be.
+    Service(String),
+    /// One endpoint; the SPIFFE ID it must prove when it is meshed.
+    Endpoint(Option<Arc<str>>),
 }
 
 /// What discovery says of a destination: three states, so that not knowing is never

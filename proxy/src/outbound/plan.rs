@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
-use weft_api::v1::{EndpointSet, Rule};
+use weft_api::v1::{EndpointSet, KeyValue, Rule};
 
 use super::{
     balance,
@@ -86,32 +86,10 @@ impl Planner {
         let port = authority.port_u16().unwrap_or(default_port);
         if let Some(discovery) = &self.discovery {
             let key = format!("{}:{port}", authority.host());
-            let known = match discovery.resolve(&key, self.queue_timeout).await {
-                Resolved::Service(set) => Some(set),
-                Resolved::NotInMesh => None,
+            match discovery.resolve(&key, self.queue_timeout).await {
+                Resolved::Service(set) => return self.routed(discovery, key, set, req).await,
+                Resolved::NotInMesh => {}
                 Resolved::NoAnswer => return Err(NoAnswer(key).error()),
-            };
-            if let Some(set) = known {
-                let routes = match &self.routes {
-                    Some(r) => r.get(&key).await,
-                    None => None,
-                };
-                let rule = routes.and_then(|routes| {
-                    let index = routes::matching(&routes.set, req)?;
-                    Some(RuleRef { routes, index })
-                });
-                let backend = rule.as_ref().and_then(|r| {
-                    routes::pick_backend(r.rule(), fastrand::u64(..)).map(|b| b.authority.clone())
-                });
-                let dest = match backend {
-                    None => Dest::Service(key, set),
-                    Some(b) => match discovery.resolve(&b, self.queue_timeout).await {
-                        Resolved::Service(set) => Dest::Service(b, set),
-                        Resolved::NotInMesh => return Err(balance::no_endpoints(&b, self.queue_timeout)),
-                        Resolved::NoAnswer => return Err(NoAnswer(b).error()),
-                    },
-                };
-                return Ok(Plan { dest, rule });
             }
         }
         let target = self.resolver.resolve(authority.host(), port).await?;
@@ -122,6 +100,65 @@ impl Planner {
             ));
         }
         Ok(Plan::fixed(target, None))
+    }
+
+    /// Transparent mode, to a service's virtual address (`key`, the original destination
+    /// `target`): routed and balanced exactly as the service's name would be. Should the
+    /// address have left the mesh since the connection began, it goes as dialled.
+    pub async fn plan_service(
+        &self,
+        key: &str,
+        target: SocketAddr,
+        req: &Request<Body>,
+    ) -> Result<Plan, CauseError> {
+        let Some(discovery) = &self.discovery else { return Ok(Plan::fixed(target, None)) };
+        match discovery.resolve(key, self.queue_timeout).await {
+            Resolved::Service(set) => self.routed(discovery, key.to_string(), set, req).await,
+            Resolved::NotInMesh => Ok(Plan::fixed(target, None)),
+            Resolved::NoAnswer => Err(NoAnswer(key.to_string()).error()),
+        }
+    }
+
+    /// Transparent-mode TCP to a service's virtual address: its endpoints (or `target`
+    /// itself, should the address have left the mesh).
+    pub async fn service_dest(&self, key: &str, target: SocketAddr) -> Result<Dest, CauseError> {
+        let Some(discovery) = &self.discovery else { return Ok(Plan::fixed(target, None).dest) };
+        match discovery.resolve(key, self.queue_timeout).await {
+            Resolved::Service(set) => Ok(Dest::Service(key.to_string(), set)),
+            Resolved::NotInMesh => Ok(Plan::fixed(target, None).dest),
+            Resolved::NoAnswer => Err(NoAnswer(key.to_string()).error()),
+        }
+    }
+
+    /// A service the mesh knows: the first of its rules the request matches, and that
+    /// rule's backend split.
+    async fn routed(
+        &self,
+        discovery: &Discovery,
+        key: String,
+        set: Arc<EndpointSet>,
+        req: &Request<Body>,
+    ) -> Result<Plan, CauseError> {
+        let routes = match &self.routes {
+            Some(r) => r.get(&key).await,
+            None => None,
+        };
+        let rule = routes.and_then(|routes| {
+            let index = routes::matching(&routes.set, req)?;
+            Some(RuleRef { routes, index })
+        });
+        let backend = rule
+            .as_ref()
+            .and_then(|r| routes::pick_backend(r.rule(), fastrand::u64(..)).map(|b| b.authority.clone()));
+        let dest = match backend {
+            None => Dest::Service(key, set),
+            Some(b) => match discovery.resolve(&b, self.queue_timeout).await {
+                Resolved::Service(set) => Dest::Service(b, set),
+                Resolved::NotInMesh => return Err(balance::no_endpoints(&b, self.queue_timeout)),
+                Resolved::NoAnswer => return Err(NoAnswer(b).error()),
+            },
+        };
+        Ok(Plan { dest, rule })
     }
 
     /// Whether `target` is one of this proxy's listeners, however it is written: an
@@ -143,19 +180,12 @@ impl Planner {
 /// The rule's header changes, then its fault: a delay, or an answer instead of the
 /// service.
 pub async fn apply_rule(rule: &Rule, req: &mut Request<Body>) -> Result<(), CauseError> {
-    for h in &rule.remove_request_headers {
-        req.headers_mut().remove(h.as_str());
-    }
-    for h in &rule.set_request_headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(&h.name), HeaderValue::try_from(&h.value)) {
-            req.headers_mut().insert(name, value);
-        }
-    }
-    for h in &rule.add_request_headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(&h.name), HeaderValue::try_from(&h.value)) {
-            req.headers_mut().append(name, value);
-        }
-    }
+    change_headers(
+        req.headers_mut(),
+        &rule.remove_request_headers,
+        &rule.set_request_headers,
+        &rule.add_request_headers,
+    );
     let Some(fault) = &rule.fault else { return Ok(()) };
     if fault.delay_permille > 0 && fastrand::u32(0..1000) < fault.delay_permille {
         tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
@@ -167,4 +197,31 @@ pub async fn apply_rule(rule: &Rule, req: &mut Request<Body>) -> Result<(), Caus
         return Err(CauseError::new(Cause::FaultInjected, msg).with_status(status));
     }
     Ok(())
+}
+
+/// The rule's response header changes (Gateway API `ResponseHeaderModifier`).
+pub fn apply_to_response<B>(rule: &Rule, rsp: &mut http::Response<B>) {
+    change_headers(
+        rsp.headers_mut(),
+        &rule.remove_response_headers,
+        &rule.set_response_headers,
+        &rule.add_response_headers,
+    );
+}
+
+/// Remove, then set (replace), then add (append), in the Gateway API's order.
+fn change_headers(headers: &mut http::HeaderMap, remove: &[String], set: &[KeyValue], add: &[KeyValue]) {
+    for h in remove {
+        headers.remove(h.as_str());
+    }
+    for h in set {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(&h.name), HeaderValue::try_from(&h.value)) {
+            headers.insert(name, value);
+        }
+    }
+    for h in add {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(&h.name), HeaderValue::try_from(&h.value)) {
+            headers.append(name, value);
+        }
+    }
 }

@@ -3,13 +3,13 @@
 //! request's own authority: discovery, routes), `CONNECT` tunnels, the rule's header
 //! changes and fault, then the attempts.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, time::Instant};
 
 use http::{Method, Request, Response};
 
 use super::{
     attempts::Attempts,
-    discovery::NoAnswer,
+    discovery::{Destination, NoAnswer},
     hop::HopGuard,
     plan::{self, Plan, Planner},
 };
@@ -41,17 +41,19 @@ pub struct Meta {
     /// Where every request goes on a redirected connection; `None`: route each request
     /// by its authority (explicit proxy mode).
     pub target: Option<SocketAddr>,
-    /// The SPIFFE ID that `target` must prove when discovery knows it as meshed; an
-    /// error when discovery has not answered (every request is refused, 503).
-    pub target_identity: Result<Option<Arc<str>>, NoAnswer>,
+    /// What discovery says `target` is (a service's virtual address, or one endpoint and
+    /// the SPIFFE ID it must prove); an error when discovery has not answered (every
+    /// request is refused, 503).
+    pub destination: Result<Destination, NoAnswer>,
 }
 
 impl Outbound {
-    /// Transparent mode: the SPIFFE ID the endpoint at `target` must prove, when discovery
-    /// knows it as meshed (asked by address, as the app dialled it).
-    pub async fn identity_at(&self, target: SocketAddr) -> Result<Option<Arc<str>>, NoAnswer> {
-        let Some(discovery) = self.planner.discovery.as_deref() else { return Ok(None) };
-        discovery.identity_at(target).await
+    /// Transparent mode: what the original destination `target` is (see [`Destination`]).
+    pub async fn destination(&self, target: SocketAddr) -> Result<Destination, NoAnswer> {
+        match self.planner.discovery.as_deref() {
+            Some(discovery) => discovery.destination(target).await,
+            None => Ok(Destination::Endpoint(None)),
+        }
     }
 }
 
@@ -75,9 +77,11 @@ impl Forward for Outbound {
     ) -> Result<Response<Body>, CauseError> {
         headers::check_head_size(&req, self.max_header_bytes)?;
         self.hop.pass(req.headers_mut())?;
-        let plan = match conn.meta.target {
-            Some(t) => Plan::fixed(t, conn.meta.target_identity.clone().map_err(|e| e.error())?),
-            None => self.planner.plan(&req).await?,
+        let plan = match (conn.meta.target, &conn.meta.destination) {
+            (None, _) => self.planner.plan(&req).await?,
+            (Some(_), Err(e)) => return Err(e.error()),
+            (Some(t), Ok(Destination::Service(key))) => self.planner.plan_service(key, t, &req).await?,
+            (Some(t), Ok(Destination::Endpoint(identity))) => Plan::fixed(t, identity.clone()),
         };
         let is_connect = req.method() == Method::CONNECT;
         if is_connect && conn.meta.target.is_none() {
@@ -90,7 +94,10 @@ impl Forward for Outbound {
         let upgrade = upgrade::wanted(&req);
         let client_upgrade = upgrade::prepare(&mut req, upgrade);
         let asked = if upgrade { None } else { deadline::from_headers(req.headers(), Instant::now()) };
-        let rsp = self.attempts.run(req, &plan, upgrade, asked, ex).await?;
+        let mut rsp = self.attempts.run(req, &plan, upgrade, asked, ex).await?;
+        if let Some(rule) = &plan.rule {
+            plan::apply_to_response(rule.rule(), &mut rsp);
+        }
         let flow = Flow { dir: self.common.dir, peer_identity: ex.peer_identity.clone() };
         Ok(upgrade::finish(rsp, client_upgrade, is_connect, self.tcp.idle, flow, &self.common.metrics))
     }
