@@ -19,27 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the control plane: CA, discovery and policy for the proxies, from a mesh file.
-    Control {
-        /// The mesh file (YAML), re-read when it changes.
-        #[arg(long)]
-        mesh: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        grpc_addr: std::net::SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:9990")]
-        admin_addr: std::net::SocketAddr,
-        /// CA certificate (PEM). Without --ca-cert/--ca-key a throwaway root is generated.
-        #[arg(long)]
-        ca_cert: Option<PathBuf>,
-        #[arg(long)]
-        ca_key: Option<PathBuf>,
-        /// Further roots to trust during a root rotation (PEM bundle).
-        #[arg(long)]
-        extra_roots: Option<PathBuf>,
-        /// Lifetime of workload certificates, in seconds.
-        #[arg(long, default_value_t = 86400)]
-        cert_ttl_secs: u64,
-    },
+    /// Run the control plane: CA, discovery and policy for the proxies, from a mesh file
+    /// or from the Kubernetes API.
+    Control(Box<ControlArgs>),
     /// Run a whole mesh on this machine: the control plane, a sidecar per workload and the
     /// workloads' commands, from a mesh file (default: the built-in demo, examples/demo.yaml).
     Up {
@@ -75,6 +57,55 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Where the mesh's world comes from: `file` (--mesh) or `kubernetes` (the API the
+    /// pod's service account or KUBECONFIG reaches).
+    #[arg(long, value_enum, default_value = "file")]
+    source: SourceKind,
+    /// The mesh file (YAML), re-read when it changes; with --source file.
+    #[arg(long, required_if_eq("source", "file"))]
+    mesh: Option<PathBuf>,
+    /// Kubernetes: the trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Kubernetes: the control plane's namespace, where --ca-secret lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft")]
+    namespace: String,
+    /// Kubernetes: the Secret with the root certificate and key (tls.crt, tls.key) and
+    /// optionally the trust bundle (ca.crt).
+    #[arg(long, default_value = "weft-identity")]
+    ca_secret: String,
+    /// Kubernetes: a ConfigMap whose ca-bundle.crt is the trust bundle (instead of the
+    /// Secret's ca.crt).
+    #[arg(long)]
+    trust_bundle_configmap: Option<String>,
+    /// Kubernetes: the audience the proxies' ServiceAccount tokens are issued for.
+    #[arg(long, default_value = "weft")]
+    token_audience: String,
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    grpc_addr: std::net::SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9990")]
+    admin_addr: std::net::SocketAddr,
+    /// CA certificate (PEM). Without --ca-cert/--ca-key a throwaway root is generated.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Further roots to trust during a root rotation (PEM bundle).
+    #[arg(long)]
+    extra_roots: Option<PathBuf>,
+    /// Lifetime of workload certificates, in seconds.
+    #[arg(long, default_value_t = 86400)]
+    cert_ttl_secs: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SourceKind {
+    File,
+    Kubernetes,
+}
+
 #[derive(Subcommand)]
 enum ExampleApp {
     /// Answer every request with `<workload>: <message>`.
@@ -105,7 +136,22 @@ enum ExampleApp {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Control { mesh, grpc_addr, admin_addr, ca_cert, ca_key, extra_roots, cert_ttl_secs } => {
+        Cmd::Control(args) => {
+            let ControlArgs {
+                source,
+                mesh,
+                trust_domain,
+                namespace,
+                ca_secret,
+                trust_bundle_configmap,
+                token_audience,
+                grpc_addr,
+                admin_addr,
+                ca_cert,
+                ca_key,
+                extra_roots,
+                cert_ttl_secs,
+            } = *args;
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env(weft_api::env::LOG)
@@ -114,8 +160,21 @@ async fn main() -> anyhow::Result<()> {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
+            let from = match (source, mesh) {
+                (SourceKind::File, Some(mesh)) => weft_control::server::From::File(mesh),
+                (SourceKind::File, None) => anyhow::bail!("--source file needs --mesh FILE"),
+                (SourceKind::Kubernetes, _) => {
+                    weft_control::server::From::Kubernetes(weft_control::server::KubernetesOptions {
+                        trust_domain,
+                        namespace,
+                        ca_secret,
+                        trust_bundle_config_map: trust_bundle_configmap,
+                        token_audience,
+                    })
+                }
+            };
             let opts = weft_control::server::Options {
-                mesh,
+                from,
                 grpc_addr,
                 admin_addr,
                 ca_cert,

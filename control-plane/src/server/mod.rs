@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod fuzzing;
 pub mod identity;
+pub mod kubernetes;
 pub mod mesh;
 pub mod routes;
 pub mod source;
@@ -41,8 +42,26 @@ use self::{
     watch::{DiscoveryService, PolicyService},
 };
 
+/// Where the mesh's world comes from.
+pub enum From {
+    /// A mesh file, re-read when it changes.
+    File(PathBuf),
+    /// The Kubernetes API (see [`kubernetes`]).
+    Kubernetes(KubernetesOptions),
+}
+
+pub struct KubernetesOptions {
+    pub trust_domain: String,
+    /// The control plane's own namespace: where the CA's Secret is.
+    pub namespace: String,
+    pub ca_secret: String,
+    pub trust_bundle_config_map: Option<String>,
+    /// The audience the proxies' ServiceAccount tokens must be issued for.
+    pub token_audience: String,
+}
+
 pub struct Options {
-    pub mesh: PathBuf,
+    pub from: From,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub ca_cert: Option<PathBuf>,
@@ -53,7 +72,58 @@ pub struct Options {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let (source, state) = FileSource::load(opts.mesh.clone())?;
+    let grpc = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-addr {}", opts.grpc_addr))?;
+    let admin = tokio::net::TcpListener::bind(opts.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on --admin-addr {}", opts.admin_addr))?;
+    // The addresses bound (they differ from the options for port 0), for whoever started us.
+    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
+    let mut registry = Registry::with_prefix("weft_control");
+    let ready = Arc::new(AtomicBool::new(false));
+    let loaded = match &opts.from {
+        From::File(path) => load_file(path, &opts, &mut registry)?,
+        From::Kubernetes(k) => {
+            let stats = Arc::new(kubernetes::Stats::default());
+            stats.register(&mut registry);
+            let (tx, state) = tokio::sync::watch::channel(Arc::new(mesh::Mesh::default()));
+            // Live (and not ready) while the initial lists load.
+            let admin_state = AdminState { ready: ready.clone(), state, stats: Some(stats.clone()) };
+            tokio::spawn(serve_admin(admin, admin_state, registry));
+            let loaded = load_kubernetes(k, &opts, stats).await?;
+            // The admin port follows the state the watches publish.
+            let mut published = loaded.state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = tx.send(published.borrow_and_update().clone());
+                    if published.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+            serve(grpc, loaded, ready, &opts).await?;
+            return Ok(());
+        }
+    };
+    tokio::spawn(serve_admin(
+        admin,
+        AdminState { ready: ready.clone(), state: loaded.state.clone(), stats: None },
+        registry,
+    ));
+    serve(grpc, loaded, ready, &opts).await
+}
+
+/// What the gRPC services are made from.
+struct Loaded {
+    state: State,
+    ca: Ca,
+    auth: Arc<dyn Authenticator>,
+}
+
+fn load_file(path: &std::path::Path, opts: &Options, registry: &mut Registry) -> anyhow::Result<Loaded> {
+    let (source, state) = FileSource::load(path.to_path_buf())?;
     let source: Box<dyn Source> = Box::new(source);
     let trust_domain = state.borrow().trust_domain.clone();
     let ca = match (&opts.ca_cert, &opts.ca_key) {
@@ -74,21 +144,50 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ => anyhow::bail!("give both --ca-cert and --ca-key, or neither to generate a local root"),
     };
     let valid = source.valid();
+    let file_valid: Gauge = Gauge::default();
+    registry.register(
+        "mesh_file_valid",
+        "1 when the mesh file on disk is the state being served",
+        FileValid { valid, gauge: file_valid },
+    );
     tokio::spawn(source.run());
+    Ok(Loaded { auth: Arc::new(MeshTokens(state.clone())), state, ca })
+}
 
-    let grpc = tokio::net::TcpListener::bind(opts.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on --grpc-addr {}", opts.grpc_addr))?;
-    let admin = tokio::net::TcpListener::bind(opts.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on --admin-addr {}", opts.admin_addr))?;
-    // The addresses bound (they differ from the options for port 0), for whoever started us.
-    let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
-    let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(serve_admin(admin, AdminState { ready: ready.clone(), valid, state: state.clone() }));
+async fn load_kubernetes(
+    k: &KubernetesOptions,
+    opts: &Options,
+    stats: Arc<kubernetes::Stats>,
+) -> anyhow::Result<Loaded> {
+    if opts.ca_cert.is_some() || opts.ca_key.is_some() {
+        anyhow::bail!(
+            "--ca-cert/--ca-key are for the mesh file; with Kubernetes the root comes from --ca-secret"
+        );
+    }
+    let client = kubernetes::client().await?;
+    kubernetes::tokens::check_permission(&client).await?;
+    let from = kubernetes::ca::Source {
+        namespace: &k.namespace,
+        secret: &k.ca_secret,
+        bundle_config_map: k.trust_bundle_config_map.as_deref(),
+    };
+    let ca = kubernetes::ca::load(&client, &k.trust_domain, from).await?;
+    let kopts =
+        kubernetes::Options { trust_domain: k.trust_domain.clone(), settle: Duration::from_millis(20) };
+    let state = kubernetes::start(client.clone(), kopts, stats).await?;
+    let auth =
+        kubernetes::tokens::TokenReviews::new(client, k.token_audience.clone(), k.trust_domain.clone());
+    Ok(Loaded { state, ca, auth: Arc::new(auth) })
+}
 
-    let auth: Arc<dyn Authenticator> = Arc::new(MeshTokens(state.clone()));
+async fn serve(
+    grpc: tokio::net::TcpListener,
+    loaded: Loaded,
+    ready: Arc<AtomicBool>,
+    opts: &Options,
+) -> anyhow::Result<()> {
+    let Loaded { state, ca, auth } = loaded;
+    let grpc_addr = grpc.local_addr()?;
     let identity = IdentityService { ca: Arc::new(ca), tokens: auth.clone(), ttl: opts.cert_ttl };
     let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
@@ -96,10 +195,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .add_service(PolicyServer::new(PolicyService { state, auth }))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown());
     ready.store(true, Ordering::Release);
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, mesh = %opts.mesh.display(), "weft control ready");
+    let source = match &opts.from {
+        From::File(p) => p.display().to_string(),
+        From::Kubernetes(_) => "kubernetes".to_string(),
+    };
+    tracing::info!(grpc = %grpc_addr, source, "weft control ready");
     server.await?;
     tracing::info!("weft control stopped");
     Ok(())
+}
+
+/// `mesh_file_valid`, read from the source's flag at each scrape.
+#[derive(Debug)]
+struct FileValid {
+    valid: Arc<AtomicBool>,
+    gauge: Gauge,
+}
+
+impl prometheus_client::encoding::EncodeMetric for FileValid {
+    fn encode(&self, encoder: prometheus_client::encoding::MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.gauge.set(i64::from(self.valid.load(Ordering::Relaxed)));
+        self.gauge.encode(encoder)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Gauge
+    }
 }
 
 async fn shutdown() {
@@ -117,19 +238,12 @@ async fn shutdown() {
 #[derive(Clone)]
 struct AdminState {
     ready: Arc<AtomicBool>,
-    /// Whether the source's latest input was accepted.
-    valid: Arc<AtomicBool>,
     state: State,
+    /// The Kubernetes watches' figures, refreshed at each scrape.
+    stats: Option<Arc<kubernetes::Stats>>,
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState) {
-    let mut registry = Registry::with_prefix("weft_control");
-    let file_valid: Gauge = Gauge::default();
-    registry.register(
-        "mesh_file_valid",
-        "1 when the mesh file on disk is the state being served",
-        file_valid.clone(),
-    );
+async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut registry: Registry) {
     let generation: Gauge = Gauge::default();
     registry.register(
         "mesh_generation",
@@ -139,8 +253,8 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState) {
     let registry = Arc::new(registry);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let AdminState { ready, valid, state } = admin.clone();
-        let (registry, file_valid, generation) = (registry.clone(), file_valid.clone(), generation.clone());
+        let AdminState { ready, state, stats } = admin.clone();
+        let (registry, generation) = (registry.clone(), generation.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let (status, body) = match req.uri().path() {
@@ -148,8 +262,10 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState) {
                     "/ready" if ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".to_string()),
                     "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
                     "/metrics" => {
-                        file_valid.set(i64::from(valid.load(Ordering::Relaxed)));
                         generation.set(i64::try_from(state.borrow().generation).unwrap_or(i64::MAX));
+                        if let Some(stats) = &stats {
+                            stats.refresh();
+                        }
                         let mut text = String::new();
                         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
                         (StatusCode::OK, text)

@@ -1,0 +1,698 @@
+//! The Kubernetes objects the control plane watches → the [`Mesh`] every answer is made
+//! from. Plain code, no API calls: the source hands it what its reflectors hold, tests
+//! hand it objects.
+//!
+//! - A Service becomes one mesh service per TCP port, answering to its DNS names and to
+//!   `ClusterIP:port` (every ClusterIP, for dual-stack); headless and ExternalName
+//!   Services have no virtual address.
+//! - Its endpoints come from its EndpointSlices (by the `kubernetes.io/service-name`
+//!   label, ports matched by name): `ready` ones get traffic; when none is ready,
+//!   `serving` ones that are terminating do (what kube-proxy does), so a rollout's last
+//!   endpoints are not dropped; the rest get none.
+//! - A pod is meshed when it runs the `weft-proxy` container; its identity is
+//!   `spiffe://<trust domain>/ns/<ns>/sa/<service account>`.
+//! - HTTPRoutes and GRPCRoutes attached to Services, InboundPolicies and TrafficPolicies
+//!   become the mesh's routes and policies; an object Weft cannot honour is left out
+//!   whole and reported as a [`Problem`] naming it and the field.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use weft_api::duration::Setting;
+
+use super::{
+    gateway::{self, Problem},
+    resources::{self, GRPCRoute, HTTPRoute, InboundPolicy, TrafficPolicy},
+};
+use crate::server::{mesh, routes};
+
+/// The name of the proxy container that marks a pod as meshed.
+pub const PROXY_CONTAINER: &str = "weft-proxy";
+
+/// Everything the index is built from.
+#[derive(Default)]
+pub struct Objects {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub http_routes: Vec<Arc<HTTPRoute>>,
+    pub grpc_routes: Vec<Arc<GRPCRoute>>,
+    pub inbound_policies: Vec<Arc<InboundPolicy>>,
+    pub traffic_policies: Vec<Arc<TrafficPolicy>>,
+}
+
+/// The mesh the objects describe, and what had to be left out.
+pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let pods = pods(trust_domain, &objects.pods);
+    let by_name: HashMap<(&str, &str), &mesh::Pod> =
+        pods.values().map(|p| ((p.namespace.as_str(), p.name.as_str()), p)).collect();
+    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &objects.slices {
+        let service = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name"));
+        if let (Some(service), Some(ns)) = (service, &s.metadata.namespace) {
+            slices.entry((ns.clone(), service.clone())).or_default().push(s);
+        }
+    }
+    let traffic = traffic_policies(&objects.traffic_policies, &mut problems);
+    let mut services = Vec::new();
+    for svc in &objects.services {
+        let (Some(name), Some(ns)) = (&svc.metadata.name, &svc.metadata.namespace) else { continue };
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .fold(Vec::new(), |mut v, ip| {
+                if !v.contains(&ip) {
+                    v.push(ip);
+                }
+                v
+            });
+        let own_slices = slices.get(&(ns.clone(), name.clone())).map(Vec::as_slice).unwrap_or_default();
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else { continue };
+            let mut service = mesh::Service {
+                name: name.clone(),
+                namespace: ns.clone(),
+                port: number,
+                aliases: ips.iter().map(|ip| SocketAddr::new(*ip, number).to_string()).collect(),
+                endpoints: endpoints(own_slices, port.name.as_deref().unwrap_or(""), &by_name),
+                balancer: mesh::Balancer::default(),
+                outlier_detection: mesh::OutlierDetection::default(),
+                max_concurrent_requests: None,
+            };
+            if let Some(t) = traffic.get(&(ns.clone(), name.clone())).and_then(|t| t.for_port(number)) {
+                t.apply(&mut service);
+            }
+            services.push(service);
+        }
+    }
+    let ports = |ns: &str, name: &str| -> Vec<u16> {
+        services.iter().filter(|s| s.namespace == ns && s.name == name).map(|s| s.port).collect()
+    };
+    let mut all_routes = Vec::new();
+    let mut ordered: Vec<(
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        Result<Vec<routes::Route>, Problem>,
+    )> = Vec::new();
+    for r in &objects.http_routes {
+        ordered.push((&r.metadata, gateway::http_route(r, &ports)));
+    }
+    for r in &objects.grpc_routes {
+        ordered.push((&r.metadata, gateway::grpc_route(r, &ports)));
+    }
+    // The Gateway API's tie-break between routes: the oldest first, then by name.
+    ordered.sort_by(|(a, _), (b, _)| {
+        (a.creation_timestamp.as_ref().map(|t| t.0), &a.namespace, &a.name).cmp(&(
+            b.creation_timestamp.as_ref().map(|t| t.0),
+            &b.namespace,
+            &b.name,
+        ))
+    });
+    for (_, converted) in ordered {
+        match converted {
+            Ok(routes) => all_routes.extend(routes),
+            Err(p) => problems.push(p),
+        }
+    }
+    add_faults(&traffic, &services, &mut all_routes);
+    let policies = inbound_policies(trust_domain, &objects.inbound_policies, &mut problems);
+    let mut m = mesh::Mesh::default();
+    (m.trust_domain, m.services, m.routes, m.policies, m.pods) =
+        (trust_domain.to_string(), services, all_routes, policies, pods);
+    // Rules that do not convert (a bad header name, say) fail the whole route.
+    let keep: Vec<bool> = m
+        .routes
+        .iter()
+        .map(|r| {
+            let services =
+                |name: &str| m.services.iter().find(|s| s.authority() == name).map(mesh::Service::authority);
+            let check = routes::Route { consumer_namespace: None, ..r.clone() };
+            match routes::validate(std::slice::from_ref(&check), &services) {
+                Ok(()) => true,
+                Err(e) => {
+                    problems.push(format!("route {}: {}", r.name, e.msg));
+                    false
+                }
+            }
+        })
+        .collect();
+    let mut keep = keep.into_iter();
+    m.routes.retain(|_| keep.next().unwrap_or(false));
+    problems.sort();
+    problems.dedup();
+    (m.index(), problems)
+}
+
+fn pods(trust_domain: &str, pods: &[Arc<Pod>]) -> BTreeMap<IpAddr, mesh::Pod> {
+    let mut out = BTreeMap::new();
+    for pod in pods {
+        let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else { continue };
+        if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+        {
+            continue;
+        }
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let meshed = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == PROXY_CONTAINER);
+        let sa = spec.service_account_name.as_deref().unwrap_or("default");
+        let p = mesh::Pod {
+            namespace: ns.clone(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            identity: meshed.then(|| format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}")),
+        };
+        let ips = status.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(status.pod_ip.as_deref());
+        for ip in ips.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+            out.insert(ip, p.clone());
+        }
+    }
+    out
+}
+
+/// The endpoints of a Service port (`port_name`, "" when unnamed) over its slices.
+fn endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    pods: &HashMap<(&str, &str), &mesh::Pod>,
+) -> Vec<mesh::Endpoint> {
+    let (mut ready, mut serving) = (Vec::new(), Vec::new());
+    for slice in slices {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        let port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let Some(port) = port else { continue };
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("");
+        for e in &slice.endpoints {
+            let c = e.conditions.clone().unwrap_or_default();
+            // Unset `ready` means ready (the API's own rule); `serving` defaults to it.
+            let is_ready = c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false);
+            let is_serving = c.serving.unwrap_or(is_ready);
+            let pod = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                pods.get(&(r.namespace.as_deref().unwrap_or(ns), r.name.as_deref().unwrap_or("")))
+            });
+            for ip in e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let endpoint = mesh::Endpoint {
+                    address: SocketAddr::new(ip, port),
+                    workload: None,
+                    weight: 1,
+                    labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                    identity: pod.and_then(|p| p.identity.clone()),
+                    zone: e.zone.clone(),
+                };
+                if is_ready {
+                    ready.push(endpoint);
+                } else if is_serving {
+                    serving.push(endpoint);
+                }
+            }
+        }
+    }
+    let mut chosen = if ready.is_empty() { serving } else { ready };
+    chosen.sort_by_key(|e| e.address);
+    chosen.dedup_by_key(|e| e.address);
+    chosen
+}
+
+fn inbound_policies(
+    trust_domain: &str,
+    policies: &[Arc<InboundPolicy>],
+    problems: &mut Vec<Problem>,
+) -> Vec<mesh::InboundPolicy> {
+    let mut out = Vec::new();
+    let mut sorted: Vec<_> = policies.iter().collect();
+    sorted.sort_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.metadata.name.clone()));
+    for p in sorted {
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let at = |field: &str, msg: String| format!("InboundPolicy {ns}/{name}: {field}: {msg}");
+        let allow = match &p.spec.allow {
+            None => None,
+            Some(a) => {
+                let mut ids = Vec::new();
+                for sa in &a.service_accounts {
+                    let sns = sa.namespace.as_deref().unwrap_or(&ns);
+                    ids.push(format!("spiffe://{trust_domain}/ns/{sns}/sa/{}", sa.name));
+                }
+                ids.extend(a.namespaces.iter().map(|n| format!("spiffe://{trust_domain}/ns/{n}/sa/*")));
+                for id in &a.identities {
+                    if let Err(e) = id.parse::<crate::server::ca::SpiffeId>() {
+                        problems.push(at("spec.allow.identities", e.to_string()));
+                        continue;
+                    }
+                    ids.push(id.clone());
+                }
+                Some(ids)
+            }
+        };
+        if p.spec.port == 0 {
+            problems.push(at("spec.port", "must be 1-65535".into()));
+            continue;
+        }
+        let rate_limit = p.spec.rate_limit.as_ref().map(|r| mesh::RateLimit {
+            requests_per_second: r.requests_per_second.max(1),
+            burst: r.burst,
+            per_identity: r.per_identity,
+        });
+        out.push(mesh::InboundPolicy {
+            workload: String::new(),
+            port: p.spec.port,
+            mode: match p.spec.mode {
+                resources::Mode::Strict => mesh::Mode::Strict,
+                resources::Mode::Permissive => mesh::Mode::Permissive,
+            },
+            allow,
+            rate_limit,
+            pods: Some(mesh::PodSelector {
+                namespace: ns.clone(),
+                labels: p.spec.pod_selector.match_labels.clone(),
+            }),
+        });
+    }
+    out
+}
+
+/// A TrafficPolicy's settings, checked.
+struct Traffic {
+    port: Option<u16>,
+    balancer: Option<mesh::Balancer>,
+    outlier: Option<mesh::OutlierDetection>,
+    max_concurrent_requests: Option<u32>,
+    fault: Option<routes::Fault>,
+}
+
+impl Traffic {
+    fn for_port(&self, port: u16) -> Option<&Traffic> {
+        self.port.is_none_or(|p| p == port).then_some(self)
+    }
+
+    fn apply(&self, s: &mut mesh::Service) {
+        if let Some(b) = self.balancer {
+            s.balancer = b;
+        }
+        if let Some(o) = &self.outlier {
+            s.outlier_detection = o.clone();
+        }
+        s.max_concurrent_requests = self.max_concurrent_requests.or(s.max_concurrent_requests);
+    }
+}
+
+fn traffic_policies(
+    policies: &[Arc<TrafficPolicy>],
+    problems: &mut Vec<Problem>,
+) -> HashMap<(String, String), Traffic> {
+    let mut out = HashMap::new();
+    let mut sorted: Vec<_> = policies.iter().collect();
+    sorted.sort_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.metadata.name.clone()));
+    for p in sorted {
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let at = |field: &str, msg: String| format!("TrafficPolicy {ns}/{name}: {field}: {msg}");
+        let duration = |field: &str, d: &Option<String>, default: Duration| -> Result<Setting, Problem> {
+            match d {
+                None => Ok(Setting(default)),
+                Some(d) => weft_api::duration::parse(d).map(Setting).map_err(|e| at(field, e.to_string())),
+            }
+        };
+        let spec = &p.spec;
+        let outlier = match &spec.outlier_detection {
+            None => None,
+            Some(o) => {
+                let base = mesh::OutlierDetection::default();
+                let ejection =
+                    duration("spec.outlierDetection.ejectionTime", &o.ejection_time, base.ejection_time.0);
+                let max = duration(
+                    "spec.outlierDetection.maxEjectionTime",
+                    &o.max_ejection_time,
+                    base.max_ejection_time.0,
+                );
+                match (ejection, max) {
+                    (Ok(ejection_time), Ok(max_ejection_time)) => Some(mesh::OutlierDetection {
+                        consecutive_failures: o.consecutive_failures.unwrap_or(base.consecutive_failures),
+                        ejection_time,
+                        max_ejection_time,
+                    }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        problems.push(e);
+                        continue;
+                    }
+                }
+            }
+        };
+        let fault = match &spec.fault {
+            None => None,
+            Some(f) => {
+                let delay = match &f.delay {
+                    None => None,
+                    Some(d) => {
+                        match duration("spec.fault.delay.duration", &Some(d.duration.clone()), Duration::ZERO)
+                        {
+                            Ok(duration) => Some(routes::FaultDelay { percent: d.percent, duration }),
+                            Err(e) => {
+                                problems.push(e);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let abort =
+                    f.abort.as_ref().map(|a| routes::FaultAbort { percent: a.percent, status: a.status });
+                Some(routes::Fault { delay, abort })
+            }
+        };
+        let key = (ns.clone(), spec.target_ref.name.clone());
+        if out.contains_key(&key) {
+            problems.push(at("spec.targetRef", "an older TrafficPolicy already targets this Service".into()));
+            continue;
+        }
+        out.insert(
+            key,
+            Traffic {
+                port: spec.target_ref.port,
+                balancer: spec.balancer.map(|b| match b {
+                    resources::Balancer::PeakEwma => mesh::Balancer::PeakEwma,
+                    resources::Balancer::RoundRobin => mesh::Balancer::RoundRobin,
+                }),
+                outlier,
+                max_concurrent_requests: spec.max_concurrent_requests,
+                fault,
+            },
+        );
+    }
+    out
+}
+
+/// A TrafficPolicy's fault applies to every request to its Service: added to each rule
+/// of the Service's routes that has none, and as a last rule that matches everything.
+fn add_faults(
+    traffic: &HashMap<(String, String), Traffic>,
+    services: &[mesh::Service],
+    routes: &mut Vec<routes::Route>,
+) {
+    for s in services {
+        let policy = traffic.get(&(s.namespace.clone(), s.name.clone())).and_then(|t| t.for_port(s.port));
+        let Some(fault) = policy.and_then(|t| t.fault.clone()) else { continue };
+        for r in routes.iter_mut().filter(|r| r.service == s.authority()) {
+            for rule in r.rules.iter_mut().filter(|rule| rule.fault.is_none()) {
+                rule.fault = Some(fault.clone());
+            }
+        }
+        routes.push(routes::Route {
+            name: format!("{}/{}-fault", s.namespace, s.name),
+            service: s.authority(),
+            rules: vec![routes::Rule { fault: Some(fault), ..routes::Rule::default() }],
+            consumer_namespace: None,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::server::{identity::Caller, watch};
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn pod(name: &str, ip: &str, sa: &str, meshed: bool, labels: serde_json::Value) -> Arc<Pod> {
+        let mut containers = vec![json!({"name": "app"})];
+        if meshed {
+            containers.push(json!({"name": PROXY_CONTAINER}));
+        }
+        obj(json!({
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {"serviceAccountName": sa, "containers": containers},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+    }
+
+    fn endpoint(ip: &str, pod: &str, ready: bool, serving: bool, terminating: bool) -> serde_json::Value {
+        json!({
+            "addresses": [ip],
+            "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+            "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"},
+            "zone": "zone-a"
+        })
+    }
+
+    /// words: two ports, dual-stack, four endpoints in two slices of which two are ready.
+    fn cluster() -> Objects {
+        let service = obj(json!({
+            "metadata": {"name": "words", "namespace": "default"},
+            "spec": {
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                "ports": [{"name": "http", "port": 8080, "targetPort": 8081}, {"name": "grpc", "port": 9090}]
+            }
+        }));
+        let v4 = obj(json!({
+            "metadata": {"name": "words-v4", "namespace": "default", "labels": {"kubernetes.io/service-name": "words"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8081}, {"name": "grpc", "port": 9091}],
+            "endpoints": [
+                endpoint("10.0.0.1", "a", true, true, false),
+                endpoint("10.0.0.2", "b", false, false, false),
+                endpoint("10.0.0.3", "c", false, true, true),
+            ]
+        }));
+        let v4b = obj(json!({
+            "metadata": {"name": "words-v4b", "namespace": "default", "labels": {"kubernetes.io/service-name": "words"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8081}],
+            "endpoints": [endpoint("10.0.0.4", "d", true, true, false)]
+        }));
+        Objects {
+            services: vec![service],
+            slices: vec![v4, v4b],
+            pods: vec![
+                pod("a", "10.0.0.1", "words", true, json!({"app": "words"})),
+                pod("b", "10.0.0.2", "words", true, json!({"app": "words"})),
+                pod("c", "10.0.0.3", "words", true, json!({"app": "words"})),
+                pod("d", "10.0.0.4", "words", false, json!({"app": "words"})),
+                pod("web", "10.0.0.9", "web", true, json!({"app": "web"})),
+            ],
+            ..Objects::default()
+        }
+    }
+
+    fn addresses(set: &weft_api::v1::EndpointSet) -> Vec<&str> {
+        set.endpoints.iter().map(|e| e.address.as_str()).collect()
+    }
+
+    #[test]
+    fn services_answer_by_name_cluster_ip_and_pod_ip_with_ready_endpoints() {
+        let (mesh, problems) = build("cluster.local", &cluster());
+        assert!(problems.is_empty(), "{problems:?}");
+        for authority in [
+            "words.default.svc.cluster.local:8080",
+            "words.default:8080",
+            "10.96.0.10:8080",
+            "[fd00::10]:8080",
+        ] {
+            let set = watch::endpoint_set(&mesh, authority, "other");
+            assert!(set.known && set.service, "{authority}");
+            // Ports by name: the slice's http port; only ready endpoints.
+            assert_eq!(addresses(&set), ["10.0.0.1:8081", "10.0.0.4:8081"], "{authority}");
+        }
+        let set = watch::endpoint_set(&mesh, "words.default:8080", "default");
+        let a = &set.endpoints[0];
+        assert!(a.meshed && a.identity == "spiffe://cluster.local/ns/default/sa/words" && a.zone == "zone-a");
+        assert!(!set.endpoints[1].meshed && set.endpoints[1].identity.is_empty());
+        // `name:port` from the client's own namespace only.
+        assert!(watch::endpoint_set(&mesh, "words:8080", "default").known);
+        assert!(!watch::endpoint_set(&mesh, "words:8080", "other").known);
+        // The grpc port is only in the first slice.
+        assert_eq!(addresses(&watch::endpoint_set(&mesh, "10.96.0.10:9090", "default")), ["10.0.0.1:9091"]);
+        // A pod's own address: that pod, not a service.
+        let set = watch::endpoint_set(&mesh, "10.0.0.9:80", "default");
+        assert!(set.known && !set.service && set.endpoints[0].meshed, "{set:?}");
+        assert_eq!(set.endpoints[0].identity, "spiffe://cluster.local/ns/default/sa/web");
+        assert!(!watch::endpoint_set(&mesh, "10.1.2.3:80", "default").known);
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let mut objects = cluster();
+        objects.slices.truncate(1);
+        let (mut mesh, _) = build("cluster.local", &objects);
+        assert_eq!(addresses(&watch::endpoint_set(&mesh, "10.96.0.10:8080", "default")), ["10.0.0.1:8081"]);
+        let v4: serde_json::Value = serde_json::to_value(&*objects.slices[0]).unwrap();
+        let mut v4 = v4;
+        v4["endpoints"][0]["conditions"] = json!({"ready": false, "serving": true, "terminating": true});
+        objects.slices = vec![obj(v4)];
+        (mesh, _) = build("cluster.local", &objects);
+        let set = watch::endpoint_set(&mesh, "10.96.0.10:8080", "default");
+        assert_eq!(addresses(&set), ["10.0.0.1:8081", "10.0.0.3:8081"]);
+    }
+
+    fn http_route(ns: &str, name: &str, spec: serde_json::Value) -> Arc<HTTPRoute> {
+        obj(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}))
+    }
+
+    fn with_versions(mut objects: Objects) -> Objects {
+        for v in ["words-v1", "words-v2"] {
+            objects.services.push(obj(json!({
+                "metadata": {"name": v, "namespace": "default"},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 8080}]}
+            })));
+        }
+        objects
+    }
+
+    #[test]
+    fn http_routes_become_rules_and_bad_ones_are_left_out_whole() {
+        let mut objects = with_versions(cluster());
+        let parent = json!([{"group": "", "kind": "Service", "name": "words", "port": 8080}]);
+        objects.http_routes = vec![
+            http_route(
+                "default",
+                "split",
+                json!({
+                    "parentRefs": parent,
+                    "rules": [{
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "X-Canary", "value": "1"}]}],
+                        "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"set": [{"name": "x-route", "value": "split"}]}}],
+                        "backendRefs": [{"name": "words-v1", "port": 8080, "weight": 90}, {"name": "words-v2", "port": 8080, "weight": 10}],
+                        "timeouts": {"request": "2s"},
+                        "retry": {"codes": [503], "attempts": 2, "backoff": "100ms"}
+                    }]
+                }),
+            ),
+            http_route(
+                "default",
+                "regex",
+                json!({
+                    "parentRefs": parent,
+                    "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/x.*"}}]}]
+                }),
+            ),
+            // A consumer route: the `shop` namespace's clients only.
+            http_route(
+                "shop",
+                "mine",
+                json!({
+                    "parentRefs": [{"kind": "Service", "name": "words", "namespace": "default", "port": 8080}],
+                    "rules": [{"backendRefs": [{"name": "words-v2", "namespace": "default", "port": 8080}]}]
+                }),
+            ),
+        ];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("HTTPRoute default/regex")
+                && problems[0].contains("spec.rules[0].matches[0].path.type"),
+            "{problems:?}"
+        );
+        let set = mesh.route_set("10.96.0.10:8080", "default");
+        assert_eq!(set.rules.len(), 1, "{set:?}");
+        let rule = &set.rules[0];
+        assert_eq!(rule.name, "default/split/0");
+        assert_eq!(rule.matches[0].path_prefix, "/api");
+        assert_eq!(rule.matches[0].headers[0].name, "x-canary");
+        let weights: Vec<_> = rule.backends.iter().map(|b| (b.authority.as_str(), b.weight)).collect();
+        assert_eq!(weights, [("words-v1.default:8080", 90), ("words-v2.default:8080", 10)]);
+        assert_eq!(rule.set_response_headers[0].value, "split");
+        assert_eq!(rule.timeout_ms, 2000);
+        let retry = rule.retry.as_ref().unwrap();
+        assert_eq!((retry.attempts, retry.statuses.as_slice(), retry.backoff_ms), (3, &[503u32][..], 100));
+        let theirs = mesh.route_set("words.default:8080", "shop");
+        assert_eq!(theirs.rules.len(), 1);
+        assert_eq!(theirs.rules[0].backends[0].authority, "words-v2.default:8080");
+        // The split's backends are services too, answered by name.
+        assert!(watch::endpoint_set(&mesh, "words-v1.default:8080", "default").known);
+    }
+
+    #[test]
+    fn inbound_policies_select_pods_and_name_clients() {
+        let mut objects = cluster();
+        objects.inbound_policies = vec![obj(json!({
+            "apiVersion": "policy.weft.dev/v1alpha1", "kind": "InboundPolicy",
+            "metadata": {"name": "words-strict", "namespace": "default"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "words"}},
+                "port": 8081,
+                "mode": "strict",
+                "allow": {"serviceAccounts": [{"name": "web"}], "namespaces": ["ops"]},
+                "rateLimit": {"requestsPerSecond": 100, "perIdentity": 10}
+            }
+        }))];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let caller = |pod: &str| Caller {
+            identity: "spiffe://cluster.local/ns/default/sa/words".parse().unwrap(),
+            namespace: "default".into(),
+            workload: pod.into(),
+        };
+        let p = watch::inbound_policy(&mesh, &caller("a"), 8081);
+        assert_eq!(p.mode, weft_api::v1::Mode::Strict as i32);
+        assert!(!p.allow_all_meshed);
+        assert_eq!(
+            p.allowed_identities,
+            ["spiffe://cluster.local/ns/default/sa/web", "spiffe://cluster.local/ns/ops/sa/*"]
+        );
+        assert_eq!(p.rate_limit.unwrap().per_identity, 10);
+        // Another port, or a pod the selector does not pick: the default.
+        assert!(watch::inbound_policy(&mesh, &caller("a"), 9091).allow_all_meshed);
+        assert!(watch::inbound_policy(&mesh, &caller("web"), 8081).allow_all_meshed);
+    }
+
+    #[test]
+    fn traffic_policies_set_the_services_balancing_and_faults() {
+        let mut objects = cluster();
+        objects.traffic_policies = vec![obj(json!({
+            "apiVersion": "policy.weft.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "words", "namespace": "default"},
+            "spec": {
+                "targetRef": {"name": "words", "port": 8080},
+                "balancer": "round-robin",
+                "outlierDetection": {"consecutiveFailures": 3, "ejectionTime": "10s"},
+                "maxConcurrentRequests": 50,
+                "fault": {"abort": {"percent": 5, "status": 503}}
+            }
+        }))];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let set = watch::endpoint_set(&mesh, "words.default:8080", "default");
+        assert_eq!(set.balancer, weft_api::v1::Balancer::RoundRobin as i32);
+        assert_eq!(set.max_concurrent_requests, 50);
+        let o = set.outlier_detection.unwrap();
+        assert_eq!((o.consecutive_failures, o.base_ejection_ms), (3, 10_000));
+        let routes = mesh.route_set("words.default:8080", "default");
+        assert_eq!(routes.rules.len(), 1);
+        assert_eq!(routes.rules[0].fault.as_ref().unwrap().abort_permille, 50);
+        // The other port is untouched.
+        let grpc = watch::endpoint_set(&mesh, "words.default:9090", "default");
+        assert_eq!(grpc.balancer, weft_api::v1::Balancer::PeakEwma as i32);
+        assert!(mesh.route_set("words.default:9090", "default").rules.is_empty());
+    }
+}
