@@ -14,6 +14,7 @@ pub struct Control {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub mesh: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Control {
@@ -25,18 +26,66 @@ impl Control {
 
     /// Like `start`, on a chosen gRPC address (to restart a control plane in place).
     pub fn start_on(grpc: SocketAddr, mesh_yaml: &str, extra: &[&str]) -> Control {
+        let dir = Self::dir();
+        let mesh = dir.join("mesh.yaml");
+        std::fs::write(&mesh, mesh_yaml).unwrap();
+        let mut args = vec!["--mesh".to_string(), mesh.display().to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(&dir, grpc, &args, &[], mesh)
+    }
+
+    /// `weft control --source kubernetes` against `api` (a fake API server: see
+    /// [`crate::kube`]), its CA root in the Secret `weft/weft-identity`, ready.
+    pub fn kubernetes(api: &crate::kube::FakeApi, extra: &[&str]) -> Control {
+        let dir = Self::dir();
+        let mut args: Vec<String> =
+            ["--source", "kubernetes", "--namespace", "weft"].iter().map(|a| a.to_string()).collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let kubeconfig = api.kubeconfig().display().to_string();
+        Self::spawn(
+            &dir,
+            "127.0.0.1:0".parse().unwrap(),
+            &args,
+            &[("KUBECONFIG", &kubeconfig)],
+            api.kubeconfig(),
+        )
+    }
+
+    /// `weft control <args>` as `spawn` does it, without waiting: the child and its log.
+    pub fn launch(args: &[String], env: &[(&str, &str)]) -> (Child, PathBuf) {
+        let log = Self::dir().join("control.log");
+        let child = Command::new(bin("weft"))
+            .arg("control")
+            .args(args)
+            .env("WEFT_LOG", "info")
+            .envs(env.iter().copied())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    }
+
+    fn dir() -> PathBuf {
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("weft-control-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mesh = dir.join("mesh.yaml");
-        std::fs::write(&mesh, mesh_yaml).unwrap();
+        dir
+    }
+
+    fn spawn(
+        dir: &std::path::Path,
+        grpc: SocketAddr,
+        args: &[String],
+        env: &[(&str, &str)],
+        mesh: PathBuf,
+    ) -> Control {
         let log = dir.join("control.log");
         let mut child = Command::new(bin("weft"))
-            .args(["control", "--mesh"])
-            .arg(&mesh)
+            .arg("control")
+            .args(args)
             .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", "127.0.0.1:0"])
-            .args(extra)
             .env("WEFT_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -53,7 +102,11 @@ impl Control {
         eventually(Duration::from_secs(10), "weft control /ready", || {
             (http_get(admin, "/ready").map(|(s, _)| s) == Some(200)).then_some(())
         });
-        Control { child, grpc, admin, mesh }
+        Control { child, grpc, admin, mesh, log }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The generation of the state the control plane serves.

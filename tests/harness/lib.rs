@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod control;
+pub mod kube;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;

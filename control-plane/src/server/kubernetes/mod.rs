@@ -83,7 +83,7 @@ impl Stats {
         registry.register("kubernetes_objects", "Objects the watches hold, per kind", self.objects.clone());
         registry.register(
             "kubernetes_watch_restarts",
-            "Watches that ended (an error, 410 Gone, a lost connection) and relisted, per kind",
+            "Watches that failed (410 Gone, a lost connection, an error) and were restarted, per kind",
             self.restarts.clone(),
         );
         registry.register(
@@ -258,8 +258,7 @@ where
                 Ok(watcher::Event::Init) => {
                     lists += 1;
                     if lists > 1 {
-                        stats.restart(kind);
-                        tracing::info!(kind, "watch restarted: relisting, still serving what it held");
+                        tracing::info!(kind, "relisting, still serving what the watch held");
                     }
                 }
                 Ok(_) => {

@@ -1,0 +1,203 @@
+//! `weft control --source kubernetes` end to end. No Kubernetes API server can be
+//! installed on these machines, so a fake one stands in for it (tests/harness/kube.rs: a
+//! loopback HTTP server that speaks list, watch with resourceVersions, bookmarks and 410
+//! Gone, TokenReview and SelfSubjectAccessReview as the real one does). Everything else
+//! is real: the `weft` and `weft-proxy` binaries, their sockets, mTLS and curl.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::{json, Value};
+use weft_e2e::{
+    backend::{self, Backend},
+    control::Control,
+    eventually, http_get,
+    kube::FakeApi,
+    metric_value, Proxy,
+};
+
+const WEB_TOKEN: &str = "web-projected-token";
+
+fn service(name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({"kind": "Service", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": [{"name": "http", "port": port}]}})
+}
+
+/// One slice per backend: a slice has one port per name, and local backends differ by port.
+fn slice(name: &str, service: &str, backend: SocketAddr, ready: bool) -> Value {
+    json!({"kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": backend.port()}],
+           "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": ready}}]})
+}
+
+/// An API with the CA's Secret and the web workload's token.
+fn api() -> FakeApi {
+    let api = FakeApi::start();
+    api.identity_secret();
+    api.token(WEB_TOKEN, "default", "web", Some("web-0"));
+    api
+}
+
+fn client(control: &Control) -> Proxy {
+    let grpc = control.grpc.to_string();
+    Proxy::start(&[
+        ("WEFT_CONTROL_ADDR", grpc.as_str()),
+        ("WEFT_IDENTITY", "spiffe://cluster.local/ns/default/sa/web"),
+        ("WEFT_TOKEN", WEB_TOKEN),
+    ])
+}
+
+/// `curl -x` through the client proxy; the backend's name, or the status.
+fn get(proxy: &Proxy, url: &str) -> Result<String, u16> {
+    let rsp = weft_e2e::raw_request(
+        proxy.outbound,
+        &format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        Duration::from_secs(5),
+    )
+    .unwrap_or_default();
+    let status = weft_e2e::parse_status(&rsp).unwrap_or(0);
+    let backend = rsp.lines().find_map(|l| l.strip_prefix("x-backend: ")).map(str::to_string);
+    match (status, backend) {
+        (200, Some(b)) => Ok(b),
+        _ => Err(status),
+    }
+}
+
+fn control_metric(control: &Control, series: &str) -> f64 {
+    metric_value(&http_get(control.admin, "/metrics").map(|(_, b)| b).unwrap_or_default(), series)
+}
+
+fn two_backends() -> (Backend, Backend) {
+    let a = backend::http_on("a", "127.0.0.1:0".parse().unwrap());
+    let b = backend::http_on("b", "127.0.0.2:0".parse().unwrap());
+    (a, b)
+}
+
+#[test]
+fn services_and_endpoint_slices_become_discovery_and_follow_changes() {
+    let api = api();
+    let (a, b) = two_backends();
+    api.apply(service("words", "10.96.0.10", 8080));
+    api.apply(slice("words-a", "words", a.addr, true));
+    api.apply(slice("words-b", "words", b.addr, true));
+    api.apply(slice("words-c", "words", "127.0.0.3:1".parse().unwrap(), false));
+    let control = Control::kubernetes(&api, &[]);
+    assert!(control_metric(&control, r#"weft_control_kubernetes_objects{kind="EndpointSlice"}"#) >= 3.0);
+    let proxy = client(&control);
+    // Balanced over the two ready endpoints; never the not-ready one (it would refuse).
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        *seen.entry(get(&proxy, "http://words.default.svc.cluster.local:8080/").unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a", "b"], "{seen:?}");
+    // `name:port` from the client's own namespace.
+    assert!(get(&proxy, "http://words:8080/").is_ok());
+
+    // Scaling down: b's endpoint goes; traffic moves within the generation's arrival.
+    api.delete("EndpointSlice", "default", "words-b");
+    let g = eventually(Duration::from_secs(5), "a new generation", || {
+        Some(control.generation()).filter(|g| *g > 1)
+    });
+    proxy.wait_generation("discovery", g);
+    for _ in 0..20 {
+        assert_eq!(get(&proxy, "http://words.default:8080/"), Ok("a".to_string()));
+    }
+
+    // 410 Gone: every watch relists; the state proxies have is kept and requests succeed.
+    let restarts =
+        control_metric(&control, r#"weft_control_kubernetes_watch_restarts_total{kind="EndpointSlice"}"#);
+    api.expire_watches();
+    eventually(Duration::from_secs(10), "the watches to relist", || {
+        let now =
+            control_metric(&control, r#"weft_control_kubernetes_watch_restarts_total{kind="EndpointSlice"}"#);
+        (now > restarts).then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(get(&proxy, "http://words.default:8080/"), Ok("a".to_string()));
+    }
+    // And changes after the relist still arrive: the endpoints move from a to b.
+    api.apply(slice("words-b", "words", b.addr, true));
+    api.delete("EndpointSlice", "default", "words-a");
+    eventually(Duration::from_secs(10), "traffic to move to b after the relist", || {
+        (0..10).all(|_| get(&proxy, "http://words.default:8080/") == Ok("b".into())).then_some(())
+    });
+
+    // The API server restarts: nothing is dropped; watches resume and follow changes.
+    let mut api = api;
+    api.restart();
+    for _ in 0..20 {
+        assert_eq!(get(&proxy, "http://words.default:8080/"), Ok("b".to_string()));
+    }
+    api.apply(slice("words-a", "words", a.addr, true));
+    api.delete("EndpointSlice", "default", "words-b");
+    eventually(Duration::from_secs(20), "traffic to move to a after the API server's restart", || {
+        (0..10).all(|_| get(&proxy, "http://words.default:8080/") == Ok("a".into())).then_some(())
+    });
+    assert_eq!(http_get(control.admin, "/ready").map(|(s, _)| s), Some(200));
+}
+
+#[test]
+fn the_control_plane_refuses_to_start_without_its_root_or_token_review_rights() {
+    let api = FakeApi::start();
+    let kubeconfig = api.kubeconfig().display().to_string();
+    let args: Vec<String> = [
+        "--source",
+        "kubernetes",
+        "--namespace",
+        "weft",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let exits = |expect: &str| {
+        let (mut child, log) = Control::launch(&args, &[("KUBECONFIG", &kubeconfig)]);
+        let status =
+            eventually(Duration::from_secs(10), "weft control to exit", || child.try_wait().unwrap());
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(!status.success(), "{text}");
+        assert!(text.contains(expect), "expected {expect:?} in:\n{text}");
+    };
+    exits("Secret weft/weft-identity not found");
+    api.apply(json!({"kind": "Secret", "metadata": {"name": "weft-identity", "namespace": "weft"}, "stringData": {"tls.crt": "x"}}));
+    exits("has no tls.key");
+    api.identity_secret();
+    api.allow_token_reviews(false);
+    exits("tokenreviews.authentication.k8s.io");
+}
+
+#[test]
+fn token_review_decides_who_gets_a_certificate_and_answers() {
+    let api = api();
+    // Without the Gateway API's CRDs the control plane still starts (routes are off).
+    api.without("httproutes");
+    api.without("grpcroutes");
+    let control = Control::kubernetes(&api, &[]);
+    assert!(control.logs().contains("not served by the API"), "{}", control.logs());
+    let good = client(&control);
+    assert!(good.metric(r#"weft_identity_certify_total{result="ok"}"#) >= 1.0);
+    // A token TokenReview does not authenticate: refused, never ready.
+    let grpc = control.grpc.to_string();
+    let bad = Proxy::spawn(&[
+        ("WEFT_CONTROL_ADDR", grpc.as_str()),
+        ("WEFT_IDENTITY", "spiffe://cluster.local/ns/default/sa/web"),
+        ("WEFT_TOKEN", "forged-token"),
+    ]);
+    bad.wait_metric_at_least(r#"weft_identity_certify_total{result="error"}"#, 1.0);
+    assert_eq!(http_get(bad.admin, "/ready").map(|(s, _)| s), Some(503));
+    assert!(bad.logs().contains("token refused"), "{}", bad.logs());
+    // A genuine token for another service account cannot get web's identity.
+    api.token("payments-token", "default", "payments", None);
+    let thief = Proxy::spawn(&[
+        ("WEFT_CONTROL_ADDR", grpc.as_str()),
+        ("WEFT_IDENTITY", "spiffe://cluster.local/ns/default/sa/web"),
+        ("WEFT_TOKEN", "payments-token"),
+    ]);
+    thief.wait_metric_at_least(r#"weft_identity_certify_total{result="error"}"#, 1.0);
+    assert_eq!(http_get(thief.admin, "/ready").map(|(s, _)| s), Some(503));
+    assert!(api.requests("tokenreviews") >= 3);
+}
