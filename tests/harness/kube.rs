@@ -80,23 +80,57 @@ pub struct FakeApi {
     changed: watch::Sender<(u64, u64)>,
     rt: Option<tokio::runtime::Runtime>,
     dir: PathBuf,
+    /// The network namespace it serves in (`None`: this process's own).
+    netns: Option<String>,
 }
 
 impl FakeApi {
     pub fn start() -> FakeApi {
+        Self::start_at(None, ([127, 0, 0, 1], 0).into())
+    }
+
+    /// Serves at `addr` inside the network namespace `netns` (a pod network's node, so
+    /// that a control plane there reaches it).
+    pub fn start_in(netns: &str, addr: SocketAddr) -> FakeApi {
+        Self::start_at(Some(netns.to_string()), addr)
+    }
+
+    fn start_at(netns: Option<String>, addr: SocketAddr) -> FakeApi {
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("weft-fakeapi-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let state = Arc::new(Mutex::new(State { may_review: true, rv: 1, ..State::default() }));
         let (changed, _) = watch::channel((1, 0));
-        let mut api = FakeApi { addr: ([127, 0, 0, 1], 0).into(), state, changed, rt: None, dir };
+        let mut api = FakeApi { addr, state, changed, rt: None, dir, netns };
         api.serve();
         api
     }
 
+    /// A runtime and a listener made on a thread that entered the namespace: sockets and
+    /// threads belong to the namespace of the thread that makes them.
+    fn runtime(&self) -> (tokio::runtime::Runtime, std::net::TcpListener) {
+        let (netns, addr) = (self.netns.clone(), self.addr);
+        std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            }
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let listener = std::net::TcpListener::bind(addr).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            (rt, listener)
+        })
+        .join()
+        .unwrap()
+    }
+
     fn serve(&mut self) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = rt.block_on(TcpListener::bind(self.addr)).unwrap();
+        let (rt, listener) = self.runtime();
+        let listener = {
+            let _guard = rt.enter();
+            TcpListener::from_std(listener).unwrap()
+        };
         self.addr = listener.local_addr().unwrap();
         let (state, changed) = (self.state.clone(), self.changed.clone());
         rt.spawn(async move {
