@@ -31,11 +31,24 @@ pub enum Error {
     Addr { addr: String, reason: String },
 }
 
-/// A lazily connected channel to `weft control`.
-pub fn channel(cfg: &ControlConfig) -> Result<tonic::transport::Channel, Error> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.addr))
-        .map_err(|e| Error::Addr { addr: cfg.addr.to_string(), reason: e.to_string() })?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(3)).connect_lazy())
+/// A lazily connected channel to `weft control`, balanced over its replicas when there
+/// are several; `timeout` bounds each call (watches have none).
+pub fn channel(cfg: &ControlConfig, timeout: Option<Duration>) -> Result<tonic::transport::Channel, Error> {
+    let mut endpoints = Vec::new();
+    for addr in &cfg.addrs {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Addr { addr: addr.clone(), reason: e.to_string() })?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true);
+        endpoints.push(match timeout {
+            Some(t) => endpoint.timeout(t),
+            None => endpoint,
+        });
+    }
+    match endpoints.len() {
+        1 => Ok(endpoints.remove(0).connect_lazy()),
+        _ => Ok(tonic::transport::Channel::balance_list(endpoints.into_iter())),
+    }
 }
 
 /// `msg` with the workload's token as `authorization: Bearer <token>`.

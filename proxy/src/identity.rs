@@ -36,11 +36,9 @@ pub type Current = watch::Receiver<Option<Arc<Credentials>>>;
 
 /// Starts obtaining and renewing the certificate; the receiver sees each new one.
 pub fn spawn(cfg: ControlConfig, metrics: Arc<Metrics>) -> Result<Current, Error> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.addr))
-        .map_err(|e| Error::Addr(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
-    let client = IdentityClient::new(endpoint.connect_lazy());
+    let channel = crate::control::channel(&cfg, Some(Duration::from_secs(10)))
+        .map_err(|e| Error::Addr(e.to_string()))?;
+    let client = IdentityClient::new(channel);
     let (tx, rx) = watch::channel(None);
     tokio::spawn(renew_loop(cfg, client, tx, metrics));
     Ok(rx)
@@ -69,7 +67,7 @@ async fn renew_loop(
                 if expired {
                     tracing::error!(identity = %cfg.identity, "certificate EXPIRED and renewal failed: {e}");
                 } else {
-                    tracing::warn!(identity = %cfg.identity, control = %cfg.addr, "certificate request failed, retrying in {backoff:?}: {e}");
+                    tracing::warn!(identity = %cfg.identity, control = %cfg.addrs.join(","), "certificate request failed, retrying in {backoff:?}: {e}");
                 }
                 tokio::time::sleep(jitter(backoff, 0.2)).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);

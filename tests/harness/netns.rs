@@ -131,19 +131,26 @@ impl Net {
     }
 
     /// Starts a long-running process in pod `i`; it is killed at teardown.
-    pub fn spawn(&mut self, i: usize, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
+    pub fn spawn(&mut self, i: usize, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) -> usize {
         let ns = self.pods[i].ns.clone();
         self.spawn_in(&ns, args, envs, log)
     }
 
     /// Starts a long-running process in the node namespace (e.g. the control plane, at
     /// 10.77.0.1); it is killed at teardown.
-    pub fn spawn_node(&mut self, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
+    pub fn spawn_node(&mut self, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) -> usize {
         let ns = self.node.clone();
         self.spawn_in(&ns, args, envs, log)
     }
 
-    fn spawn_in(&mut self, ns: &str, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) {
+    /// Kills (SIGKILL) a process `spawn`/`spawn_node` started, by the number they
+    /// returned: what a node failure does to it. `ip netns exec` execs the command, so
+    /// the pid is the command's.
+    pub fn kill(&self, process: usize) {
+        let _ = sh(&["kill", "-9", &self.children[process].id().to_string()]);
+    }
+
+    fn spawn_in(&mut self, ns: &str, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) -> usize {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]).args(args);
         for (k, v) in envs {
@@ -151,6 +158,7 @@ impl Net {
         }
         cmd.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
         self.children.push(cmd.spawn().unwrap_or_else(|e| panic!("spawn {args:?}: {e}")));
+        self.children.len() - 1
     }
 
     pub fn names(&self) -> Vec<String> {

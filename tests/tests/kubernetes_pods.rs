@@ -12,8 +12,6 @@ use weft_e2e::{bin, eventually, kube::FakeApi, metric_value, netns::Net};
 
 const PROXY_UID: &str = "2102";
 const API: &str = "10.77.0.1:6443";
-const CONTROL: &str = "10.77.0.1:8090";
-const CONTROL_ADMIN: &str = "10.77.0.1:9990";
 
 /// A pod's name, service account and whether it runs a sidecar; index = pod number.
 const PODS: [(&str, &str, bool); 4] = [
@@ -43,6 +41,16 @@ http.server.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
 struct Cluster {
     net: Net,
     api: FakeApi,
+    /// The control planes' processes in `net`.
+    replicas: Vec<usize>,
+}
+
+fn control_addr(replica: usize) -> String {
+    format!("10.77.0.1:{}", 8090 + replica)
+}
+
+fn admin_addr(replica: usize) -> String {
+    format!("10.77.0.1:{}", 9990 + replica)
 }
 
 fn service(name: &str, ip: &str) -> Value {
@@ -53,7 +61,7 @@ fn service(name: &str, ip: &str) -> Value {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    fn start(replicas: usize) -> Cluster {
         weft_e2e::netns::available().unwrap_or_else(|e| panic!("these tests need root: {e}"));
         let net = Net::new(PODS.len());
         let api = FakeApi::start_in(&net.node, API.parse().unwrap());
@@ -72,14 +80,90 @@ impl Cluster {
         api.apply(service("words", "10.96.0.10"));
         api.apply(service("words-v1", "10.96.0.11"));
         api.apply(service("words-v2", "10.96.0.12"));
-        let c = Cluster { net, api };
+        let mut c = Cluster { net, api, replicas: Vec::new() };
         c.slice("words", &[1, 2]);
         c.slice("words-v1", &[1]);
         c.slice("words-v2", &[2]);
         // Round robin, so that sequential requests show the spread exactly.
         c.api.apply(json!({"kind": "TrafficPolicy", "metadata": {"name": "words", "namespace": "default"},
             "spec": {"targetRef": {"name": "words"}, "balancer": "round-robin"}}));
+        c.control_planes(replicas);
+        c.pods(replicas);
         c
+    }
+
+    /// `replicas` control planes on the node, at CONTROL's port and the next ones.
+    fn control_planes(&mut self, replicas: usize) {
+        let weft = bin("weft");
+        let kubeconfig = self.api.kubeconfig();
+        for r in 0..replicas {
+            let (grpc, admin) = (control_addr(r), admin_addr(r));
+            let log = std::env::temp_dir().join(format!("{}-control{r}.log", self.net.node));
+            let args = [
+                weft.to_str().unwrap(),
+                "control",
+                "--source",
+                "kubernetes",
+                "--namespace",
+                "weft",
+                "--grpc-addr",
+                &grpc,
+                "--admin-addr",
+                &admin,
+            ];
+            let child = self.net.spawn_node(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], &log);
+            self.replicas.push(child);
+            eventually(Duration::from_secs(20), "weft control /ready", || {
+                self.net.node_try_exec(&["curl", "-sf", &format!("http://{admin}/ready")]).ok()
+            });
+        }
+    }
+
+    /// The apps, and the sidecars with every replica's address.
+    fn pods(&mut self, replicas: usize) {
+        let control: Vec<String> = (0..replicas).map(control_addr).collect();
+        let control = control.join(",");
+        let proxy = bin("weft-proxy");
+        let proxy = proxy.to_str().unwrap();
+        let app = std::env::temp_dir().join(format!("{}-app.py", self.net.node));
+        std::fs::write(&app, APP).unwrap();
+        for (i, (name, sa, meshed)) in PODS.iter().enumerate() {
+            if i > 0 {
+                let log = std::env::temp_dir().join(format!("{}-app.log", self.net.pods[i].ns));
+                self.net.spawn(i, &["/usr/bin/python3", app.to_str().unwrap(), name], &[], &log);
+            }
+            if !meshed {
+                continue;
+            }
+            self.net.exec(i, &[proxy, "init"]);
+            let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+            let token = format!("{name}-token");
+            let env = [
+                ("WEFT_LOG", "info"),
+                ("WEFT_ADMIN_ADDR", "0.0.0.0:4191"),
+                ("WEFT_CONTROL_ADDR", control.as_str()),
+                ("WEFT_IDENTITY", id.as_str()),
+                ("WEFT_TOKEN", token.as_str()),
+                ("WEFT_INBOUND_PORTS", "8080,7000"),
+            ];
+            let log = std::env::temp_dir().join(format!("{}-proxy.log", self.net.pods[i].ns));
+            self.net.spawn(
+                i,
+                &["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", proxy],
+                &env,
+                &log,
+            );
+        }
+        for i in 0..3 {
+            eventually(Duration::from_secs(20), "the sidecar /ready", || {
+                self.curl(i, &["-f", "http://127.0.0.1:4191/ready"]).ok()
+            });
+        }
+        for i in 1..4 {
+            eventually(Duration::from_secs(10), "the app", || {
+                self.net.try_exec(i, &["curl", "-sf", "http://127.0.0.1:8080/"]).ok()
+            });
+        }
     }
 
     fn slice(&self, service: &str, pods: &[usize]) {
@@ -119,7 +203,7 @@ impl Cluster {
     fn control_generation(&self) -> u64 {
         let m = self
             .net
-            .node_try_exec(&["curl", "-sS", &format!("http://{CONTROL_ADMIN}/metrics")])
+            .node_try_exec(&["curl", "-sS", &format!("http://{}/metrics", admin_addr(0))])
             .unwrap_or_default();
         metric_value(&m, "weft_control_mesh_generation") as u64
     }
@@ -143,69 +227,7 @@ fn count(names: &[String], name: &str) -> usize {
 
 #[test]
 fn a_cluster_ip_is_balanced_routed_and_policed_over_mtls() {
-    let mut c = Cluster::start();
-    let _ = &mut c;
-    let weft = bin("weft");
-    let kubeconfig = c.api.kubeconfig();
-    let log = std::env::temp_dir().join(format!("{}-control.log", c.net.node));
-    let args = [
-        weft.to_str().unwrap(),
-        "control",
-        "--source",
-        "kubernetes",
-        "--namespace",
-        "weft",
-        "--grpc-addr",
-        CONTROL,
-        "--admin-addr",
-        CONTROL_ADMIN,
-    ];
-    c.net.spawn_node(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], &log);
-    eventually(Duration::from_secs(20), "weft control /ready", || {
-        c.net.node_try_exec(&["curl", "-sf", &format!("http://{CONTROL_ADMIN}/ready")]).ok()
-    });
-    let proxy = bin("weft-proxy");
-    let proxy = proxy.to_str().unwrap();
-    let app = std::env::temp_dir().join(format!("{}-app.py", c.net.node));
-    std::fs::write(&app, APP).unwrap();
-    for (i, (name, sa, meshed)) in PODS.iter().enumerate() {
-        if i > 0 {
-            let log = std::env::temp_dir().join(format!("{}-app.log", c.net.pods[i].ns));
-            c.net.spawn(i, &["/usr/bin/python3", app.to_str().unwrap(), name], &[], &log);
-        }
-        if !meshed {
-            continue;
-        }
-        c.net.exec(i, &[proxy, "init"]);
-        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        let token = format!("{name}-token");
-        let env = [
-            ("WEFT_LOG", "info"),
-            ("WEFT_ADMIN_ADDR", "0.0.0.0:4191"),
-            ("WEFT_CONTROL_ADDR", CONTROL),
-            ("WEFT_IDENTITY", id.as_str()),
-            ("WEFT_TOKEN", token.as_str()),
-            ("WEFT_INBOUND_PORTS", "8080,7000"),
-        ];
-        let log = std::env::temp_dir().join(format!("{}-proxy.log", c.net.pods[i].ns));
-        c.net.spawn(
-            i,
-            &["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", proxy],
-            &env,
-            &log,
-        );
-    }
-    for i in 0..3 {
-        eventually(Duration::from_secs(20), "the sidecar /ready", || {
-            c.curl(i, &["-f", "http://127.0.0.1:4191/ready"]).ok()
-        });
-    }
-    for i in 1..4 {
-        eventually(Duration::from_secs(10), "the app", || {
-            c.net.try_exec(i, &["curl", "-sf", "http://127.0.0.1:8080/"]).ok()
-        });
-    }
-
+    let c = Cluster::start(1);
     // The ClusterIP, which no pod owns: balanced over both pods (round robin).
     let names = c.names(0, "http://10.96.0.10/", 20);
     assert_eq!((count(&names, "words-a"), count(&names, "words-b")), (10, 10), "{names:?}");
@@ -265,4 +287,42 @@ fn a_cluster_ip_is_balanced_routed_and_policed_over_mtls() {
     assert!(other.as_deref() != Ok("200"), "words-b's identity got through: {other:?}");
     let m = c.metrics(1);
     assert!(m.contains("spiffe://cluster.local/ns/default/sa/words-b"), "no denial of words-b counted:\n{m}");
+}
+
+#[test]
+fn killing_one_of_two_control_plane_replicas_costs_no_request() {
+    let c = Cluster::start(2);
+    let load = || {
+        // The body (a pod's name), then the status, per line.
+        let mut args = vec!["-w", "%{http_code}\n"];
+        args.extend(std::iter::repeat_n("http://10.96.0.10/", 400));
+        c.curl(0, &args).unwrap_or_else(|e| e)
+    };
+    let codes = std::thread::scope(|scope| {
+        let running = scope.spawn(load);
+        // Under load, the first replica goes away (each proxy's watches and certificate
+        // requests are spread over both).
+        eventually(Duration::from_secs(10), "load on the server pods", || {
+            let served = |pod| metric_value(&c.metrics(pod), r#"weft_requests_total{direction="inbound""#);
+            (served(1) + served(2) > 20.0).then_some(())
+        });
+        c.net.kill(c.replicas[0]);
+        // A change made while one replica is gone reaches the client through the other.
+        c.slice("words", &[2]);
+        let admin = admin_addr(1);
+        let g = eventually(Duration::from_secs(10), "the surviving replica to publish", || {
+            let m =
+                c.net.node_try_exec(&["curl", "-sS", &format!("http://{admin}/metrics")]).unwrap_or_default();
+            Some(metric_value(&m, "weft_control_mesh_generation") as u64).filter(|g| *g > 1)
+        });
+        eventually(Duration::from_secs(10), "the client's proxy to get the change", || {
+            (metric_value(&c.metrics(0), r#"weft_control_generation{kind="discovery"}"#) >= g as f64)
+                .then_some(())
+        });
+        running.join().unwrap()
+    });
+    let failed: Vec<&str> = codes.lines().filter(|l| !l.ends_with("200")).collect();
+    assert!(failed.is_empty() && codes.lines().count() == 400, "{failed:?} of {}", codes.lines().count());
+    let names = c.names(0, "http://10.96.0.10/", 10);
+    assert_eq!(count(&names, "words-b"), 10, "{names:?}");
 }

@@ -193,7 +193,12 @@ async fn serve(
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone(), auth: auth.clone() }))
         .add_service(PolicyServer::new(PolicyService { state, auth }))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), shutdown());
+        .serve_with_incoming_shutdown(
+            // Answers are small and latency-bound: Nagle's algorithm meeting delayed ACKs
+            // would hold each for 40 ms.
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            shutdown(),
+        );
     ready.store(true, Ordering::Release);
     let source = match &opts.from {
         From::File(p) => p.display().to_string(),

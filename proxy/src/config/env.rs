@@ -110,15 +110,20 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// `host:port` with a non-empty host and a numeric port.
-pub struct HostPort(pub String);
+pub struct HostPorts(pub Vec<String>);
 
-impl FromStr for HostPort {
+/// One `host:port` or several, comma-separated.
+impl FromStr for HostPorts {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        let (host, port) = s.rsplit_once(':').ok_or(())?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(());
+        let mut out = Vec::new();
+        for one in s.split(',').map(str::trim) {
+            let (host, port) = one.rsplit_once(':').ok_or(())?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(());
+            }
+            out.push(one.to_string());
         }
-        Ok(HostPort(s.to_string()))
+        Ok(HostPorts(out))
     }
 }

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use ipnet::IpNet;
 
-use env::{duration, err, flag, list, parse, parse_opt, ports, HostPort};
+use env::{duration, err, flag, list, parse, parse_opt, ports, HostPorts};
 pub use env::{parse_duration, Env, Error, ProcessEnv};
 use otel::trace_config;
 pub use otel::*;
@@ -82,8 +82,9 @@ pub struct Config {
 /// How the proxy reaches the control plane and proves who it is.
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
-    /// `host:port` of `weft control`'s gRPC port.
-    pub addr: String,
+    /// `host:port` of `weft control`'s gRPC port; several for several replicas (calls
+    /// are balanced over them, and one that goes away leaves its share to the others).
+    pub addrs: Vec<String>,
     /// The SPIFFE ID this proxy asks a certificate for.
     pub identity: String,
     pub token: TokenSource,
@@ -230,7 +231,8 @@ impl InitConfig {
 
 /// With `WEFT_CONTROL_ADDR` set, an identity and a token are required too.
 fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
-    let Some(HostPort(addr)) = parse_opt(env, CONTROL_ADDR, "host:port, e.g. weft-control.weft:8090")? else {
+    let form = "host:port, e.g. weft-control.weft:8090, or several replicas' comma-separated";
+    let Some(HostPorts(addrs)) = parse_opt(env, CONTROL_ADDR, form)? else {
         return Ok(None);
     };
     const ID_FORM: &str =
@@ -261,7 +263,7 @@ fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
         Some(other) => return Err(err(DEFAULT_INBOUND_POLICY, other, "deny, strict or permissive")),
     };
     let inbound_ports = ports(env, INBOUND_PORTS, "")?;
-    Ok(Some(ControlConfig { addr, identity, token, default_inbound_policy, inbound_ports }))
+    Ok(Some(ControlConfig { addrs, identity, token, default_inbound_policy, inbound_ports }))
 }
 
 #[cfg(test)]
@@ -324,9 +326,24 @@ mod tests {
         assert_eq!(c.mesh_networks.len(), 2);
         assert_eq!(c.app_addr, Some("127.0.0.1:8080".parse().unwrap()));
         let control = c.control.as_ref().unwrap();
-        assert_eq!(control.addr, "weft-control.weft:8090");
+        assert_eq!(control.addrs, ["weft-control.weft:8090"]);
         assert!(!format!("{c:?}").contains("s3cret"), "the token must not be logged");
         assert!(c.log.access_log);
+    }
+
+    #[test]
+    fn several_control_plane_replicas() {
+        let with = |addr: &'static str| {
+            cfg(&[
+                (IDENTITY, "spiffe://weft.local/ns/shop/sa/web"),
+                (TOKEN, "s3cret-token"),
+                (CONTROL_ADDR, addr),
+            ])
+        };
+        let c = with("10.0.0.1:8090, 10.0.0.2:8090").unwrap();
+        assert_eq!(c.control.unwrap().addrs, ["10.0.0.1:8090", "10.0.0.2:8090"]);
+        let e = with("10.0.0.1:8090,nope").unwrap_err().to_string();
+        assert!(e.contains("WEFT_CONTROL_ADDR") && e.contains("comma-separated"), "{e}");
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub struct Policies {
 
 impl Policies {
     pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
-        let client = PolicyClient::new(control::channel(cfg)?);
+        let client = PolicyClient::new(control::channel(cfg, None)?);
         let watches = Watched::new("policy", cfg, metrics, move |port: &u16, token| {
             let mut client = client.clone();
             let req = control::authorized(InboundRequest { port: u32::from(*port) }, token);

@@ -113,7 +113,10 @@ async fn tcp_target(
 ) -> Result<(SocketAddr, Option<MeshPeer>), ()> {
     let metrics = &outbound.common.metrics;
     let (addr, identity) = match destination {
-        Err(e) => return Err(metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error()))),
+        Err(e) => {
+            metrics.closed(DIR, Cause::NoDiscovery, format_args!("{}", e.error()));
+            return Err(());
+        }
         Ok(Destination::Endpoint(identity)) => (target, identity.clone()),
         Ok(Destination::Service(key)) => {
             let endpoint = match outbound.planner.service_dest(key, target).await {
@@ -122,7 +125,10 @@ async fn tcp_target(
             };
             match endpoint {
                 Ok(e) => (e.addr, e.identity),
-                Err(e) => return Err(metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message))),
+                Err(e) => {
+                    metrics.closed(DIR, e.cause, format_args!("{target}: {}", e.message));
+                    return Err(());
+                }
             }
         }
     };

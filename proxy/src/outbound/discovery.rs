@@ -22,7 +22,7 @@ pub struct Discovery {
 
 impl Discovery {
     pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
-        let client = DiscoveryClient::new(control::channel(cfg)?);
+        let client = DiscoveryClient::new(control::channel(cfg, None)?);
         let watches = Watched::new("discovery", cfg, metrics, move |authority: &String, token| {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);

@@ -33,7 +33,7 @@ pub struct RouteWatch {
 
 impl RouteWatch {
     pub fn new(cfg: &ControlConfig, metrics: Arc<Metrics>) -> Result<Self, control::Error> {
-        let client = PolicyClient::new(control::channel(cfg)?);
+        let client = PolicyClient::new(control::channel(cfg, None)?);
         let watches = Watched::new("routes", cfg, metrics, move |authority: &String, token| {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
