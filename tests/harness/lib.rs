@@ -20,8 +20,11 @@ use std::{
 /// A binary built from this workspace (`cargo build --workspace` runs before the tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe.parent().and_then(|p| p.parent()).expect("target dir").join(name);
+    // target/<profile>/deps/<test> → target/<profile>/<name>; a binary (the benchmarks')
+    // is in target/<profile> itself.
+    let dir = exe.parent().expect("target dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
+    let path = dir.join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
     path
 }
