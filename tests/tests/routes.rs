@@ -235,3 +235,29 @@ fn grpc_rules_match_the_service_and_retry_listed_codes() {
     // Only the failing call was retried (twice): its status is in the response head.
     assert_eq!(web.metric(r#"weft_retries_total{route="echo/0"}"#), 2.0, "{}", web.metrics());
 }
+
+#[test]
+fn redirects_are_answered_by_the_proxy_and_rewrites_change_what_the_upstream_sees() {
+    let (base, v1, v2) = (backend::http("base"), backend::http("v1"), backend::http("v2"));
+    let rules = "      - matches: [{path: {prefix: /old}}]
+        redirect: {scheme: https, path: {prefix: /new}, status: 301}
+      - matches: [{path: {prefix: /api}}]
+        rewrite: {hostname: internal.example, path: {prefix: /v2}}
+        responseHeaders: {set: {x-rewritten: \"yes\"}}
+        backends: [{service: api-v1}]
+";
+    let control = Control::start(&mesh(base.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let (code, _, head) =
+        curl(&["-x", &proxy, "-D", "/dev/stderr", "-o", "/dev/null", "http://api:80/old/page?q=1"]);
+    assert_eq!(code, 301, "{head}");
+    assert!(head.to_ascii_lowercase().contains("location: https://api/new/page?q=1"), "{head}");
+    assert_eq!(base.hits() + v1.hits() + v2.hits(), 0, "a redirect must not reach any upstream");
+    let (code, body, head) = curl(&["-x", &proxy, "-D", "/dev/stderr", "http://api:80/api/items?id=3"]);
+    assert_eq!(code, 200, "{body}");
+    let seen = v1.last();
+    assert_eq!(seen.path, "/v2/items", "{seen:?}");
+    assert_eq!(seen.headers.get("host").map(String::as_str), Some("internal.example"), "{seen:?}");
+    assert!(head.to_ascii_lowercase().contains("x-rewritten: yes"), "{head}");
+}

@@ -54,6 +54,37 @@ pub struct Rule {
     pub timeout: Option<Setting>,
     pub retry: Option<Retry>,
     pub fault: Option<Fault>,
+    /// Answer with a redirect instead of sending the request.
+    pub redirect: Option<Redirect>,
+    /// Change the host and path the upstream sees.
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Redirect {
+    /// `http` or `https`; default: the request's.
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathChange>,
+    /// 301 or 302 (the default).
+    pub status: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathChange>,
+}
+
+/// Exactly one: the whole path, or the prefix the rule's match matched.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathChange {
+    pub full: Option<String>,
+    pub prefix: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -361,8 +392,67 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
             Some(out)
         }
     };
+    let path_change = |field: &str, p: &Option<PathChange>| -> Result<Option<api::PathChange>, String> {
+        use api::path_change::Change;
+        let Some(p) = p else { return Ok(None) };
+        let change = match (&p.full, &p.prefix) {
+            (Some(f), None) if f.starts_with('/') => Change::Full(f.clone()),
+            (Some(f), None) => return Err(format!("{field}.full: {f:?} must start with '/'")),
+            (None, Some(_))
+                if !rule.matches.iter().any(|m| m.path.as_ref().is_some_and(|p| p.prefix.is_some())) =>
+            {
+                return Err(format!("{field}.prefix: the rule needs a match on a path prefix to replace"))
+            }
+            (None, Some(prefix)) => Change::Prefix(prefix.clone()),
+            _ => return Err(format!("{field}: give exactly one of full or prefix")),
+        };
+        Ok(Some(api::PathChange { change: Some(change) }))
+    };
+    let redirect = match &rule.redirect {
+        None => None,
+        Some(r) => {
+            if r.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
+                return Err(format!(
+                    "redirect.scheme: {:?} must be http or https",
+                    r.scheme.as_deref().unwrap_or("")
+                ));
+            }
+            let status = r.status.unwrap_or(302);
+            if status != 301 && status != 302 {
+                return Err(format!("redirect.status: {status} must be 301 or 302"));
+            }
+            Some(api::Redirect {
+                scheme: r.scheme.clone().unwrap_or_default(),
+                hostname: r.hostname.clone().unwrap_or_default(),
+                port: r.port.map_or(0, u32::from),
+                path: path_change("redirect.path", &r.path)?,
+                status: u32::from(status),
+            })
+        }
+    };
+    let rewrite = match &rule.rewrite {
+        None => None,
+        Some(_) if redirect.is_some() => return Err("give redirect or rewrite, not both".into()),
+        Some(r) => Some(api::Rewrite {
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: path_change("rewrite.path", &r.path)?,
+        }),
+    };
+    for host in [
+        rule.redirect.as_ref().and_then(|r| r.hostname.as_ref()),
+        rule.rewrite.as_ref().and_then(|r| r.hostname.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if host.parse::<http::uri::Authority>().is_err() || host.contains(':') {
+            return Err(format!("hostname {host:?} is not a host name"));
+        }
+    }
     Ok(api::Rule {
         name: format!("{}/{j}", route.name),
+        redirect,
+        rewrite,
         matches,
         backends,
         set_request_headers: kv(&rule.request_headers.set),
@@ -454,6 +544,21 @@ routes:
         assert!(e.contains("unknown code \"down\""), "{e}");
         let e = err(&MESH.replace("prefix: /api", "prefix: api"));
         assert!(e.contains("must start with '/'"), "{e}");
+        let with = |extra: &str| {
+            MESH.replace("        timeout: 2s\n", &format!("        timeout: 2s\n        {extra}\n"))
+        };
+        let e = err(&with("redirect: {status: 307}"));
+        assert!(e.contains("rules[1]") && e.contains("redirect.status"), "{e}");
+        let e = err(&with("redirect: {scheme: ftp}"));
+        assert!(e.contains("redirect.scheme"), "{e}");
+        let e = err(&with("rewrite: {path: {full: /a, prefix: /b}}"));
+        assert!(e.contains("rewrite.path") && e.contains("exactly one"), "{e}");
+        let e = err(&with("redirect: {hostname: x}\n        rewrite: {hostname: y}"));
+        assert!(e.contains("not both"), "{e}");
+        let e = err(&MESH.replace("backends: [{service: words-v2}]", "rewrite: {path: {prefix: /x}}"));
+        assert!(e.contains("rules[0]") && e.contains("match on a path prefix"), "{e}");
+        let e = err(&with("rewrite: {hostname: \"a b\"}"));
+        assert!(e.contains("not a host name"), "{e}");
         let e = err(&MESH.replace("service: words\n", "service: letters\n"));
         assert!(e.contains("unknown service \"letters\""), "{e}");
         let e = err(&MESH.replace("attempts: 3", "attempts: 0"));

@@ -18,6 +18,7 @@ pub mod in_flight;
 pub mod outlier;
 pub mod plan;
 pub mod retry;
+mod rewrite;
 pub mod routes;
 mod service;
 

@@ -91,7 +91,7 @@ fn fits<B>(m: &Match, req: &Request<B>) -> bool {
 
 /// Gateway API prefix matching is by path segment: `/api` matches `/api` and `/api/x`,
 /// not `/apiary`.
-fn prefix_matches(path: &str, prefix: &str) -> bool {
+pub fn prefix_matches(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }

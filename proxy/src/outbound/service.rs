@@ -1,7 +1,8 @@
 //! The outbound HTTP service: one request from this pod's app to its upstream. The
 //! head size, then the plan (the fixed destination of a redirected connection, or the
-//! request's own authority: discovery, routes), `CONNECT` tunnels, the rule's header
-//! changes and fault, then the attempts.
+//! request's own authority: discovery, routes), `CONNECT` tunnels, the rule's redirect
+//! (answered here), header changes, fault and rewrite, then the attempts, then the rule's
+//! response header changes.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -12,6 +13,7 @@ use super::{
     discovery::{Destination, NoAnswer},
     hop::HopGuard,
     plan::{self, Plan, Planner},
+    rewrite,
 };
 use crate::{
     errors::CauseError,
@@ -89,7 +91,13 @@ impl Forward for Outbound {
         }
         if let Some(rule) = &plan.rule {
             ex.route = Some(rule.name().clone());
+            if let Some(r) = &rule.rule().redirect {
+                return Ok(rewrite::redirect(r, rule.rule(), &req));
+            }
             plan::apply_rule(rule.rule(), &mut req).await?;
+            if let Some(r) = &rule.rule().rewrite {
+                rewrite::rewrite(r, rule.rule(), &mut req);
+            }
         }
         let upgrade = upgrade::wanted(&req);
         let client_upgrade = upgrade::prepare(&mut req, upgrade);

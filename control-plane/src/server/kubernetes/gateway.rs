@@ -155,17 +155,50 @@ fn filters(filters: &[Filter], out: &mut Rule) -> Result<(), Bad> {
         match f.kind.as_str() {
             "RequestHeaderModifier" => out.request_headers = changes(&f.request_header_modifier)?,
             "ResponseHeaderModifier" => out.response_headers = changes(&f.response_header_modifier)?,
+            "RequestRedirect" => {
+                let missing =
+                    || (format!("filters[{k}]"), "RequestRedirect filter without its settings".to_string());
+                let r = f.request_redirect.as_ref().ok_or_else(missing)?;
+                let path =
+                    path_change(&r.path).map_err(|e| (format!("filters[{k}].requestRedirect.path"), e))?;
+                out.redirect = Some(routes::Redirect {
+                    scheme: r.scheme.clone(),
+                    hostname: r.hostname.clone(),
+                    port: r.port,
+                    path,
+                    status: r.status_code,
+                });
+            }
+            "URLRewrite" => {
+                let missing =
+                    || (format!("filters[{k}]"), "URLRewrite filter without its settings".to_string());
+                let r = f.url_rewrite.as_ref().ok_or_else(missing)?;
+                let path = path_change(&r.path).map_err(|e| (format!("filters[{k}].urlRewrite.path"), e))?;
+                out.rewrite = Some(routes::Rewrite { hostname: r.hostname.clone(), path });
+            }
             other => {
                 return Err((
                     format!("filters[{k}].type"),
                     format!(
-                        "{other} is not supported yet; use RequestHeaderModifier or ResponseHeaderModifier"
+                        "{other} is not supported yet; use RequestHeaderModifier, ResponseHeaderModifier, \
+                         RequestRedirect or URLRewrite"
                     ),
                 ))
             }
         }
     }
     Ok(())
+}
+
+fn path_change(p: &Option<super::resources::PathModifier>) -> Result<Option<routes::PathChange>, String> {
+    let Some(p) = p else { return Ok(None) };
+    match p.kind.as_str() {
+        "ReplaceFullPath" => Ok(Some(routes::PathChange { full: p.replace_full_path.clone(), prefix: None })),
+        "ReplacePrefixMatch" => {
+            Ok(Some(routes::PathChange { full: None, prefix: p.replace_prefix_match.clone() }))
+        }
+        other => Err(format!("{other} is not a path modifier; use ReplaceFullPath or ReplacePrefixMatch")),
+    }
 }
 
 fn backends(refs: &[BackendRef], ns: &str, ports: Ports<'_>) -> Result<Vec<routes::BackendRef>, Bad> {

@@ -633,6 +633,62 @@ mod tests {
     }
 
     #[test]
+    fn redirect_rewrite_and_grpc_routes_convert() {
+        let mut objects = with_versions(cluster());
+        let parent = json!([{"kind": "Service", "name": "words", "port": 8080}]);
+        objects.http_routes = vec![http_route(
+            "default",
+            "moves",
+            json!({
+                "parentRefs": parent,
+                "rules": [
+                    {"matches": [{"path": {"value": "/old"}}],
+                     "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 301,
+                                  "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                     "filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "internal",
+                                  "path": {"type": "ReplaceFullPath", "replaceFullPath": "/v2"}}}]}
+                ]
+            }),
+        )];
+        objects.grpc_routes = vec![obj(
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "rpc", "namespace": "default", "creationTimestamp": "2030-01-01T00:00:00Z"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "words", "port": 9090}],
+                     "rules": [{"matches": [{"method": {"service": "pkg.Words", "method": "Get"},
+                                             "headers": [{"name": "X-Tenant", "value": "a"}]}],
+                                "backendRefs": [{"name": "words-v2", "port": 8080}]},
+                               {"matches": [{"method": {"type": "RegularExpression", "service": "pkg.*"}}]}]}}),
+        )];
+        let (mesh, problems) = build("cluster.local", &objects);
+        // The GRPCRoute's second rule cannot be honoured: the whole route is left out.
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("GRPCRoute default/rpc: spec.rules[1].matches[0].method.type"),
+            "{problems:?}"
+        );
+        let set = mesh.route_set("words.default:8080", "default");
+        let redirect = set.rules[0].redirect.as_ref().unwrap();
+        assert_eq!((redirect.scheme.as_str(), redirect.status), ("https", 301));
+        let rewrite = set.rules[1].rewrite.as_ref().unwrap();
+        assert_eq!(rewrite.hostname, "internal");
+        assert!(mesh.route_set("words.default:9090", "default").rules.is_empty());
+        // Without its bad rule, the GRPCRoute converts.
+        let mut good = (*objects.grpc_routes[0]).clone();
+        good.spec.rules.truncate(1);
+        objects.grpc_routes = vec![Arc::new(good)];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let rule = &mesh.route_set("10.96.0.10:9090", "default").rules[0];
+        assert_eq!(
+            (rule.matches[0].grpc_service.as_str(), rule.matches[0].grpc_method.as_str()),
+            ("pkg.Words", "Get")
+        );
+        assert_eq!(rule.matches[0].headers[0].name, "x-tenant");
+        assert_eq!(rule.backends[0].authority, "words-v2.default:8080");
+    }
+
+    #[test]
     fn inbound_policies_select_pods_and_name_clients() {
         let mut objects = cluster();
         objects.inbound_policies = vec![obj(json!({
