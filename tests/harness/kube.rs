@@ -267,6 +267,11 @@ impl FakeApi {
         self.state.lock().unwrap().tokens.insert(token.into(), account);
     }
 
+    /// TokenReview no longer accepts `token` (it expired or was rotated away).
+    pub fn revoke(&self, token: &str) {
+        self.state.lock().unwrap().tokens.remove(token);
+    }
+
     /// Whether the control plane may create TokenReviews (its RBAC).
     pub fn allow_token_reviews(&self, allowed: bool) {
         self.state.lock().unwrap().may_review = allowed;

@@ -201,3 +201,29 @@ fn token_review_decides_who_gets_a_certificate_and_answers() {
     assert_eq!(http_get(thief.admin, "/ready").map(|(s, _)| s), Some(503));
     assert!(api.requests("tokenreviews") >= 3);
 }
+
+#[test]
+fn a_rotated_token_file_is_read_again() {
+    let api = api();
+    let control = Control::kubernetes(&api, &["--cert-ttl-secs", "3"]);
+    let dir = std::env::temp_dir().join(format!("weft-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, WEB_TOKEN).unwrap();
+    let grpc = control.grpc.to_string();
+    let proxy = Proxy::start(&[
+        ("WEFT_CONTROL_ADDR", grpc.as_str()),
+        ("WEFT_IDENTITY", "spiffe://cluster.local/ns/default/sa/web"),
+        ("WEFT_TOKEN_FILE", file.to_str().unwrap()),
+    ]);
+    // The kubelet writes a new token and the old one stops being accepted; renewals
+    // (at ~70 % of 3 s) go on with the new one.
+    api.token("web-rotated-token", "default", "web", Some("web-0"));
+    std::fs::write(&file, "web-rotated-token").unwrap();
+    api.revoke(WEB_TOKEN);
+    let ok = r#"weft_identity_certify_total{result="ok"}"#;
+    let before = proxy.metric(ok);
+    proxy.wait_metric_at_least(ok, before + 2.0);
+    assert_eq!(proxy.metric(r#"weft_identity_certify_total{result="error"}"#), 0.0, "{}", proxy.logs());
+    let _ = std::fs::remove_dir_all(dir);
+}
