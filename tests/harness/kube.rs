@@ -317,14 +317,7 @@ async fn handle(
     changed: watch::Sender<(u64, u64)>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let query: HashMap<String, String> = crate::query_params(req.uri());
     state.lock().unwrap().requests.push(req.uri().to_string());
     let method = req.method().clone();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();

@@ -17,6 +17,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A request's query parameters (`a=1&b=2`), undecoded.
+pub fn query_params<C: FromIterator<(String, String)>>(uri: &http::Uri) -> C {
+    let query = uri.query().unwrap_or("");
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// A binary built from this workspace (`cargo build --workspace` runs before the tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

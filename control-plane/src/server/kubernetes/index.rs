@@ -22,9 +22,12 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use weft_api::duration::Setting;
 
@@ -108,24 +111,14 @@ pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>
         services.iter().filter(|s| s.namespace == ns && s.name == name).map(|s| s.port).collect()
     };
     let mut all_routes = Vec::new();
-    let mut ordered: Vec<(
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        Result<Vec<routes::Route>, Problem>,
-    )> = Vec::new();
+    let mut ordered: Vec<(&ObjectMeta, Result<Vec<routes::Route>, Problem>)> = Vec::new();
     for r in &objects.http_routes {
         ordered.push((&r.metadata, gateway::http_route(r, &ports)));
     }
     for r in &objects.grpc_routes {
         ordered.push((&r.metadata, gateway::grpc_route(r, &ports)));
     }
-    // The Gateway API's tie-break between routes: the oldest first, then by name.
-    ordered.sort_by(|(a, _), (b, _)| {
-        (a.creation_timestamp.as_ref().map(|t| t.0), &a.namespace, &a.name).cmp(&(
-            b.creation_timestamp.as_ref().map(|t| t.0),
-            &b.namespace,
-            &b.name,
-        ))
-    });
+    ordered.sort_by_key(|(meta, _)| order(meta));
     for (_, converted) in ordered {
         match converted {
             Ok(routes) => all_routes.extend(routes),
@@ -247,11 +240,8 @@ fn inbound_policies(
     problems: &mut Vec<Problem>,
 ) -> Vec<mesh::InboundPolicy> {
     let mut out = Vec::new();
-    let mut sorted: Vec<_> = policies.iter().collect();
-    sorted.sort_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.metadata.name.clone()));
-    for p in sorted {
-        let ns = p.metadata.namespace.clone().unwrap_or_default();
-        let name = p.metadata.name.clone().unwrap_or_default();
+    for p in oldest_first(policies) {
+        let (ns, name) = ns_name(&p.metadata);
         let at = |field: &str, msg: String| format!("InboundPolicy {ns}/{name}: {field}: {msg}");
         let allow = match &p.spec.allow {
             None => None,
@@ -299,6 +289,24 @@ fn inbound_policies(
     out
 }
 
+/// Objects in the order the Gateway API breaks ties between them: the oldest first,
+/// then by namespace and name. When two conflict, the first wins.
+fn oldest_first<K: kube::Resource>(objects: &[Arc<K>]) -> Vec<&Arc<K>> {
+    let mut sorted: Vec<&Arc<K>> = objects.iter().collect();
+    sorted.sort_by_key(|o| order(o.meta()));
+    sorted
+}
+
+type Order = (Option<k8s_openapi::jiff::Timestamp>, Option<String>, Option<String>);
+
+fn order(m: &ObjectMeta) -> Order {
+    (m.creation_timestamp.as_ref().map(|t| t.0), m.namespace.clone(), m.name.clone())
+}
+
+fn ns_name(m: &ObjectMeta) -> (String, String) {
+    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+}
+
 /// A TrafficPolicy's settings, checked.
 struct Traffic {
     port: Option<u16>,
@@ -329,11 +337,8 @@ fn traffic_policies(
     problems: &mut Vec<Problem>,
 ) -> HashMap<(String, String), Traffic> {
     let mut out = HashMap::new();
-    let mut sorted: Vec<_> = policies.iter().collect();
-    sorted.sort_by_key(|p| (p.metadata.creation_timestamp.as_ref().map(|t| t.0), p.metadata.name.clone()));
-    for p in sorted {
-        let ns = p.metadata.namespace.clone().unwrap_or_default();
-        let name = p.metadata.name.clone().unwrap_or_default();
+    for p in oldest_first(policies) {
+        let (ns, name) = ns_name(&p.metadata);
         let at = |field: &str, msg: String| format!("TrafficPolicy {ns}/{name}: {field}: {msg}");
         let duration = |field: &str, d: &Option<String>, default: Duration| -> Result<Setting, Problem> {
             match d {
