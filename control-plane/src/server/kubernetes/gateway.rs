@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_api::duration::Setting;
 
 use super::resources::{BackendRef, Filter, GRPCRoute, HTTPRoute, HttpRouteRule, ParentRef, ValueMatch};
@@ -22,11 +23,54 @@ pub fn http_route(r: &HTTPRoute, ports: Ports<'_>) -> Result<Vec<Route>, Problem
     let (ns, name) =
         (r.metadata.namespace.clone().unwrap_or_default(), r.metadata.name.clone().unwrap_or_default());
     let at = |field: String, msg: String| format!("HTTPRoute {ns}/{name}: {field}: {msg}");
+    let annotated = annotated_retry(&r.metadata, false).map_err(|(f, m)| at(f, m))?;
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
-        rules.push(http_rule(rule, &ns, ports).map_err(|(f, m)| at(format!("spec.rules[{i}].{f}"), m))?);
+        let mut out = http_rule(rule, &ns, ports).map_err(|(f, m)| at(format!("spec.rules[{i}].{f}"), m))?;
+        if out.retry.is_none() {
+            out.retry = annotated.clone();
+        }
+        rules.push(out);
     }
     attach(&ns, &name, &r.spec.parent_refs, rules, ports).map_err(|(f, m)| at(f, m))
+}
+
+/// Retries from the route's `retry.weft.dev/*` annotations, for every rule without the
+/// Gateway API's own `retry` (GRPCRoute has none): `limit` (retries after the first
+/// attempt, default 1), `http` (statuses: `5xx,429`), `grpc` (codes: `unavailable`),
+/// `timeout` (each attempt). On a GRPCRoute the listed codes are retried for every call:
+/// gRPC calls are all POSTs, and only the codes that say a call was not processed belong
+/// there.
+fn annotated_retry(meta: &ObjectMeta, grpc: bool) -> Result<Option<routes::Retry>, Bad> {
+    let Some(annotations) = &meta.annotations else { return Ok(None) };
+    let get = |key: &str| annotations.get(&format!("retry.weft.dev/{key}")).map(|v| v.trim());
+    let (limit, http, codes, timeout) = (get("limit"), get("http"), get("grpc"), get("timeout"));
+    if limit.is_none() && http.is_none() && codes.is_none() {
+        return Ok(None);
+    }
+    let field = |key: &str| format!("metadata.annotations[retry.weft.dev/{key}]");
+    let retries = match limit {
+        None => 1,
+        Some(l) => {
+            l.parse::<u32>().map_err(|_| (field("limit"), format!("{l:?} is not a number of retries")))?
+        }
+    };
+    let list = |v: Option<&str>| -> Vec<String> {
+        v.map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    };
+    let statuses = list(http).into_iter().map(routes::StatusSpec::Class).collect();
+    let per_try_timeout =
+        timeout.map(|t| gateway_duration(t).map(Setting).map_err(|e| (field("timeout"), e))).transpose()?;
+    Ok(Some(routes::Retry {
+        attempts: retries.saturating_add(1),
+        statuses,
+        grpc_codes: list(codes),
+        non_idempotent: grpc,
+        per_try_timeout,
+        max_body_bytes: 64 * 1024,
+        backoff: None,
+    }))
 }
 
 /// The routes a GRPCRoute makes, one per parent Service port.
@@ -34,6 +78,7 @@ pub fn grpc_route(r: &GRPCRoute, ports: Ports<'_>) -> Result<Vec<Route>, Problem
     let (ns, name) =
         (r.metadata.namespace.clone().unwrap_or_default(), r.metadata.name.clone().unwrap_or_default());
     let at = |field: String, msg: String| format!("GRPCRoute {ns}/{name}: {field}: {msg}");
+    let annotated = annotated_retry(&r.metadata, true).map_err(|(f, m)| at(f, m))?;
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
         let field = |f: String, m: String| at(format!("spec.rules[{i}].{f}"), m);
@@ -65,6 +110,7 @@ pub fn grpc_route(r: &GRPCRoute, ports: Ports<'_>) -> Result<Vec<Route>, Problem
         }
         filters(&rule.filters, &mut out).map_err(|(f, m)| field(f, m))?;
         out.backends = backends(&rule.backend_refs, &ns, ports).map_err(|(f, m)| field(f, m))?;
+        out.retry = annotated.clone();
         rules.push(out);
     }
     attach(&ns, &name, &r.spec.parent_refs, rules, ports).map_err(|(f, m)| at(f, m))

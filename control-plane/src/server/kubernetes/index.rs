@@ -691,6 +691,37 @@ mod tests {
         );
         assert_eq!(rule.matches[0].headers[0].name, "x-tenant");
         assert_eq!(rule.backends[0].authority, "words-v2.default:8080");
+        assert!(rule.retry.is_none());
+
+        // Retries from annotations: every call of a GRPCRoute (they are all POSTs).
+        let mut annotated = (*objects.grpc_routes[0]).clone();
+        annotated.metadata.annotations = Some(
+            [
+                ("retry.weft.dev/grpc", "unavailable, resource-exhausted"),
+                ("retry.weft.dev/limit", "2"),
+                ("retry.weft.dev/timeout", "300ms"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        objects.grpc_routes = vec![Arc::new(annotated.clone())];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let retry = mesh.route_set("10.96.0.10:9090", "default").rules[0].retry.clone().unwrap();
+        assert_eq!(
+            (retry.attempts, retry.grpc_codes.as_slice(), retry.non_idempotent),
+            (3, &[14, 8][..], true)
+        );
+        assert_eq!(retry.per_try_timeout_ms, 300);
+        // A code the mesh does not know: the route is left out, named.
+        annotated.metadata.annotations.as_mut().unwrap().insert("retry.weft.dev/grpc".into(), "down".into());
+        objects.grpc_routes = vec![Arc::new(annotated)];
+        let (_, problems) = build("cluster.local", &objects);
+        assert!(
+            problems.len() == 1 && problems[0].contains("default/rpc") && problems[0].contains("\"down\""),
+            "{problems:?}"
+        );
     }
 
     #[test]
