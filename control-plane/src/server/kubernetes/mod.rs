@@ -129,8 +129,8 @@ struct Stores {
     pods: Store<Pod>,
     http_routes: Option<Store<HTTPRoute>>,
     grpc_routes: Option<Store<GRPCRoute>>,
-    inbound: Store<InboundPolicy>,
-    traffic: Store<TrafficPolicy>,
+    inbound: Option<Store<InboundPolicy>>,
+    traffic: Option<Store<TrafficPolicy>>,
 }
 
 /// Starts every watch and waits for their initial lists; then publishes the first state
@@ -138,34 +138,43 @@ struct Stores {
 /// proxy ever gets an answer from a half-listed cluster.
 pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<State, Error> {
     let changed = Arc::new(Notify::new());
-    let services = reflect::<Service>(Api::all(client.clone()), "Service", &stats, &changed);
-    let slices = reflect::<EndpointSlice>(Api::all(client.clone()), "EndpointSlice", &stats, &changed);
-    let pods = reflect::<Pod>(Api::all(client.clone()), "Pod", &stats, &changed);
-    let http_routes = match installed::<HTTPRoute>(&client).await? {
-        true => Some(reflect::<HTTPRoute>(Api::all(client.clone()), "HTTPRoute", &stats, &changed)),
-        false => None,
-    };
-    let grpc_routes = match installed::<GRPCRoute>(&client).await? {
-        true => Some(reflect::<GRPCRoute>(Api::all(client.clone()), "GRPCRoute", &stats, &changed)),
-        false => None,
-    };
-    let inbound = reflect::<InboundPolicy>(Api::all(client.clone()), "InboundPolicy", &stats, &changed);
-    let traffic = reflect::<TrafficPolicy>(Api::all(client.clone()), "TrafficPolicy", &stats, &changed);
+    let services = reflect::<Service>(Api::all(client.clone()), "Service", &stats, &changed, keep_all);
+    let slices =
+        reflect::<EndpointSlice>(Api::all(client.clone()), "EndpointSlice", &stats, &changed, keep_all);
+    let pods = reflect::<Pod>(Api::all(client.clone()), "Pod", &stats, &changed, trim_pod);
+    // Custom resources may not be installed: the kinds that are not are off (with a
+    // warning), since no object of theirs can exist.
+    let optional = |installed: bool| installed.then_some(());
+    let http_routes = optional(installed::<HTTPRoute>(&client).await?)
+        .map(|()| reflect::<HTTPRoute>(Api::all(client.clone()), "HTTPRoute", &stats, &changed, keep_all));
+    let grpc_routes = optional(installed::<GRPCRoute>(&client).await?)
+        .map(|()| reflect::<GRPCRoute>(Api::all(client.clone()), "GRPCRoute", &stats, &changed, keep_all));
+    let inbound = optional(installed::<InboundPolicy>(&client).await?).map(|()| {
+        reflect::<InboundPolicy>(Api::all(client.clone()), "InboundPolicy", &stats, &changed, keep_all)
+    });
+    let traffic = optional(installed::<TrafficPolicy>(&client).await?).map(|()| {
+        reflect::<TrafficPolicy>(Api::all(client.clone()), "TrafficPolicy", &stats, &changed, keep_all)
+    });
     let stores = Stores { services, slices, pods, http_routes, grpc_routes, inbound, traffic };
     for (kind, ready) in [
         ("Service", stores.services.wait_until_ready().await),
         ("EndpointSlice", stores.slices.wait_until_ready().await),
         ("Pod", stores.pods.wait_until_ready().await),
-        ("InboundPolicy", stores.inbound.wait_until_ready().await),
-        ("TrafficPolicy", stores.traffic.wait_until_ready().await),
     ] {
         ready.map_err(|_| Error::Config(format!("the {kind} watch stopped before its first list")))?;
     }
-    for store in [&stores.http_routes].into_iter().flatten() {
-        let _ = store.wait_until_ready().await;
+    let stopped = |kind: &str| Error::Config(format!("the {kind} watch stopped before its first list"));
+    if let Some(s) = &stores.http_routes {
+        s.wait_until_ready().await.map_err(|_| stopped("HTTPRoute"))?;
     }
-    for store in [&stores.grpc_routes].into_iter().flatten() {
-        let _ = store.wait_until_ready().await;
+    if let Some(s) = &stores.grpc_routes {
+        s.wait_until_ready().await.map_err(|_| stopped("GRPCRoute"))?;
+    }
+    if let Some(s) = &stores.inbound {
+        s.wait_until_ready().await.map_err(|_| stopped("InboundPolicy"))?;
+    }
+    if let Some(s) = &stores.traffic {
+        s.wait_until_ready().await.map_err(|_| stopped("TrafficPolicy"))?;
     }
     let mut reported = Vec::new();
     let first = publishable(&opts, &stores, &mut reported, 1);
@@ -203,8 +212,8 @@ fn publishable(opts: &Options, stores: &Stores, reported: &mut Vec<String>, gene
         pods: stores.pods.state(),
         http_routes: stores.http_routes.as_ref().map(Store::state).unwrap_or_default(),
         grpc_routes: stores.grpc_routes.as_ref().map(Store::state).unwrap_or_default(),
-        inbound_policies: stores.inbound.state(),
-        traffic_policies: stores.traffic.state(),
+        inbound_policies: stores.inbound.as_ref().map(Store::state).unwrap_or_default(),
+        traffic_policies: stores.traffic.as_ref().map(Store::state).unwrap_or_default(),
     };
     let (mut mesh, problems) = index::build(&opts.trust_domain, &objects);
     for p in problems.iter().filter(|p| !reported.contains(p)) {
@@ -228,8 +237,8 @@ where
             tracing::warn!(
                 kind = %K::kind(&()),
                 group = %K::group(&()),
-                "not served by the API (is its CRD installed?); routes of this kind are off until it is and the \
-                 control plane restarts"
+                "not served by the API (is its CRD installed? Weft's are in k8s/crds/); objects of this kind \
+                 are off until it is and the control plane restarts"
             );
             Ok(false)
         }
@@ -237,9 +246,55 @@ where
     }
 }
 
+fn keep_all<K>(_: &mut K) {}
+
+/// A pod as the index reads it: names, labels, service account, host network, the
+/// containers' names, phase and IPs. The rest (env, volumes, probes, conditions) would be
+/// most of the memory the watch holds.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = &mut pod.spec {
+        let names = |cs: &mut Vec<k8s_openapi::api::core::v1::Container>| {
+            for c in cs.iter_mut() {
+                *c = k8s_openapi::api::core::v1::Container {
+                    name: std::mem::take(&mut c.name),
+                    ..Default::default()
+                };
+            }
+        };
+        names(&mut spec.containers);
+        if let Some(init) = &mut spec.init_containers {
+            names(init);
+        }
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            containers: std::mem::take(&mut spec.containers),
+            init_containers: spec.init_containers.take(),
+            service_account_name: spec.service_account_name.take(),
+            host_network: spec.host_network,
+            ..Default::default()
+        };
+    }
+    if let Some(status) = &mut pod.status {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            pod_ip: status.pod_ip.take(),
+            pod_ips: status.pod_ips.take(),
+            ..Default::default()
+        };
+    }
+}
+
 /// A reflector over `api`, run in the background: its store, and a notification on every
-/// event. Managed fields are dropped as objects arrive; they are most of an object's size.
-fn reflect<K>(api: Api<K>, kind: &'static str, stats: &Arc<Stats>, changed: &Arc<Notify>) -> Store<K>
+/// event. Managed fields are dropped as objects arrive (they are most of an object's
+/// size), and `trim` drops what else the index does not read.
+fn reflect<K>(
+    api: Api<K>,
+    kind: &'static str,
+    stats: &Arc<Stats>,
+    changed: &Arc<Notify>,
+    trim: fn(&mut K),
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -248,7 +303,10 @@ where
     let (stats, changed) = (stats.clone(), changed.clone());
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .modify(move |o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            trim(o);
+        })
         .reflect(writer);
     tokio::spawn(async move {
         let mut lists = 0u64;
@@ -273,4 +331,36 @@ where
         }
     });
     reader
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_trimmed_pod_keeps_what_the_index_reads() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"},
+                         "annotations": {"big": "x".repeat(10_000)}},
+            "spec": {"serviceAccountName": "web",
+                     "initContainers": [{"name": "weft-proxy", "image": "weft", "env": [{"name": "A", "value": "1"}]}],
+                     "containers": [{"name": "app", "image": "app", "args": ["--serve"]}],
+                     "volumes": [{"name": "data", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.9", "podIPs": [{"ip": "10.0.0.9"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        trim_pod(&mut pod);
+        let text = serde_json::to_string(&pod).unwrap();
+        assert!(text.len() < 400 && !text.contains("image") && !text.contains("big"), "{text}");
+        let objects = index::Objects { pods: vec![Arc::new(pod)], ..Default::default() };
+        let (mesh, _) = index::build("cluster.local", &objects);
+        let p = &mesh.pods[&"10.0.0.9".parse().unwrap()];
+        assert_eq!(p.identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/web"));
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
+    }
 }
