@@ -117,8 +117,12 @@ impl FakeApi {
             }
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            let listener = std::net::TcpListener::bind(addr).unwrap();
-            listener.set_nonblocking(true).unwrap();
+            // Tokio's bind sets SO_REUSEADDR, so a restart can take the address again at once.
+            let listener =
+                crate::eventually(std::time::Duration::from_secs(5), "the API server's address", || {
+                    rt.block_on(TcpListener::bind(addr)).ok()
+                });
+            let listener = listener.into_std().unwrap();
             (rt, listener)
         })
         .join()
@@ -151,7 +155,8 @@ impl FakeApi {
     /// Stops the server, cutting every connection and watch; its state is kept.
     pub fn stop(&mut self) {
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            // Waits for the workers to drop every task, the listener included.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
     }
 
