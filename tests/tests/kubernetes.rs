@@ -24,11 +24,15 @@ fn service(name: &str, cluster_ip: &str, port: u16) -> Value {
 
 /// One slice per backend: a slice has one port per name, and local backends differ by port.
 fn slice(name: &str, service: &str, backend: SocketAddr, ready: bool) -> Value {
+    slice_with(name, service, backend, json!({"ready": ready}))
+}
+
+fn slice_with(name: &str, service: &str, backend: SocketAddr, conditions: Value) -> Value {
     json!({"kind": "EndpointSlice",
            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
            "addressType": "IPv4",
            "ports": [{"name": "http", "port": backend.port()}],
-           "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": ready}}]})
+           "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": conditions}]})
 }
 
 /// An API with the CA's Secret and the web workload's token.
@@ -226,4 +230,38 @@ fn a_rotated_token_file_is_read_again() {
     proxy.wait_metric_at_least(ok, before + 2.0);
     assert_eq!(proxy.metric(r#"weft_identity_certify_total{result="error"}"#), 0.0, "{}", proxy.logs());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_terminating_endpoint_finishes_its_requests_and_gets_no_new_ones() {
+    let api = api();
+    let (a, b) = two_backends();
+    api.apply(service("words", "10.96.0.10", 8080));
+    api.apply(slice("words-a", "words", a.addr, true));
+    // Round robin: were the terminating endpoint still a candidate, every other request
+    // would go to it (peak-EWMA would avoid it anyway, for its request in flight).
+    api.apply(json!({"kind": "TrafficPolicy", "metadata": {"name": "words", "namespace": "default"},
+                     "spec": {"targetRef": {"name": "words"}, "balancer": "round-robin"}}));
+    let control = Control::kubernetes(&api, &[]);
+    let proxy = client(&control);
+    assert_eq!(get(&proxy, "http://words.default:8080/"), Ok("a".to_string()));
+    std::thread::scope(|scope| {
+        // A slow request in flight on a when a starts terminating (a rollout) and b is ready.
+        let slow = scope.spawn(|| get(&proxy, "http://words.default:8080/?delay_ms=1500"));
+        eventually(Duration::from_secs(5), "the slow request at a", || (a.hits() >= 2).then_some(()));
+        let before = control.generation();
+        let terminating = json!({"ready": false, "serving": true, "terminating": true});
+        api.apply(slice_with("words-a", "words", a.addr, terminating));
+        api.apply(slice("words-b", "words", b.addr, true));
+        let g = eventually(Duration::from_secs(5), "both changes published", || {
+            let g = control.generation();
+            (g >= before + 1 && get(&proxy, "http://words.default:8080/") == Ok("b".into())).then_some(g)
+        });
+        proxy.wait_generation("discovery", g);
+        // No new request goes to the terminating endpoint; the one in flight finishes.
+        for _ in 0..20 {
+            assert_eq!(get(&proxy, "http://words.default:8080/"), Ok("b".to_string()));
+        }
+        assert_eq!(slow.join().unwrap(), Ok("a".to_string()));
+    });
 }
