@@ -216,7 +216,9 @@ fn endpoints(
                     address: SocketAddr::new(ip, port),
                     workload: None,
                     weight: 1,
-                    labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                    // Pod labels are not sent: no proxy reads them, and they would be copied
+                    // into every answer for every endpoint.
+                    labels: BTreeMap::new(),
                     identity: pod.and_then(|p| p.identity.clone()),
                     zone: e.zone.clone(),
                 };
