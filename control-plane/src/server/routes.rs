@@ -159,6 +159,17 @@ pub struct Retry {
     pub max_body_bytes: u32,
     /// The first backoff; it doubles per retry, with jitter.
     pub backoff: Option<Setting>,
+    /// Retries at most `percent` of the rule's requests plus `minPerSecond`; default 20 %
+    /// and 10 per second.
+    pub budget: Option<RetryBudget>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudget {
+    pub percent: f64,
+    #[serde(default)]
+    pub min_per_second: u32,
 }
 
 fn three() -> u32 {
@@ -343,11 +354,23 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
         }
     }
     let ms = |d: &Option<Setting>| d.map_or(0, Setting::millis);
+    let permille = |p: f64, field: &str| -> Result<u32, String> {
+        if (0.0..=100.0).contains(&p) {
+            Ok((p * 10.0).round() as u32)
+        } else {
+            Err(format!("{field}: {p} must be a percentage between 0 and 100"))
+        }
+    };
     let retry = match &rule.retry {
         None => None,
         Some(r) => {
             if !(1..=10).contains(&r.attempts) {
                 return Err("retry.attempts: must be between 1 and 10".into());
+            }
+            if r.budget.as_ref().is_some_and(|b| b.percent <= 0.0 && b.min_per_second == 0) {
+                return Err(
+                    "retry.budget: allows no retries; give a percent above 0 or remove the retry".into()
+                );
             }
             let mut grpc_codes = Vec::new();
             for name in &r.grpc_codes {
@@ -364,14 +387,12 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
                 per_try_timeout_ms: ms(&r.per_try_timeout),
                 max_body_bytes: r.max_body_bytes,
                 backoff_ms: r.backoff.map_or(25, Setting::millis),
+                budget_permille: match &r.budget {
+                    None => 0,
+                    Some(b) => permille(b.percent, "retry.budget.percent")?,
+                },
+                budget_min_per_second: r.budget.as_ref().map_or(0, |b| b.min_per_second),
             })
-        }
-    };
-    let permille = |p: f64, field: &str| -> Result<u32, String> {
-        if (0.0..=100.0).contains(&p) {
-            Ok((p * 10.0).round() as u32)
-        } else {
-            Err(format!("{field}: {p} must be a percentage between 0 and 100"))
         }
     };
     let fault = match &rule.fault {

@@ -114,7 +114,7 @@ impl Attempts {
             return self.attempt(req, &plan.dest, once, &mut Vec::new(), ex).await;
         };
         let (first, replay) = Replay::start(req, u64::from(retry.max_body_bytes));
-        let budget = self.budgets.of(&rule.rule().name);
+        let budget = self.budgets.of(&rule.rule().name, retry);
         budget.deposit();
         let (mut t, mut tried, mut req) = (Try { per_try, upgrade: false, ..once }, Vec::new(), first);
         loop {

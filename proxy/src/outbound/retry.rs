@@ -167,16 +167,33 @@ pub fn backoff(retry: &Retry, n: u32) -> Duration {
 /// One retry budget per rule, shared by the proxy's shards.
 #[derive(Default)]
 pub struct Budgets {
-    budgets: Mutex<HashMap<String, Arc<TpsBudget>>>,
+    /// Rule → (its budget's settings, the budget).
+    budgets: Mutex<HashMap<String, ((u32, u32), Arc<TpsBudget>)>>,
 }
 
+/// Retries per deposited request, and per second at least, when the rule says nothing.
+const DEFAULT_BUDGET: (u32, u32) = (200, 10);
+
 impl Budgets {
-    pub fn of(&self, rule: &str) -> Arc<TpsBudget> {
+    /// The budget of `rule` with `retry`'s settings; a new one when they changed.
+    pub fn of(&self, rule: &str, retry: &Retry) -> Arc<TpsBudget> {
+        let wanted = match (retry.budget_permille, retry.budget_min_per_second) {
+            (0, 0) => DEFAULT_BUDGET,
+            set => set,
+        };
         let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        budgets
-            .entry(rule.to_string())
-            .or_insert_with(|| Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)))
-            .clone()
+        let make = || {
+            let ratio = f32::from(u16::try_from(wanted.0.min(1000)).unwrap_or(1000)) / 1000.0;
+            Arc::new(TpsBudget::new(Duration::from_secs(10), wanted.1, ratio))
+        };
+        match budgets.get(rule) {
+            Some((settings, budget)) if *settings == wanted => budget.clone(),
+            _ => {
+                let budget = make();
+                budgets.insert(rule.to_string(), (wanted, budget.clone()));
+                budget
+            }
+        }
     }
 }
 
@@ -210,6 +227,23 @@ mod tests {
             assert!(backoff(&retry, 3) <= Duration::from_millis(400));
             assert!(backoff(&retry, 30) <= BACKOFF_MAX);
         }
+    }
+
+    #[test]
+    fn a_rule_s_budget_follows_its_settings() {
+        let budgets = Budgets::default();
+        let default = Retry::default();
+        let a = budgets.of("r/0", &default);
+        assert!(Arc::ptr_eq(&a, &budgets.of("r/0", &default)), "one budget per rule");
+        // 0 ‰ and 1 per second: one retry per second, whatever the traffic.
+        let tight = Retry { budget_permille: 0, budget_min_per_second: 1, ..Retry::default() };
+        let b = budgets.of("r/0", &tight);
+        assert!(!Arc::ptr_eq(&a, &b), "new settings make a new budget");
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let allowed = (0..100).filter(|_| b.withdraw()).count();
+        assert!((1..=10).contains(&allowed), "{allowed}");
     }
 
     #[test]

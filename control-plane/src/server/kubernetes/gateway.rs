@@ -70,6 +70,7 @@ fn annotated_retry(meta: &ObjectMeta, grpc: bool) -> Result<Option<routes::Retry
         per_try_timeout,
         max_body_bytes: 64 * 1024,
         backoff: None,
+        budget: None,
     }))
 }
 
@@ -161,6 +162,7 @@ fn http_rule(rule: &HttpRouteRule, ns: &str, ports: Ports<'_>) -> Result<Rule, B
             per_try_timeout: backend,
             max_body_bytes: 64 * 1024,
             backoff: duration("retry.backoff", &retry.backoff)?,
+            budget: None,
         });
     } else if backend.is_some() {
         // One attempt: its timeout bounds the request too.

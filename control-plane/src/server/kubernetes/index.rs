@@ -126,6 +126,7 @@ pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>
         }
     }
     add_faults(&traffic, &services, &mut all_routes);
+    add_budgets(&traffic, &services, &mut all_routes);
     let policies = inbound_policies(trust_domain, &objects.inbound_policies, &mut problems);
     let mut m = mesh::Mesh::default();
     (m.trust_domain, m.services, m.routes, m.policies, m.pods) =
@@ -316,6 +317,7 @@ struct Traffic {
     outlier: Option<mesh::OutlierDetection>,
     max_concurrent_requests: Option<u32>,
     fault: Option<routes::Fault>,
+    budget: Option<routes::RetryBudget>,
 }
 
 impl Traffic {
@@ -410,10 +412,32 @@ fn traffic_policies(
                 outlier,
                 max_concurrent_requests: spec.max_concurrent_requests,
                 fault,
+                budget: spec.retry_budget.as_ref().map(|b| routes::RetryBudget {
+                    percent: b.percent,
+                    min_per_second: b.min_retries_per_second,
+                }),
             },
         );
     }
     out
+}
+
+/// A TrafficPolicy's retry budget caps every rule of its Service's routes that retries
+/// and names no budget of its own.
+fn add_budgets(
+    traffic: &HashMap<(String, String), Traffic>,
+    services: &[mesh::Service],
+    routes: &mut [routes::Route],
+) {
+    for s in services {
+        let policy = traffic.get(&(s.namespace.clone(), s.name.clone())).and_then(|t| t.for_port(s.port));
+        let Some(budget) = policy.and_then(|t| t.budget.clone()) else { continue };
+        for r in routes.iter_mut().filter(|r| r.service == s.authority()) {
+            for retry in r.rules.iter_mut().filter_map(|rule| rule.retry.as_mut()) {
+                retry.budget.get_or_insert_with(|| budget.clone());
+            }
+        }
+    }
 }
 
 /// A TrafficPolicy's fault applies to every request to its Service: added to each rule
@@ -771,9 +795,18 @@ mod tests {
                 "balancer": "round-robin",
                 "outlierDetection": {"consecutiveFailures": 3, "ejectionTime": "10s"},
                 "maxConcurrentRequests": 50,
-                "fault": {"abort": {"percent": 5, "status": 503}}
+                "fault": {"abort": {"percent": 5, "status": 503}},
+                "retryBudget": {"percent": 5, "minRetriesPerSecond": 2}
             }
         }))];
+        objects.http_routes = vec![http_route(
+            "default",
+            "retrying",
+            json!({
+                "parentRefs": [{"kind": "Service", "name": "words", "port": 8080}],
+                "rules": [{"retry": {"codes": [503], "attempts": 1}}]
+            }),
+        )];
         let (mesh, problems) = build("cluster.local", &objects);
         assert!(problems.is_empty(), "{problems:?}");
         let set = watch::endpoint_set(&mesh, "words.default:8080", "default");
@@ -782,8 +815,11 @@ mod tests {
         let o = set.outlier_detection.unwrap();
         assert_eq!((o.consecutive_failures, o.base_ejection_ms), (3, 10_000));
         let routes = mesh.route_set("words.default:8080", "default");
-        assert_eq!(routes.rules.len(), 1);
-        assert_eq!(routes.rules[0].fault.as_ref().unwrap().abort_permille, 50);
+        // The route's rule gets the fault and the budget; a last rule faults the rest.
+        assert_eq!(routes.rules.len(), 2, "{routes:?}");
+        assert!(routes.rules.iter().all(|r| r.fault.as_ref().unwrap().abort_permille == 50));
+        let retry = routes.rules[0].retry.as_ref().unwrap();
+        assert_eq!((retry.budget_permille, retry.budget_min_per_second), (50, 2));
         // The other port is untouched.
         let grpc = watch::endpoint_set(&mesh, "words.default:9090", "default");
         assert_eq!(grpc.balancer, weft_api::v1::Balancer::PeakEwma as i32);

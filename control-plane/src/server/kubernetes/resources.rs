@@ -303,6 +303,19 @@ pub struct TrafficPolicySpec {
     pub max_concurrent_requests: Option<u32>,
     /// Applied to every request to the Service.
     pub fault: Option<Fault>,
+    /// Caps the retries of every route rule of the Service that retries.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries at most this share of the requests (over 10 s)...
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: f64,
+    /// ...plus this many per second.
+    #[serde(default)]
+    pub min_retries_per_second: u32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
