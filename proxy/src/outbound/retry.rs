@@ -167,9 +167,11 @@ pub fn backoff(retry: &Retry, n: u32) -> Duration {
 /// One retry budget per rule, shared by the proxy's shards.
 #[derive(Default)]
 pub struct Budgets {
-    /// Rule → (its budget's settings, the budget).
-    budgets: Mutex<HashMap<String, ((u32, u32), Arc<TpsBudget>)>>,
+    budgets: Mutex<HashMap<String, RuleBudget>>,
 }
+
+/// A rule's budget and the settings (‰, minimum per second) it was made with.
+type RuleBudget = ((u32, u32), Arc<TpsBudget>);
 
 /// Retries per deposited request, and per second at least, when the rule says nothing.
 const DEFAULT_BUDGET: (u32, u32) = (200, 10);
