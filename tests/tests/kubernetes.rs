@@ -265,3 +265,43 @@ fn a_terminating_endpoint_finishes_its_requests_and_gets_no_new_ones() {
         assert_eq!(slow.join().unwrap(), Ok("a".to_string()));
     });
 }
+
+#[test]
+fn a_pod_the_control_plane_has_not_seen_gets_no_permissive_policy() {
+    // A strict policy selects app=words; the pod's proxy starts before the Pod reaches
+    // the control plane's watch (or with a token bound to no pod).
+    let api = api();
+    api.token("words-token", "default", "words", Some("words-0"));
+    let app = backend::http("words");
+    let port = app.addr.port();
+    api.apply(json!({"kind": "InboundPolicy", "metadata": {"name": "words", "namespace": "default"},
+                     "spec": {"podSelector": {"matchLabels": {"app": "words"}}, "port": port, "mode": "strict"}}));
+    let control = Control::kubernetes(&api, &[]);
+    let grpc = control.grpc.to_string();
+    let (app_addr, ports) = (app.addr.to_string(), port.to_string());
+    let proxy = Proxy::spawn(&[
+        ("WEFT_CONTROL_ADDR", grpc.as_str()),
+        ("WEFT_IDENTITY", "spiffe://cluster.local/ns/default/sa/words"),
+        ("WEFT_TOKEN", "words-token"),
+        ("WEFT_APP_ADDR", app_addr.as_str()),
+        ("WEFT_INBOUND_PORTS", ports.as_str()),
+    ]);
+    // Certified, but no policy answer for its port: not ready, and plaintext is refused
+    // (the default before an answer is deny), never let through as "permissive".
+    proxy.wait_metric_at_least(r#"weft_identity_certify_total{result="ok"}"#, 1.0);
+    assert_eq!(http_get(proxy.admin, "/ready").map(|(s, _)| s), Some(503));
+    let inbound = format!("http://{}/", proxy.inbound);
+    let (code, _, _) = weft_e2e::curl(&[&inbound]);
+    assert_ne!(code, 200, "plaintext reached the app before the pod's policy was known");
+    assert_eq!(app.hits(), 0);
+    // The Pod arrives: the strict policy is answered, and the proxy becomes ready.
+    api.apply(json!({"kind": "Pod", "metadata": {"name": "words-0", "namespace": "default", "labels": {"app": "words"}},
+                     "spec": {"serviceAccountName": "words", "containers": [{"name": "app"}, {"name": "weft-proxy"}]},
+                     "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}));
+    eventually(Duration::from_secs(10), "the proxy to become ready", || {
+        (http_get(proxy.admin, "/ready").map(|(s, _)| s) == Some(200)).then_some(())
+    });
+    let (code, _, _) = weft_e2e::curl(&[&inbound]);
+    assert_ne!(code, 200, "strict: plaintext is still refused");
+    assert_eq!(app.hits(), 0);
+}

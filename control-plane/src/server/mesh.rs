@@ -49,6 +49,10 @@ pub struct Mesh {
     /// and the labels inbound policies select on. The mesh file has none.
     #[serde(skip)]
     pub pods: BTreeMap<IpAddr, Pod>,
+    /// Whether inbound policies select pods (Kubernetes): a caller whose pod is not in
+    /// `pods` gets no policy answer until it is.
+    #[serde(skip)]
+    pub selects_pods: bool,
     /// Authority → index in `services`, made by [`Mesh::index`] so that a lookup does not
     /// scan every service (a change is answered to every watcher at once).
     #[serde(skip)]

@@ -43,25 +43,28 @@ impl Stamped for InboundPolicy {
 
 /// Streams `answer(mesh)` now and after every state change that changes it (a new
 /// generation alone is not a change), stamped with the generation it was made from.
+/// `None` is no answer yet: nothing is sent until there is one (the caller keeps what it
+/// had, or its fail-closed default).
 fn watch_answers<T, F>(state: State, answer: F) -> Watch<T>
 where
     T: Clone + PartialEq + Stamped + Send + Sync + 'static,
-    F: Fn(&Mesh) -> T + Send + 'static,
+    F: Fn(&Mesh) -> Option<T> + Send + 'static,
 {
-    let init = (state, None::<T>, answer);
-    Box::pin(futures_util::stream::unfold(init, |(mut state, last, answer)| async move {
+    let init = (state, None::<T>, answer, false);
+    Box::pin(futures_util::stream::unfold(init, |(mut state, last, answer, mut started)| async move {
         loop {
-            if last.is_some() && state.changed().await.is_err() {
+            if started && state.changed().await.is_err() {
                 return None;
             }
+            started = true;
             let (next, generation) = {
                 let mesh = state.borrow_and_update();
                 (answer(&mesh), mesh.generation)
             };
-            if last.as_ref() != Some(&next) {
+            if let Some(next) = next.filter(|n| last.as_ref() != Some(n)) {
                 let mut sent = next.clone();
                 sent.stamp(generation);
-                return Some((Ok(sent), (state, Some(next), answer)));
+                return Some((Ok(sent), (state, Some(next), answer, started)));
             }
         }
     }))
@@ -156,7 +159,7 @@ impl Discovery for DiscoveryService {
         if authority.is_empty() {
             return Err(Status::invalid_argument("authority is empty: send host:port"));
         }
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| endpoint_set(m, &authority, &ns))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| Some(endpoint_set(m, &authority, &ns)))))
     }
 }
 
@@ -167,16 +170,17 @@ pub struct PolicyService {
 
 /// The policy of the caller's inbound `port`: the first that names its workload (mesh
 /// file) or selects its pod (Kubernetes), or permissive and open to every meshed identity.
-pub fn inbound_policy(mesh: &Mesh, caller: &Caller, port: u16) -> InboundPolicy {
-    let mut pod = None;
-    let mut applies = |p: &mesh::InboundPolicy| match &p.pods {
+/// `None` while a source that selects by pod does not know the caller's pod (a pod the
+/// watch has not delivered yet, or a token not bound to a pod): the proxy keeps its
+/// fail-closed default rather than get a permissive answer its policy would not give.
+pub fn inbound_policy(mesh: &Mesh, caller: &Caller, port: u16) -> Option<InboundPolicy> {
+    let me = mesh.pods.values().find(|x| x.name == caller.workload && x.namespace == caller.namespace);
+    if mesh.selects_pods && me.is_none() {
+        return None;
+    }
+    let applies = |p: &mesh::InboundPolicy| match &p.pods {
         None => p.workload == caller.workload,
-        Some(selector) => {
-            let me = pod.get_or_insert_with(|| {
-                mesh.pods.values().find(|x| x.name == caller.workload && x.namespace == caller.namespace)
-            });
-            me.is_some_and(|me| selector.selects(me))
-        }
+        Some(selector) => me.is_some_and(|me| selector.selects(me)),
     };
     let rule = mesh.policies.iter().filter(|p| p.port == port).find(|p| applies(p));
     let mode = match rule.map(|r| r.mode).unwrap_or(mesh::Mode::Permissive) {
@@ -189,14 +193,14 @@ pub fn inbound_policy(mesh: &Mesh, caller: &Caller, port: u16) -> InboundPolicy 
         burst: r.burst.unwrap_or(r.requests_per_second),
         per_identity: r.per_identity.unwrap_or(0),
     });
-    InboundPolicy {
+    Some(InboundPolicy {
         port: u32::from(port),
         mode: mode as i32,
         allow_all_meshed: allow.is_none(),
         allowed_identities: allow.unwrap_or_default(),
         rate_limit,
         generation: 0,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -224,7 +228,7 @@ impl Policy for PolicyService {
         if authority.is_empty() {
             return Err(Status::invalid_argument("authority is empty: send host:port"));
         }
-        Ok(Response::new(watch_answers(self.state.clone(), move |m| m.route_set(&authority, &ns))))
+        Ok(Response::new(watch_answers(self.state.clone(), move |m| Some(m.route_set(&authority, &ns)))))
     }
 }
 
@@ -240,7 +244,7 @@ mod tests {
     async fn pushes_the_current_set_then_only_changes() {
         let mesh = Mesh::parse("m", MESH).unwrap();
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(mesh.clone()));
-        let mut s = watch_answers(rx, |m| endpoint_set(m, "api:80", "default"));
+        let mut s = watch_answers(rx, |m| Some(endpoint_set(m, "api:80", "default")));
         let first = s.next().await.unwrap().unwrap();
         assert!(first.known);
         assert_eq!(first.endpoints[0].identity, "spiffe://weft.local/ns/default/sa/web");
@@ -284,7 +288,7 @@ mod tests {
             namespace: "default".into(),
             workload: "web".into(),
         };
-        let p = inbound_policy(&mesh, &web, 9001);
+        let p = inbound_policy(&mesh, &web, 9001).unwrap();
         assert_eq!(p.mode, Mode::Permissive as i32);
         assert!(p.allow_all_meshed && p.allowed_identities.is_empty());
     }

@@ -131,6 +131,7 @@ pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>
     let mut m = mesh::Mesh::default();
     (m.trust_domain, m.services, m.routes, m.policies, m.pods) =
         (trust_domain.to_string(), services, all_routes, policies, pods);
+    m.selects_pods = true;
     // Rules that do not convert (a bad header name, say) fail the whole route.
     let keep: Vec<bool> = m
         .routes
@@ -771,7 +772,7 @@ mod tests {
             namespace: "default".into(),
             workload: pod.into(),
         };
-        let p = watch::inbound_policy(&mesh, &caller("a"), 8081);
+        let p = watch::inbound_policy(&mesh, &caller("a"), 8081).unwrap();
         assert_eq!(p.mode, weft_api::v1::Mode::Strict as i32);
         assert!(!p.allow_all_meshed);
         assert_eq!(
@@ -780,8 +781,11 @@ mod tests {
         );
         assert_eq!(p.rate_limit.unwrap().per_identity, 10);
         // Another port, or a pod the selector does not pick: the default.
-        assert!(watch::inbound_policy(&mesh, &caller("a"), 9091).allow_all_meshed);
-        assert!(watch::inbound_policy(&mesh, &caller("web"), 8081).allow_all_meshed);
+        assert!(watch::inbound_policy(&mesh, &caller("a"), 9091).unwrap().allow_all_meshed);
+        assert!(watch::inbound_policy(&mesh, &caller("web"), 8081).unwrap().allow_all_meshed);
+        // A pod the watches do not know yet (or a token bound to no pod): no answer, so
+        // its proxy keeps its fail-closed default instead of the permissive one.
+        assert!(watch::inbound_policy(&mesh, &caller("not-yet-seen"), 8081).is_none());
     }
 
     #[test]
