@@ -267,6 +267,7 @@ fn a_cluster_ip_is_balanced_routed_and_policed_over_mtls() {
     c.wait_applied(before, 0, "routes");
     let names = c.names(0, "http://10.96.0.10/", 200);
     let v2 = count(&names, "words-b");
+    eprintln!("HTTPRoute 90/10 split through the ClusterIP: {} to v1, {v2} to v2 of 200", 200 - v2);
     // Binomial(200, 0.1): mean 20, sd 4.2; 5 to 40 is beyond 3.5 sd either way.
     assert!((5..=40).contains(&v2) && count(&names, "words-a") == 200 - v2, "v2 got {v2} of 200");
     let head = c.curl(0, &["-D", "-", "-o", "/dev/null", "http://10.96.0.10/"]).unwrap();
