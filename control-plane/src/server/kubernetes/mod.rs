@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod gateway;
 pub mod index;
+pub mod policy;
 pub mod resources;
 pub mod tokens;
 
