@@ -34,17 +34,30 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         let Ok((stream, peer)) = listener.accept().await else { continue };
         let admin = admin.clone();
         tokio::spawn(async move {
+            // A shutdown asked on this connection starts once its answer has been written
+            // (the connection is closed after it): with nothing to drain the process
+            // exits at once, and the caller must still get its 202.
+            let asked = Arc::new(AtomicBool::new(false));
+            let (svc_admin, svc_asked) = (admin.clone(), asked.clone());
             let svc = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(req, peer).await) }
+                let (admin, asked) = (svc_admin.clone(), svc_asked.clone());
+                async move { Ok::<_, Infallible>(admin.route(req, peer, &asked).await) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            if asked.load(Ordering::Acquire) {
+                let _ = admin.shutdown.try_send(());
+            }
         });
     }
 }
 
 impl Admin {
-    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        shutdown: &AtomicBool,
+    ) -> Response<Full<Bytes>> {
         let local = crate::transport::orig_dst::canonical(peer).ip().is_loopback();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
@@ -77,8 +90,10 @@ impl Admin {
             }
             (&Method::POST, "/shutdown") if local => {
                 tracing::info!("shutdown requested on the admin port");
-                let _ = self.shutdown.try_send(());
-                text(StatusCode::ACCEPTED, "shutting down\n")
+                shutdown.store(true, Ordering::Release);
+                let mut rsp = text(StatusCode::ACCEPTED, "shutting down\n");
+                rsp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                rsp
             }
             (_, "/log-level") | (_, "/shutdown") if !local => {
                 text(StatusCode::FORBIDDEN, "only accepted from loopback (inside the pod)\n")
