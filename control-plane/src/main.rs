@@ -50,6 +50,15 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Print the manifests in FILE (or stdin, `-`) with every pod meshed: the sidecar
+    /// the admission webhook would add (Pods, Deployments, StatefulSets, DaemonSets,
+    /// ReplicaSets, Jobs, CronJobs, Lists; several YAML documents).
+    Inject {
+        #[arg(default_value = "-")]
+        file: String,
+        #[command(flatten)]
+        inject: InjectArgs,
+    },
     /// The demo's apps (run by `weft up examples/demo.yaml`).
     ExampleApp {
         #[command(subcommand)]
@@ -98,6 +107,40 @@ struct ControlArgs {
     /// Lifetime of workload certificates, in seconds.
     #[arg(long, default_value_t = 86400)]
     cert_ttl_secs: u64,
+}
+
+/// What the injector puts in pods (shared by `weft inject` and the webhook).
+#[derive(clap::Args, Clone)]
+struct InjectArgs {
+    /// The weft-proxy image (its `init` runs as the init container).
+    #[arg(long)]
+    proxy_image: Option<String>,
+    /// `weft control`'s gRPC address as pods reach it.
+    #[arg(long, default_value = "weft-control.weft.svc.cluster.local:8090")]
+    control_addr: String,
+    /// The trust domain of workload identities.
+    #[arg(long = "inject-trust-domain", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The audience of the projected ServiceAccount token.
+    #[arg(long = "inject-token-audience", default_value = "weft")]
+    token_audience: String,
+    /// The control plane's namespace (its pods are never injected).
+    #[arg(long = "control-namespace", default_value = "weft")]
+    control_namespace: String,
+}
+
+impl InjectArgs {
+    fn config(self) -> weft_control::inject::Config {
+        let base = weft_control::inject::Config::default();
+        weft_control::inject::Config {
+            proxy_image: self.proxy_image.unwrap_or(base.proxy_image),
+            control_addr: self.control_addr,
+            trust_domain: self.trust_domain,
+            token_audience: self.token_audience,
+            control_namespace: self.control_namespace,
+            version: base.version,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -188,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
             up::run(up::Options { file, state_file, duration: seconds.map(Duration::from_secs), access_log })
                 .await
         }
+        Cmd::Inject { file, inject } => weft_control::cli::inject::run(&file, &inject.config()),
         Cmd::Stat { state_file, interval, watch } => {
             if !(0.1..=3600.0).contains(&interval) {
                 anyhow::bail!("--interval must be between 0.1 and 3600 seconds");

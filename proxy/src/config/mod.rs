@@ -20,12 +20,11 @@ pub use otel::*;
 
 // Set by `weft up` and the injector too, so named where both see them.
 pub use weft_api::env::{
-    ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, IDENTITY, INBOUND_ADDR, INBOUND_PORTS, LOG,
-    OUTBOUND_ADDR, TOKEN, TOKEN_FILE, WORKLOAD,
+    ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, DEFAULT_INBOUND_POLICY, IDENTITY, INBOUND_ADDR,
+    INBOUND_PORTS, INIT_SKIP_INBOUND_PORTS, INIT_SKIP_OUTBOUND_PORTS, LOG, OPAQUE_PORTS, OUTBOUND_ADDR,
+    PROXY_UID, TOKEN, TOKEN_FILE, WORKLOAD,
 };
 pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
-pub const DEFAULT_INBOUND_POLICY: &str = "WEFT_DEFAULT_INBOUND_POLICY";
-pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
 pub const CONNECT_TIMEOUT: &str = "WEFT_CONNECT_TIMEOUT";
 pub const TCP_IDLE_TIMEOUT: &str = "WEFT_TCP_IDLE_TIMEOUT";
@@ -38,9 +37,6 @@ pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
 pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
 pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
 pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
-pub const PROXY_UID: &str = "WEFT_PROXY_UID";
-pub const INIT_SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
-pub const INIT_SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
 
 /// Ports whose protocols are known to be server-speaks-first or otherwise not worth
 /// detecting (SMTP, MySQL, Postgres, Redis, Memcached, …): the same set Linkerd ships.
