@@ -92,6 +92,21 @@ struct ControlArgs {
     /// Kubernetes: the audience the proxies' ServiceAccount tokens are issued for.
     #[arg(long, default_value = "weft")]
     token_audience: String,
+    /// Kubernetes: serve the sidecar injector's admission webhook (HTTPS) here.
+    #[arg(long)]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// The webhook Service's DNS names: its certificate is issued for them.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "weft-control.weft.svc,weft-control.weft.svc.cluster.local"
+    )]
+    webhook_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps current.
+    #[arg(long, default_value = "weft-injector")]
+    webhook_config: String,
+    #[command(flatten)]
+    inject: InjectArgs,
     #[arg(long, default_value = "127.0.0.1:8090")]
     grpc_addr: std::net::SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9990")]
@@ -118,14 +133,14 @@ struct InjectArgs {
     /// `weft control`'s gRPC address as pods reach it.
     #[arg(long, default_value = "weft-control.weft.svc.cluster.local:8090")]
     control_addr: String,
-    /// The trust domain of workload identities.
-    #[arg(long = "inject-trust-domain", default_value = "cluster.local")]
+    /// The trust domain of workload identities (`weft control` uses its own --trust-domain).
+    #[arg(long = "inject-trust-domain", id = "inject_trust_domain", default_value = "cluster.local")]
     trust_domain: String,
-    /// The audience of the projected ServiceAccount token.
-    #[arg(long = "inject-token-audience", default_value = "weft")]
+    /// The audience of the projected ServiceAccount token (`weft control`: --token-audience).
+    #[arg(long = "inject-token-audience", id = "inject_token_audience", default_value = "weft")]
     token_audience: String,
-    /// The control plane's namespace (its pods are never injected).
-    #[arg(long = "control-namespace", default_value = "weft")]
+    /// The control plane's namespace: its pods are never injected (`weft control`: --namespace).
+    #[arg(long = "control-namespace", id = "control_namespace", default_value = "weft")]
     control_namespace: String,
 }
 
@@ -188,6 +203,10 @@ async fn main() -> anyhow::Result<()> {
                 ca_secret,
                 trust_bundle_configmap,
                 token_audience,
+                webhook_addr,
+                webhook_names,
+                webhook_config,
+                inject,
                 grpc_addr,
                 admin_addr,
                 ca_cert,
@@ -207,12 +226,25 @@ async fn main() -> anyhow::Result<()> {
                 (SourceKind::File, Some(mesh)) => weft_control::server::From::File(mesh),
                 (SourceKind::File, None) => anyhow::bail!("--source file needs --mesh FILE"),
                 (SourceKind::Kubernetes, _) => {
+                    let webhook = webhook_addr.map(|addr| weft_control::server::WebhookOptions {
+                        addr,
+                        names: webhook_names,
+                        config: webhook_config,
+                        // The webhook injects what this control plane serves.
+                        inject: weft_control::inject::Config {
+                            trust_domain: trust_domain.clone(),
+                            token_audience: token_audience.clone(),
+                            control_namespace: namespace.clone(),
+                            ..inject.config()
+                        },
+                    });
                     weft_control::server::From::Kubernetes(weft_control::server::KubernetesOptions {
                         trust_domain,
                         namespace,
                         ca_secret,
                         trust_bundle_config_map: trust_bundle_configmap,
                         token_audience,
+                        webhook,
                     })
                 }
             };

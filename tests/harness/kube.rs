@@ -30,7 +30,13 @@ struct Kind {
     kind: &'static str,
 }
 
-const KINDS: [Kind; 9] = [
+const KINDS: [Kind; 11] = [
+    Kind { plural: "namespaces", api_version: "v1", kind: "Namespace" },
+    Kind {
+        plural: "mutatingwebhookconfigurations",
+        api_version: "admissionregistration.k8s.io/v1",
+        kind: "MutatingWebhookConfiguration",
+    },
     Kind { plural: "services", api_version: "v1", kind: "Service" },
     Kind { plural: "pods", api_version: "v1", kind: "Pod" },
     Kind { plural: "secrets", api_version: "v1", kind: "Secret" },
@@ -41,6 +47,11 @@ const KINDS: [Kind; 9] = [
     Kind { plural: "inboundpolicies", api_version: "policy.weft.dev/v1alpha1", kind: "InboundPolicy" },
     Kind { plural: "trafficpolicies", api_version: "policy.weft.dev/v1alpha1", kind: "TrafficPolicy" },
 ];
+
+/// Kinds without a namespace.
+fn cluster_scoped(kind: &Kind) -> bool {
+    matches!(kind.kind, "Namespace" | "MutatingWebhookConfiguration")
+}
 
 fn kind_of(kind: &str) -> &'static Kind {
     KINDS.iter().find(|k| k.kind == kind).unwrap_or_else(|| panic!("the fake API server has no kind {kind}"))
@@ -213,12 +224,17 @@ impl FakeApi {
             object["data"] = Value::Object(data);
         }
         object["apiVersion"] = json!(kind.api_version);
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let ns = match cluster_scoped(kind) {
+            true => String::new(),
+            false => object["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+        };
         let name = object["metadata"]["name"].as_str().expect("objects need metadata.name").to_string();
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
-        object["metadata"]["namespace"] = json!(ns);
+        if !cluster_scoped(kind) {
+            object["metadata"]["namespace"] = json!(ns);
+        }
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         object["metadata"]["uid"] = json!(format!("uid-{}-{ns}-{name}", kind.plural));
         if object["metadata"]["creationTimestamp"].is_null() {
@@ -287,6 +303,12 @@ impl FakeApi {
         self.state.lock().unwrap().missing.push(plural);
     }
 
+    /// An object as the server holds it (`ns` empty for cluster-scoped kinds).
+    pub fn get(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let kind = kind_of(kind);
+        self.state.lock().unwrap().objects.get(kind.plural)?.get(&(ns.into(), name.into())).cloned()
+    }
+
     /// Requests seen whose path and query contain `part`.
     pub fn requests(&self, part: &str) -> usize {
         self.state.lock().unwrap().requests.iter().filter(|r| r.contains(part)).count()
@@ -353,6 +375,7 @@ async fn handle(
         [plural] => (*plural, None, None),
         ["namespaces", ns, plural] => (*plural, Some(*ns), None),
         ["namespaces", ns, plural, name] => (*plural, Some(*ns), Some(*name)),
+        [plural, name] => (*plural, Some(""), Some(*name)),
         _ => ("", None, None),
     };
     let kind = KINDS.iter().find(|k| k.plural == plural);
@@ -363,6 +386,9 @@ async fn handle(
             &status(404, "NotFound", "the server could not find the requested resource"),
         ));
     };
+    if let (Some(name), true) = (name, method == Method::PATCH) {
+        return Ok(patch(&state, &changed, kind, ns.unwrap_or(""), name, body));
+    }
     if let Some(name) = name {
         let st = state.lock().unwrap();
         let found = st.objects.get(kind.plural).and_then(|o| o.get(&(ns.unwrap_or("").into(), name.into())));
@@ -392,6 +418,36 @@ async fn handle(
         "metadata": {"resourceVersion": st.rv.to_string()}, "items": items,
     });
     Ok(json_response(StatusCode::OK, &list))
+}
+
+/// A JSON patch (RFC 6902) of one object, as `kubectl patch --type json` sends it.
+fn patch(
+    state: &Arc<Mutex<State>>,
+    changed: &watch::Sender<(u64, u64)>,
+    kind: &'static Kind,
+    ns: &str,
+    name: &str,
+    body: Value,
+) -> Response<Body> {
+    let mut st = state.lock().unwrap();
+    let key = (ns.to_string(), name.to_string());
+    let Some(mut object) = st.objects.get(kind.plural).and_then(|o| o.get(&key)).cloned() else {
+        return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{name} not found")));
+    };
+    let Ok(ops) = serde_json::from_value::<json_patch::Patch>(body) else {
+        return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "not a JSON patch"));
+    };
+    if let Err(e) = json_patch::patch(&mut object, &ops) {
+        return json_response(StatusCode::UNPROCESSABLE_ENTITY, &status(422, "Invalid", &e.to_string()));
+    }
+    st.rv += 1;
+    let rv = st.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    st.objects.entry(kind.plural).or_default().insert(key, object.clone());
+    st.events.push((rv, kind.plural, "MODIFIED", object.clone()));
+    drop(st);
+    changed.send_modify(|(v, _)| *v = rv);
+    json_response(StatusCode::OK, &object)
 }
 
 fn token_review(state: &Arc<Mutex<State>>, body: &Value) -> Response<Body> {

@@ -141,6 +141,30 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A serving certificate for the control plane's own HTTPS endpoints (the admission
+    /// webhook) under `dns_names`, with a fresh key: `(chain, key)` PEM. The API server
+    /// trusts it through the webhook configuration's `caBundle`, which is this CA's root.
+    pub fn serving(&self, dns_names: &[String], ttl: Duration) -> Result<(Issued, String), Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let issued = Issued {
+            cert_chain_pem: leaf.pem(),
+            trust_bundle_pem: self.bundle_pem.clone(),
+            not_after: now + ttl,
+        };
+        Ok((issued, key.serialize_pem()))
+    }
+}
+
 fn check_key_strength(csr_pem: &str) -> Result<(), Error> {
     let der = pem_der(csr_pem).ok_or_else(|| Error::BadCsr("not PEM".into()))?;
     let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)

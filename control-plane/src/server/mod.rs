@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod routes;
 pub mod source;
 pub mod watch;
+pub mod webhook;
 
 use std::{
     net::SocketAddr,
@@ -58,6 +59,17 @@ pub struct KubernetesOptions {
     pub trust_bundle_config_map: Option<String>,
     /// The audience the proxies' ServiceAccount tokens must be issued for.
     pub token_audience: String,
+    /// The sidecar injector's admission webhook, when it is served.
+    pub webhook: Option<WebhookOptions>,
+}
+
+pub struct WebhookOptions {
+    pub addr: SocketAddr,
+    /// DNS names of the webhook's Service (its certificate's SANs).
+    pub names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose `caBundle` is kept current.
+    pub config: String,
+    pub inject: crate::inject::Config,
 }
 
 pub struct Options {
@@ -92,7 +104,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             // Live (and not ready) while the initial lists load.
             let admin_state = AdminState { ready: ready.clone(), state, stats: Some(stats.clone()) };
             tokio::spawn(serve_admin(admin, admin_state, registry));
-            let loaded = load_kubernetes(k, &opts, stats).await?;
+            let (loaded, client) = load_kubernetes(k, &opts, stats.clone()).await?;
+            if let Some(w) = &k.webhook {
+                start_webhook(w, client, loaded.ca.clone(), &stats).await?;
+            }
             // The admin port follows the state the watches publish.
             let mut published = loaded.state.clone();
             tokio::spawn(async move {
@@ -118,7 +133,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// What the gRPC services are made from.
 struct Loaded {
     state: State,
-    ca: Ca,
+    ca: Arc<Ca>,
     auth: Arc<dyn Authenticator>,
 }
 
@@ -151,14 +166,14 @@ fn load_file(path: &std::path::Path, opts: &Options, registry: &mut Registry) ->
         FileValid { valid, gauge: file_valid },
     );
     tokio::spawn(source.run());
-    Ok(Loaded { auth: Arc::new(MeshTokens(state.clone())), state, ca })
+    Ok(Loaded { auth: Arc::new(MeshTokens(state.clone())), state, ca: Arc::new(ca) })
 }
 
 async fn load_kubernetes(
     k: &KubernetesOptions,
     opts: &Options,
     stats: Arc<kubernetes::Stats>,
-) -> anyhow::Result<Loaded> {
+) -> anyhow::Result<(Loaded, kube::Client)> {
     if opts.ca_cert.is_some() || opts.ca_key.is_some() {
         anyhow::bail!(
             "--ca-cert/--ca-key are for the mesh file; with Kubernetes the root comes from --ca-secret"
@@ -175,9 +190,42 @@ async fn load_kubernetes(
     let kopts =
         kubernetes::Options { trust_domain: k.trust_domain.clone(), settle: Duration::from_millis(20) };
     let state = kubernetes::start(client.clone(), kopts, stats).await?;
-    let auth =
-        kubernetes::tokens::TokenReviews::new(client, k.token_audience.clone(), k.trust_domain.clone());
-    Ok(Loaded { state, ca, auth: Arc::new(auth) })
+    let auth = kubernetes::tokens::TokenReviews::new(
+        client.clone(),
+        k.token_audience.clone(),
+        k.trust_domain.clone(),
+    );
+    Ok((Loaded { state, ca: Arc::new(ca), auth: Arc::new(auth) }, client))
+}
+
+/// The injector's webhook: its listener, the namespaces it reads opt-ins from, and the
+/// webhook configuration's `caBundle` set to the CA's roots.
+async fn start_webhook(
+    w: &WebhookOptions,
+    client: kube::Client,
+    ca: Arc<Ca>,
+    stats: &Arc<kubernetes::Stats>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(w.addr)
+        .await
+        .with_context(|| format!("cannot listen on --webhook-addr {}", w.addr))?;
+    tracing::info!(webhook = %listener.local_addr()?, "listening");
+    let namespaces = kubernetes::namespaces(&client, stats);
+    let _ = namespaces.wait_until_ready().await;
+    let hook = webhook::Webhook {
+        inject: w.inject.clone(),
+        namespace_opted_in: Box::new(move |ns| kubernetes::opted_in(&namespaces, ns)),
+    };
+    kubernetes::set_ca_bundle(&client, &w.config, ca.trust_bundle_pem()).await;
+    tokio::spawn({
+        let names = w.names.clone();
+        async move {
+            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook)).await {
+                tracing::error!("the injector webhook stopped: {e:#}");
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn serve(
@@ -188,7 +236,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let Loaded { state, ca, auth } = loaded;
     let grpc_addr = grpc.local_addr()?;
-    let identity = IdentityService { ca: Arc::new(ca), tokens: auth.clone(), ttl: opts.cert_ttl };
+    let identity = IdentityService { ca, tokens: auth.clone(), ttl: opts.cert_ttl };
     let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone(), auth: auth.clone() }))
