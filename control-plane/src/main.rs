@@ -238,14 +238,16 @@ async fn main() -> anyhow::Result<()> {
                             ..inject.config()
                         },
                     });
-                    weft_control::server::From::Kubernetes(weft_control::server::KubernetesOptions {
-                        trust_domain,
-                        namespace,
-                        ca_secret,
-                        trust_bundle_config_map: trust_bundle_configmap,
-                        token_audience,
-                        webhook,
-                    })
+                    weft_control::server::From::Kubernetes(Box::new(
+                        weft_control::server::KubernetesOptions {
+                            trust_domain,
+                            namespace,
+                            ca_secret,
+                            trust_bundle_config_map: trust_bundle_configmap,
+                            token_audience,
+                            webhook,
+                        },
+                    ))
                 }
             };
             let opts = weft_control::server::Options {

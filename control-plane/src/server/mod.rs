@@ -48,7 +48,7 @@ pub enum From {
     /// A mesh file, re-read when it changes.
     File(PathBuf),
     /// The Kubernetes API (see [`kubernetes`]).
-    Kubernetes(KubernetesOptions),
+    Kubernetes(Box<KubernetesOptions>),
 }
 
 pub struct KubernetesOptions {
