@@ -160,11 +160,21 @@ pub struct CauseError {
     pub message: String,
     /// A status other than the cause's own (fault injection answers with the route's).
     pub status: Option<StatusCode>,
+    /// The request, given back when it provably never reached the upstream (a refused
+    /// connection, or one closed or GOAWAY'd before the request was written): another
+    /// endpoint may take it, whatever its method.
+    pub unsent: Option<Box<http::Request<crate::body::Body>>>,
 }
 
 impl CauseError {
     pub fn new(cause: Cause, message: impl Into<String>) -> Self {
-        Self { cause, message: message.into(), status: None }
+        Self { cause, message: message.into(), status: None, unsent: None }
+    }
+
+    /// This error, with the request it never sent.
+    pub fn unsent(mut self, req: http::Request<crate::body::Body>) -> Self {
+        self.unsent = Some(Box::new(req));
+        self
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Self {

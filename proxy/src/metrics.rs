@@ -121,6 +121,7 @@ pub struct Metrics {
     retries: Family<RouteLabels, Counter>,
     retry_budget_exhausted: Family<RouteLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
+    rerouted: Family<ServiceLabels, Counter>,
     restored: Family<ServiceLabels, Counter>,
     spans_exported: Counter,
     spans_dropped: Counter,
@@ -254,6 +255,13 @@ impl Metrics {
             "Endpoints ejected from a service's balancer after failures in a row",
             ejections.clone(),
         );
+        let rerouted = Family::default();
+        registry.register(
+            "rerouted",
+            "Requests sent again on another endpoint because they provably never reached the first \
+             (refused, or its connection closed or GOAWAY'd before they were written), whatever the method",
+            rerouted.clone(),
+        );
         let restored = Family::default();
         registry.register(
             "outlier_restored",
@@ -291,6 +299,7 @@ impl Metrics {
             spans_dropped,
             span_export_failures,
             ejections,
+            rerouted,
             restored,
             retries,
             retry_budget_exhausted,
@@ -347,6 +356,11 @@ impl Metrics {
             true => self.ejections.get_or_create(&labels).inc(),
             false => self.restored.get_or_create(&labels).inc(),
         };
+    }
+
+    /// A request that never reached its endpoint, sent to another of `service`'s.
+    pub fn rerouted(&self, service: &str) {
+        self.rerouted.get_or_create(&ServiceLabels { service: self.intern(service) }).inc();
     }
 
     pub fn retried(&self, route: &Arc<str>) {

@@ -230,3 +230,21 @@ fn a_killed_endpoint_is_ejected_without_client_errors_and_restored_when_back() {
     assert!(failed.is_empty(), "clients saw errors: {failed:?}");
     assert!(ok > 100);
 }
+
+#[test]
+fn a_request_that_never_reached_its_endpoint_goes_to_another_whatever_its_method() {
+    // One endpoint refuses connections (a pod gone while still listed); no route, no
+    // retry policy, and POSTs, which a retry policy would not repeat.
+    let live = backend::http("live");
+    let gone = weft_e2e::free_addr();
+    let control = Control::start(&mesh(&[(live.addr, 1), (gone, 1)], "round-robin"), &[]);
+    let web = control.sidecar("web", &[]);
+    let counts = weft_e2e::tally(web.outbound, 2, 40, "http://api:80/", &["-X", "POST", "-d", "order=1"]);
+    assert_eq!(counts.get("status 200"), Some(&40), "{counts:?}");
+    assert_eq!(counts.get("live"), Some(&40), "{counts:?}");
+    let rerouted = web.metric(r#"weft_rerouted_total{service="api:80"}"#);
+    eprintln!("40 POSTs over a live and a refusing endpoint: all 200, {rerouted} rerouted");
+    assert!(rerouted >= 1.0, "{}", web.metrics());
+    // A request that did reach an endpoint is not sent again (that takes a route's retry).
+    assert_eq!(live.hits(), 40);
+}

@@ -119,7 +119,10 @@ impl Pool {
                     Ok(()) => (s, true),
                     Err(_) => continue,
                 },
-                None => (self.connect_h1(target).await?, false),
+                None => match self.connect_h1(target).await {
+                    Ok(sender) => (sender, false),
+                    Err(e) => return Err(e.unsent(req)),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
@@ -140,10 +143,14 @@ impl Pool {
                     // A pooled connection the upstream had closed: nothing was sent,
                     // so the request can go on a fresh connection.
                     Some(unsent) if pooled => req = unsent,
-                    _ => {
+                    unsent => {
                         let e = e.into_error();
                         let msg = format!("forwarding to {target}: {}", chain(&e));
-                        return Err(CauseError::new(Cause::classify(&e), msg));
+                        let err = CauseError::new(Cause::classify(&e), msg);
+                        return Err(match unsent {
+                            Some(req) => err.unsent(req),
+                            None => err,
+                        });
                     }
                 },
             }
@@ -159,12 +166,19 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<Response<Body>, CauseError> {
         origin_form(&mut req);
-        let io = tcp::dial(target, Some(peer), self.connect_timeout, &self.metrics).await?;
-        let mut sender = handshake_h1(io, target).await?;
-        let rsp = sender.send_request(req).await.map_err(|e| {
-            CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
-        })?;
-        Ok(rsp.map(body::boxed))
+        let io = match tcp::dial(target, Some(peer), self.connect_timeout, &self.metrics).await {
+            Ok(io) => io,
+            Err(e) => return Err(e.unsent(req)),
+        };
+        let mut sender = match handshake_h1(io, target).await {
+            Ok(s) => s,
+            Err(e) => return Err(e.unsent(req)),
+        };
+        sender
+            .try_send_request(req)
+            .await
+            .map(|rsp| rsp.map(body::boxed))
+            .map_err(|e| unsent_error(e, target))
     }
 
     async fn connect_h1(&self, target: SocketAddr) -> Result<http1::SendRequest<Body>, CauseError> {
@@ -180,14 +194,19 @@ impl Pool {
         mut req: Request<Body>,
     ) -> Result<Response<Body>, CauseError> {
         *req.version_mut() = http::Version::HTTP_2;
-        let mut sender = self.h2_sender(target, mesh).await?;
-        sender.ready().await.map_err(|e| {
-            CauseError::new(Cause::UpstreamReset, format!("HTTP/2 connection to {target}: {e}"))
-        })?;
-        let rsp = sender.send_request(req).await.map_err(|e| {
-            CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)))
-        })?;
-        Ok(rsp.map(body::boxed))
+        let mut sender = match self.h2_sender(target, mesh).await {
+            Ok(s) => s,
+            Err(e) => return Err(e.unsent(req)),
+        };
+        if let Err(e) = sender.ready().await {
+            let err = CauseError::new(Cause::UpstreamReset, format!("HTTP/2 connection to {target}: {e}"));
+            return Err(err.unsent(req));
+        }
+        sender
+            .try_send_request(req)
+            .await
+            .map(|rsp| rsp.map(body::boxed))
+            .map_err(|e| unsent_error(e, target))
     }
 
     async fn h2_sender(
@@ -279,4 +298,16 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     s
+}
+
+/// A failed send, with the request when hyper gives it back (it was never written: the
+/// connection closed, or an HTTP/2 GOAWAY came, first).
+fn unsent_error(mut e: hyper::client::conn::TrySendError<Request<Body>>, target: SocketAddr) -> CauseError {
+    let unsent = e.take_message();
+    let e = e.into_error();
+    let err = CauseError::new(Cause::classify(&e), format!("forwarding to {target}: {}", chain(&e)));
+    match unsent {
+        Some(req) => err.unsent(req),
+        None => err,
+    }
 }

@@ -39,6 +39,9 @@ pub struct Attempts {
     pub queue_timeout: Duration,
 }
 
+/// Endpoints a request that never reached one is sent on to, at most.
+const MAX_REROUTES: u32 = 3;
+
 /// What holds for one attempt.
 #[derive(Clone, Copy)]
 struct Try {
@@ -111,14 +114,14 @@ impl Attempts {
         let per_try = retry.map(|r| r.per_try_timeout_ms).filter(|t| *t > 0).map(Duration::from_millis);
         let once = Try { n: 1, upgrade, per_try: None, deadline };
         let (Some(retry), Some(rule)) = (retry, rule) else {
-            return self.attempt(req, &plan.dest, once, &mut Vec::new(), ex).await;
+            return self.attempt_or_reroute(req, &plan.dest, once, &mut Vec::new(), ex).await;
         };
         let (first, replay) = Replay::start(req, u64::from(retry.max_body_bytes));
         let budget = self.budgets.of(&rule.rule().name, retry);
         budget.deposit();
         let (mut t, mut tried, mut req) = (Try { per_try, upgrade: false, ..once }, Vec::new(), first);
         loop {
-            let result = self.attempt(req, &plan.dest, t, &mut tried, ex).await;
+            let result = self.attempt_or_reroute(req, &plan.dest, t, &mut tried, ex).await;
             let again = match &result {
                 Ok(rsp) => retry::retryable(retry, rsp),
                 Err(e) => e.cause.blames_endpoint(),
@@ -136,6 +139,44 @@ impl Attempts {
             tokio::time::sleep(retry::backoff(retry, t.n)).await;
             req = again;
             t.n += 1;
+        }
+    }
+
+    /// An attempt, sent again on another endpoint while it provably never reached the
+    /// one chosen (refused, or its connection closed or GOAWAY'd before the request was
+    /// written): safe whatever the method, and needing no route, since the upstream never
+    /// saw it. This is what keeps a rollout or a scale-down from failing requests on an
+    /// endpoint that is going away but still listed.
+    async fn attempt_or_reroute(
+        &self,
+        mut req: Request<Body>,
+        dest: &Dest,
+        t: Try,
+        tried: &mut Vec<Endpoint>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, CauseError> {
+        let mut left = MAX_REROUTES;
+        loop {
+            let result = self.attempt(req, dest, t, tried, ex).await;
+            let another = match dest {
+                Dest::Service(_, set) => left > 0 && set.endpoints.len() > tried.len(),
+                Dest::Addr(_) => false,
+            };
+            match result {
+                Err(mut e) if another && e.unsent.is_some() => {
+                    req = *e.unsent.take().expect("checked");
+                    if let Dest::Service(key, _) = dest {
+                        tracing::debug!(service = %key, "{e}; sending it to another endpoint");
+                        self.metrics.rerouted(key);
+                    }
+                    left -= 1;
+                }
+                Err(mut e) => {
+                    e.unsent = None;
+                    return Err(e);
+                }
+                ok => return ok,
+            }
         }
     }
 
