@@ -305,3 +305,45 @@ fn a_pod_the_control_plane_has_not_seen_gets_no_permissive_policy() {
     assert_ne!(code, 200, "strict: plaintext is still refused");
     assert_eq!(app.hits(), 0);
 }
+
+#[test]
+fn a_rollout_costs_no_request_at_200_per_second() {
+    // Two pods behind words; one goes away the hard way: its app stops while it is still
+    // listed (the kubelet killed it before the endpoints caught up), then its endpoint
+    // turns terminating, then the slice drops it. A client at 200 req/s, no route, no
+    // retry policy: every request must succeed.
+    let api = api();
+    let (a, b) = two_backends();
+    api.apply(service("words", "10.96.0.10", 8080));
+    api.apply(slice("words-a", "words", a.addr, true));
+    api.apply(slice("words-b", "words", b.addr, true));
+    let control = Control::kubernetes(&api, &[]);
+    let proxy = client(&control);
+    let load = std::process::Command::new(weft_e2e::bin("weft-load"))
+        .args(["--addr", &proxy.outbound.to_string(), "--host", "words.default:8080", "--rate", "200"])
+        .args(["--seconds", "4", "--warmup", "0", "--connections", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(5), "load on both pods", || {
+        (a.hits() > 20 && b.hits() > 20).then_some(())
+    });
+    let a_addr = a.addr;
+    drop(a);
+    eventually(Duration::from_secs(5), "a refusing connections", || {
+        std::net::TcpStream::connect(a_addr).is_err().then_some(())
+    });
+    let terminating = json!({"ready": false, "serving": false, "terminating": true});
+    api.apply(slice_with("words-a", "words", a_addr, terminating));
+    let g = eventually(Duration::from_secs(5), "the change published", || {
+        Some(control.generation()).filter(|g| *g > 1)
+    });
+    proxy.wait_generation("discovery", g);
+    api.delete("EndpointSlice", "default", "words-a");
+    let out = load.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("rollout under load: {report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() >= 600, "{report}");
+    eprintln!("rerouted: {}", proxy.metric(r#"weft_rerouted_total{service="words.default:8080"}"#));
+}
