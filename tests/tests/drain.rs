@@ -1,7 +1,12 @@
 //! Graceful shutdown: SIGTERM or `POST /shutdown` stops accepting, lets in-flight
 //! requests finish within the grace period, then exits 0.
 
-use std::{net::TcpStream, process::Command, sync::mpsc, time::Duration};
+use std::{
+    net::TcpStream,
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use weft_e2e::{backend, parse_status, raw_request, Proxy};
 
@@ -94,4 +99,28 @@ fn grace_period_bounds_the_drain() {
     let status = wait_exit(&mut p, Duration::from_secs(5));
     assert!(status.success(), "exit status {status}");
     assert!(p.logs().contains("grace period"), "{}", p.logs());
+}
+
+#[test]
+fn a_job_s_sidecar_exits_promptly_with_code_0_when_its_app_is_done() {
+    // What the kubelet does to a native sidecar once a Job's app has exited: SIGTERM. The
+    // app's last keep-alive connections may still be open and idle, inbound and outbound.
+    let app = backend::http("app");
+    let mut p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string())]);
+    let mut idle_in = std::net::TcpStream::connect(p.inbound).unwrap();
+    let mut idle_out = std::net::TcpStream::connect(p.outbound).unwrap();
+    use std::io::{Read, Write};
+    idle_in.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").unwrap();
+    let out_req = format!("GET http://{}/ HTTP/1.1\r\nHost: {}\r\n\r\n", app.addr, app.addr);
+    idle_out.write_all(out_req.as_bytes()).unwrap();
+    let mut buf = [0u8; 1024];
+    for s in [&mut idle_in, &mut idle_out] {
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+    let start = Instant::now();
+    sigterm(&p);
+    let status = wait_exit(&mut p, Duration::from_secs(2));
+    eprintln!("sidecar exit after SIGTERM with idle keep-alive connections: {:?}, {status}", start.elapsed());
+    assert!(status.success(), "{status}");
 }
