@@ -24,7 +24,7 @@ use crate::{log::LogHandle, metrics::Metrics};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub ready: Arc<AtomicBool>,
+    pub ready: Arc<crate::ready::Ready>,
     pub log: LogHandle,
     pub shutdown: mpsc::Sender<()>,
 }
@@ -61,8 +61,10 @@ impl Admin {
         let local = crate::transport::orig_dst::canonical(peer).ip().is_loopback();
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-            (&Method::GET, "/ready") if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            (&Method::GET, "/ready") if self.ready.is_ready() => text(StatusCode::OK, "ready\n"),
+            (&Method::GET, "/ready") => {
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", self.ready.why()))
+            }
             (&Method::GET, "/metrics") => {
                 let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
                 rsp.headers_mut().insert(

@@ -8,15 +8,7 @@
 //! work stealing on the request path (measured in bench/: about a fifth more requests
 //! per CPU than a shared multi-threaded runtime).
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -40,14 +32,15 @@ use crate::{
 pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "weft-proxy starting with {cfg:?}");
     let metrics = Metrics::new();
-    // With a control plane, the proxy is ready once it holds a certificate. The data path
-    // uses it for mTLS in the next step; today it is obtained, renewed and reported.
+    let ready_state = Arc::new(crate::ready::Ready::default());
+    // With a control plane, the proxy is ready once it holds a certificate (for mTLS) and
+    // the policies of its app's ports.
     let identity = match &cfg.control {
         None => {
             tracing::info!("{} is unset: running standalone", config::CONTROL_ADDR);
             None
         }
-        Some(control) => Some(crate::identity::spawn(control.clone(), metrics.clone())?),
+        Some(control) => Some(crate::identity::spawn(control.clone(), metrics.clone(), ready_state.clone())?),
     };
     // One discovery cache for all shards: an answer learnt by one serves every shard,
     // also while the control plane is away.
@@ -118,7 +111,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     }
     drop(watch);
 
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = ready_state;
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
     let admin =
         Arc::new(Admin { metrics: metrics.clone(), ready: ready.clone(), log, shutdown: shutdown_tx });
@@ -133,12 +126,15 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
                     return;
                 }
                 for port in ports {
+                    ready.waiting(format!(
+                        "waiting for the control plane's policy of port {port} (WEFT_INBOUND_PORTS)"
+                    ));
                     policies.answered(port).await;
                 }
-                ready.store(true, Ordering::Release);
+                ready.set_ready();
             });
         }
-        _ => ready.store(true, Ordering::Release),
+        _ => ready.set_ready(),
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -147,7 +143,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = shutdown_rx.recv() => "POST /shutdown",
     };
-    ready.store(false, Ordering::Release);
+    ready.not_ready("draining");
     tracing::info!("{why}: draining for up to {:?}", cfg.drain_grace);
     if signal.drain(cfg.drain_grace).await {
         tracing::info!("drained; exiting");

@@ -35,12 +35,16 @@ pub enum Error {
 pub type Current = watch::Receiver<Option<Arc<Credentials>>>;
 
 /// Starts obtaining and renewing the certificate; the receiver sees each new one.
-pub fn spawn(cfg: ControlConfig, metrics: Arc<Metrics>) -> Result<Current, Error> {
+pub fn spawn(
+    cfg: ControlConfig,
+    metrics: Arc<Metrics>,
+    ready: Arc<crate::ready::Ready>,
+) -> Result<Current, Error> {
     let channel = crate::control::channel(&cfg, Some(Duration::from_secs(10)))
         .map_err(|e| Error::Addr(e.to_string()))?;
     let client = IdentityClient::new(channel);
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(renew_loop(cfg, client, tx, metrics));
+    tokio::spawn(renew_loop(cfg, client, tx, metrics, ready));
     Ok(rx)
 }
 
@@ -49,8 +53,10 @@ async fn renew_loop(
     mut client: IdentityClient<tonic::transport::Channel>,
     tx: watch::Sender<Option<Arc<Credentials>>>,
     metrics: Arc<Metrics>,
+    ready: Arc<crate::ready::Ready>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    ready.waiting(format!("asking the control plane at {} for a certificate", cfg.addrs.join(",")));
     loop {
         match certify(&cfg, &mut client).await {
             Ok(creds) => {
@@ -63,6 +69,7 @@ async fn renew_loop(
             }
             Err(e) => {
                 metrics.certified(false, 0);
+                ready.waiting(format!("no certificate yet, retrying in {backoff:?}: {e}"));
                 let expired = tx.borrow().as_ref().is_some_and(|c| c.not_after <= SystemTime::now());
                 if expired {
                     tracing::error!(identity = %cfg.identity, "certificate EXPIRED and renewal failed: {e}");

@@ -21,6 +21,7 @@ pub mod init;
 pub mod log;
 pub mod metrics;
 pub mod outbound;
+pub mod ready;
 pub mod resolve;
 pub mod trace;
 pub mod transport;

@@ -53,6 +53,9 @@ fn a_bad_token_keeps_the_proxy_unready_and_says_why() {
     assert_eq!(http_get(p.admin, "/ready").map(|(s, _)| s), Some(503));
     assert_eq!(http_get(p.admin, "/live").map(|(s, _)| s), Some(200));
     assert!(p.logs().contains("unknown token"), "{}", p.logs());
+    // The probe's answer says why, as `kubectl describe pod` shows it.
+    let (_, body) = http_get(p.admin, "/ready").unwrap();
+    assert!(body.contains("no certificate yet") && body.contains("unknown token"), "{body}");
 }
 
 #[test]
