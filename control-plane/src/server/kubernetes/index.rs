@@ -523,6 +523,41 @@ mod tests {
         );
     }
 
+    /// The demo's custom resources (k8s/examples/demo/) are what the control plane reads:
+    /// they parse into its types and make routes and policies with no problem.
+    #[test]
+    fn the_demo_manifests_custom_resources_apply_cleanly() {
+        use serde::Deserialize;
+        let text = include_str!("../../../../k8s/examples/demo/demo.yaml");
+        let mut objects = Objects::default();
+        for doc in serde_yaml_ng::Deserializer::from_str(text) {
+            let v = serde_json::Value::deserialize(doc).unwrap();
+            match v["kind"].as_str().unwrap() {
+                "Service" => {
+                    let mut v = v.clone();
+                    let n = objects.services.len();
+                    v["spec"]["clusterIP"] = json!(format!("10.96.1.{n}"));
+                    objects.services.push(obj(v));
+                }
+                "HTTPRoute" => objects.http_routes.push(obj(v)),
+                "InboundPolicy" => objects.inbound_policies.push(obj(v)),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            (objects.services.len(), objects.http_routes.len(), objects.inbound_policies.len()),
+            (5, 2, 1)
+        );
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let canary = mesh.route_set("words.demo:8080", "demo");
+        assert_eq!(canary.rules.len(), 2);
+        assert_eq!(canary.rules[1].backends.len(), 2);
+        let numbers = mesh.route_set("numbers.demo:8080", "demo");
+        assert_eq!(numbers.rules[0].retry.as_ref().map(|r| r.attempts), Some(5));
+        assert_eq!(mesh.policies.len(), 1);
+    }
+
     #[test]
     fn inbound_policies_select_pods_and_name_clients() {
         let mut objects = cluster();
