@@ -59,6 +59,22 @@ enum Cmd {
         #[command(flatten)]
         inject: InjectArgs,
     },
+    /// Print the Kubernetes install (k8s/ and the CA Secret with a new root, or the one
+    /// given): `weft install | kubectl apply -f -`.
+    Install {
+        /// The root certificate to install (PEM); default: a new one.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// A generated root's lifetime in days.
+        #[arg(long, default_value_t = 3650)]
+        root_days: i64,
+    },
+    /// Print what `weft install` made, for `weft uninstall | kubectl delete -f -`.
+    Uninstall,
     /// The demo's apps (run by `weft up examples/demo.yaml`).
     ExampleApp {
         #[command(subcommand)]
@@ -264,6 +280,20 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up { file, state_file, seconds, access_log } => {
             up::run(up::Options { file, state_file, duration: seconds.map(Duration::from_secs), access_log })
                 .await
+        }
+        Cmd::Install { root_cert, root_key, trust_domain, root_days } => {
+            let root = weft_control::cli::install::Root {
+                cert: root_cert,
+                key: root_key,
+                trust_domain,
+                days: root_days,
+            };
+            print!("{}", weft_control::cli::install::install(&root)?);
+            Ok(())
+        }
+        Cmd::Uninstall => {
+            print!("{}", weft_control::cli::install::uninstall());
+            Ok(())
         }
         Cmd::Inject { file, inject } => weft_control::cli::inject::run(&file, &inject.config()),
         Cmd::Stat { state_file, interval, watch } => {

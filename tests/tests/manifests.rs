@@ -57,6 +57,14 @@ fn every_kustomization_renders_and_validates_against_kubernetes_1_29_and_1_37() 
         std::fs::write(&file, rendered).unwrap();
         files.push(file);
     }
+    // `weft install`'s output, as `weft install | kubectl apply -f -` applies it.
+    let out = Command::new(weft_e2e::bin("weft")).arg("install").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let install = String::from_utf8(out.stdout).unwrap();
+    assert!(install.contains("kind: Secret") && install.contains("BEGIN CERTIFICATE"));
+    let file = dir.join("install.yaml");
+    std::fs::write(&file, install).unwrap();
+    files.push(file);
     let base = std::fs::read_to_string(&files[0]).unwrap();
     for kind in [
         "Namespace",

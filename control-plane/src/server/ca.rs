@@ -56,6 +56,13 @@ pub struct Ca {
 impl Ca {
     /// A fresh self-signed root, for local use only.
     pub fn generate(trust_domain: &str) -> Result<Ca, Error> {
+        let (cert, key) = Ca::new_root(trust_domain, time::Duration::days(365))?;
+        Ca::from_pem(trust_domain, &cert, &key, "")
+    }
+
+    /// A new root certificate and its key, PEM, valid for `lifetime`: what `weft up`
+    /// makes for itself and `weft install` puts in the cluster's Secret.
+    pub fn new_root(trust_domain: &str, lifetime: time::Duration) -> Result<(String, String), Error> {
         let key = KeyPair::generate().map_err(|e| Error::BadCa(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -65,15 +72,9 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + time::Duration::days(365);
+        params.not_after = now + lifetime;
         let cert = params.self_signed(&key)?;
-        let cert_pem = cert.pem();
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            bundle_pem: cert_pem.clone(),
-            cert_pem,
-            trust_domain: trust_domain.to_string(),
-        })
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// A CA from PEM files: the signing certificate and key, plus extra trusted roots.
