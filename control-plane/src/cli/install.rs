@@ -114,4 +114,47 @@ mod tests {
         let gone = docs(&uninstall());
         assert_eq!(gone.last().and_then(|d| d["kind"].as_str()), Some("Namespace"));
     }
+
+    /// Images, users and ports agree between the Dockerfiles, the manifests and what the
+    /// injector writes (no container engine runs here to build the images).
+    #[test]
+    fn dockerfiles_manifests_and_injector_agree() {
+        let proxy_df = include_str!("../../../docker/weft-proxy.Dockerfile");
+        let weft_df = include_str!("../../../docker/weft.Dockerfile");
+        let control = include_str!("../../../k8s/base/control-plane.yaml");
+        let demo = include_str!("../../../k8s/examples/demo/demo.yaml");
+        let version = env!("CARGO_PKG_VERSION");
+        let line = |df: &str, prefix: &str| {
+            df.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix}")).to_string()
+        };
+        let exposed = |df: &str| -> Vec<u16> {
+            line(df, "EXPOSE ").split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect()
+        };
+        // The proxy image: its name, the injector's default, the control plane's flag.
+        let injector = crate::inject::Config::default();
+        assert!(proxy_df.starts_with("# ghcr.io/weft-mesh/weft-proxy:"));
+        assert_eq!(injector.proxy_image, format!("ghcr.io/weft-mesh/weft-proxy:v{version}"));
+        assert!(control.contains(&format!("--proxy-image={}", injector.proxy_image)), "{control}");
+        let uid = crate::inject::PROXY_UID;
+        assert_eq!(line(proxy_df, "USER "), format!("USER {uid}:{uid}"));
+        let ports = exposed(proxy_df);
+        for p in [crate::inject::ADMIN_PORT, crate::inject::INBOUND_PORT, 4140] {
+            assert!(ports.contains(&p), "weft-proxy.Dockerfile does not expose {p}");
+        }
+        // The control plane's image, user and ports.
+        assert!(weft_df.starts_with("# ghcr.io/weft-mesh/weft:"));
+        let image = format!("image: ghcr.io/weft-mesh/weft:v{version}");
+        assert!(control.contains(&image) && demo.contains(&image), "manifests must use {image}");
+        let user = line(weft_df, "USER ");
+        let uid = user.trim_start_matches("USER ").split(':').next().unwrap();
+        assert!(control.contains(&format!("runAsUser: {uid}")), "the Deployment must run as {uid}");
+        let ports = exposed(weft_df);
+        for p in [8090, 8443, 9990] {
+            assert!(ports.contains(&p), "weft.Dockerfile does not expose {p}");
+            assert!(
+                control.contains(&format!("containerPort: {p}")),
+                "control-plane.yaml does not declare {p}"
+            );
+        }
+    }
 }
