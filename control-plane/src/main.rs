@@ -75,6 +75,16 @@ enum Cmd {
     },
     /// Print what `weft install` made, for `weft uninstall | kubectl delete -f -`.
     Uninstall,
+    /// Check the mesh in the cluster KUBECONFIG names: CRDs, the control plane, the trust
+    /// root's expiry, the webhook, every meshed pod's proxy. Exits 1 when a check fails.
+    Check {
+        /// Check a cluster before the install instead (version, permissions).
+        #[arg(long)]
+        pre: bool,
+        /// Weft's namespace.
+        #[arg(long, default_value = "weft")]
+        namespace: String,
+    },
     /// The demo's apps (run by `weft up examples/demo.yaml`).
     ExampleApp {
         #[command(subcommand)]
@@ -290,6 +300,13 @@ async fn main() -> anyhow::Result<()> {
             };
             print!("{}", weft_control::cli::install::install(&root)?);
             Ok(())
+        }
+        Cmd::Check { pre, namespace } => {
+            if weft_control::cli::check::run(pre, &namespace).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
         Cmd::Uninstall => {
             print!("{}", weft_control::cli::install::uninstall());

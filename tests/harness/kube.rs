@@ -81,6 +81,8 @@ struct State {
     missing: Vec<&'static str>,
     /// Requests seen, by path (for tests that count lists and watches).
     requests: Vec<String>,
+    /// The minor version `/version` reports (1.x).
+    minor: u32,
 }
 
 pub struct FakeApi {
@@ -110,7 +112,7 @@ impl FakeApi {
         let n = DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("weft-fakeapi-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let state = Arc::new(Mutex::new(State { may_review: true, rv: 1, ..State::default() }));
+        let state = Arc::new(Mutex::new(State { may_review: true, rv: 1, minor: 33, ..State::default() }));
         let (changed, _) = watch::channel((1, 0));
         let mut api = FakeApi { addr, state, changed, rt: None, dir, netns };
         api.serve();
@@ -293,6 +295,11 @@ impl FakeApi {
         self.state.lock().unwrap().tokens.remove(token);
     }
 
+    /// The Kubernetes version `/version` reports: 1.`minor`.
+    pub fn version(&self, minor: u32) {
+        self.state.lock().unwrap().minor = minor;
+    }
+
     /// Whether the control plane may create TokenReviews (its RBAC).
     pub fn allow_token_reviews(&self, allowed: bool) {
         self.state.lock().unwrap().may_review = allowed;
@@ -349,6 +356,15 @@ async fn handle(
     let method = req.method().clone();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if path == "/version" {
+        let minor = state.lock().unwrap().minor;
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": minor.to_string(), "gitVersion": format!("v1.{minor}.0"),
+                    "gitCommit": "fake", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                    "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+        ));
+    }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // /api/v1/... or /apis/<group>/<version>/...
     let rest = match parts.as_slice() {

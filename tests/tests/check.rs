@@ -1,0 +1,113 @@
+//! `weft check` against a fake Kubernetes API server (no cluster runs here; the fake
+//! speaks the API's list, get, version and SelfSubjectAccessReview as the real one does):
+//! it passes on a healthy mesh and names the problem, with what to do, on an expired
+//! trust root, a missing CRD, a proxy without a certificate and a cluster too old.
+
+use std::process::Command;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use weft_e2e::kube::FakeApi;
+
+/// What `weft install` and a running mesh leave in the cluster.
+fn healthy() -> FakeApi {
+    let api = FakeApi::start();
+    let root = api.identity_secret();
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&root);
+    api.apply(json!({"kind": "MutatingWebhookConfiguration", "metadata": {"name": "weft-injector"},
+        "webhooks": [{"name": "inject.weft.dev", "clientConfig": {"caBundle": bundle,
+                      "service": {"name": "weft-control", "namespace": "weft", "path": "/inject"}}}]}));
+    for i in 0..2 {
+        api.apply(pod(
+            "weft",
+            &format!("weft-control-{i}"),
+            json!({"app.kubernetes.io/name": "weft-control"}),
+            "weft",
+            true,
+        ));
+    }
+    api.apply(json!({"kind": "EndpointSlice",
+        "metadata": {"name": "weft-control-x", "namespace": "weft", "labels": {"kubernetes.io/service-name": "weft-control"}},
+        "addressType": "IPv4", "ports": [{"name": "webhook", "port": 8443}],
+        "endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": true}}]}));
+    api.apply(pod("shop", "web-0", json!({"app": "web"}), "weft-proxy", true));
+    api
+}
+
+fn pod(ns: &str, name: &str, labels: Value, container: &str, ready: bool) -> Value {
+    json!({"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
+           "spec": {"containers": [{"name": "app"}], "initContainers": [{"name": container, "restartPolicy": "Always"}]},
+           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+}
+
+fn check(api: &FakeApi, args: &[&str]) -> (bool, String) {
+    let out = Command::new(weft_e2e::bin("weft"))
+        .arg("check")
+        .args(args)
+        .env("KUBECONFIG", api.kubeconfig())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[test]
+fn a_healthy_mesh_passes() {
+    let api = healthy();
+    let (ok, out) = check(&api, &[]);
+    assert!(ok, "{out}");
+    for line in [
+        "√ Kubernetes 1.33",
+        "√ Weft's CRDs",
+        "√ the trust root",
+        "√ the control plane is ready (2 replicas)",
+        "√ the injector's webhook",
+        "√ every meshed pod's proxy is ready with a certificate (1)",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    let (ok, out) = check(&api, &["--pre"]);
+    assert!(ok && out.contains("√ may create customresourcedefinitions"), "{out}");
+}
+
+#[test]
+fn problems_are_named_with_what_to_do() {
+    // A proxy without a certificate: its pod is not ready.
+    let api = healthy();
+    api.apply(pod("shop", "web-1", json!({"app": "web"}), "weft-proxy", false));
+    let (ok, out) = check(&api, &[]);
+    assert!(
+        !ok && out.contains("1 meshed pod(s) not ready: shop/web-1") && out.contains("kubectl logs"),
+        "{out}"
+    );
+
+    // An expired trust root.
+    let api = healthy();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    api.apply(json!({"kind": "Secret", "metadata": {"name": "weft-identity", "namespace": "weft"},
+                     "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()}}));
+    let (ok, out) = check(&api, &[]);
+    assert!(!ok && out.contains("EXPIRED") && out.contains("rotate the root"), "{out}");
+    // The webhook's caBundle no longer matches the root either.
+    assert!(out.contains("caBundle"), "{out}");
+
+    // A missing CRD.
+    let api = healthy();
+    api.without("inboundpolicies");
+    let (ok, out) = check(&api, &[]);
+    assert!(!ok && out.contains("× Weft's CRDs") && out.contains("kubectl apply -f k8s/crds/"), "{out}");
+
+    // Too old a cluster, and no rights, before the install.
+    let api = healthy();
+    api.version(28);
+    api.allow_token_reviews(false);
+    let (ok, out) = check(&api, &["--pre"]);
+    assert!(!ok && out.contains("1.29 or newer") && out.contains("× may create namespaces"), "{out}");
+}
