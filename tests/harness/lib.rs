@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod control;
 pub mod kube;
+pub mod kubelet;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;

@@ -150,6 +150,16 @@ impl Net {
         let _ = sh(&["kill", "-9", &self.children[process].id().to_string()]);
     }
 
+    /// Sends SIGTERM to a process `spawn` started, as a kubelet stops a container.
+    pub fn terminate(&self, process: usize) {
+        let _ = sh(&["kill", "-TERM", &self.children[process].id().to_string()]);
+    }
+
+    /// A started process's exit status, once it has exited.
+    pub fn try_wait(&mut self, process: usize) -> Option<std::process::ExitStatus> {
+        self.children[process].try_wait().ok().flatten()
+    }
+
     fn spawn_in(&mut self, ns: &str, args: &[&str], envs: &[(&str, &str)], log: &std::path::Path) -> usize {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]).args(args);
