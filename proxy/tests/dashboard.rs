@@ -1,4 +1,4 @@
-//! The shipped Grafana dashboard (k8s/grafana) only queries metric families this
+//! The shipped Grafana dashboard (k8s/addons/grafana) only queries metric families this
 //! proxy's registry exposes, filtered and grouped by labels those families have.
 
 use weft_proxy::{
@@ -9,7 +9,8 @@ use weft_proxy::{
 #[test]
 fn the_grafana_dashboard_queries_what_the_proxy_exposes() {
     let dash: serde_json::Value =
-        serde_json::from_str(include_str!("../../k8s/grafana/weft-dashboard.json")).expect("valid JSON");
+        serde_json::from_str(include_str!("../../k8s/addons/grafana/weft-dashboard.json"))
+            .expect("valid JSON");
     assert_eq!(dash["uid"], "weft-mesh");
     // One of everything, so every family shows in the exposition.
     let m = Metrics::new();
