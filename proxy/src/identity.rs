@@ -18,7 +18,9 @@ use crate::{config::ControlConfig, metrics::Metrics, transport::tls::Credentials
 /// Renew when this fraction of the lifetime has passed.
 const RENEW_AT: f64 = 0.7;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Low, so a proxy that started while the control plane was away gets its certificate
+/// within a few seconds of its return (with jitter, so a node's proxies do not ask at once).
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -23,8 +23,11 @@ impl Ready {
         self.ok.load(Ordering::Acquire)
     }
 
+    /// Ready now; said in the log when it becomes true (and only then).
     pub fn set_ready(&self) {
-        self.ok.store(true, Ordering::Release);
+        if !self.ok.swap(true, Ordering::AcqRel) {
+            tracing::info!("weft-proxy ready");
+        }
     }
 
     /// Not ready (or no longer: draining), for this reason.

@@ -122,10 +122,13 @@ impl Ca {
             return Err(Error::WrongIdentity { asked, proven: identity.clone() });
         }
         // The leaf is built from our parameters; the CSR contributes only its public key.
+        // An empty subject (the identity is the SAN, as SPIFFE X.509-SVIDs have it) and a
+        // signature-only key usage: TLS 1.3 never encrypts to the key, whatever its type.
         let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(wanted.as_str().try_into()?)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
@@ -149,8 +152,9 @@ impl Ca {
     pub fn serving(&self, dns_names: &[String], ttl: Duration) -> Result<(Issued, String), Error> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
@@ -223,6 +227,10 @@ mod tests {
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(life, 3600 + BACKDATE.as_secs() as i64);
         assert!(!cert.is_ca());
+        // No placeholder subject, and a key usage that fits an EC key: signatures only.
+        assert!(cert.subject().iter_attributes().next().is_none(), "subject: {}", cert.subject());
+        let usage = cert.key_usage().unwrap().unwrap().value;
+        assert!(usage.digital_signature() && !usage.key_encipherment(), "{usage:?}");
         // Signed by the CA: the issuer's key verifies it.
         let ca_der = pem_der(ca.cert_pem()).unwrap();
         let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();

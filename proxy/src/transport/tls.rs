@@ -41,8 +41,7 @@ pub async fn connect(
 }
 
 /// What the proxy presents and trusts, with the TLS configurations made from it (built
-/// once per certificate, not per connection).
-#[derive(Debug)]
+/// once per certificate, not per connection). Its `Debug` leaves the key out.
 pub struct Credentials {
     pub identity: String,
     pub key_pem: String,
@@ -51,6 +50,16 @@ pub struct Credentials {
     pub not_after: SystemTime,
     server_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     client_tls: std::sync::Mutex<ClientConfigs>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .field("key_pem", &"<redacted>")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Credentials {
@@ -275,6 +284,14 @@ mod tests {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let pem = params.self_signed(&key).unwrap().pem();
         TestCa { issuer: Issuer::new(params, key), pem }
+    }
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let c = creds(&ca(), "spiffe://weft.local/ns/default/sa/web", false);
+        let shown = format!("{c:?}");
+        assert!(shown.contains("sa/web") && shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY") && !shown.contains(&c.key_pem[40..80]), "{shown}");
     }
 
     fn creds(ca: &TestCa, id: &str, expired: bool) -> Credentials {
