@@ -58,13 +58,17 @@ impl Health {
         }
         if ok {
             self.failures = 0;
-            let was_out = self.state != State::Healthy;
-            self.state = State::Healthy;
-            if was_out {
-                self.ejections = 0;
-                return Some(Event::Restored);
+            match self.state {
+                State::Healthy => return None,
+                // A request sent before the ejection that answers late proves nothing
+                // about the endpoint now: only the probe after the ejection time does.
+                State::Ejected { .. } => return None,
+                State::Probing => {
+                    self.state = State::Healthy;
+                    self.ejections = 0;
+                    return Some(Event::Restored);
+                }
             }
-            return None;
         }
         self.failures += 1;
         let probe_failed = self.state == State::Probing;
@@ -108,6 +112,24 @@ mod tests {
         h.picked(t2);
         assert_eq!(h.record(true, t2, &cfg()), Some(Event::Restored));
         assert!(h.available(t2));
+    }
+
+    #[test]
+    fn a_late_success_of_a_request_sent_before_the_ejection_does_not_restore() {
+        let (mut h, t0) = (Health::default(), Instant::now());
+        for _ in 0..3 {
+            h.record(false, t0, &cfg());
+        }
+        assert!(!h.available(t0));
+        // A slow request dispatched before the ejection succeeds 0.5 s later.
+        let t_half = t0 + Duration::from_millis(500);
+        assert_eq!(h.record(true, t_half, &cfg()), None);
+        assert!(!h.available(t_half), "still ejected until its time is up");
+        // Only the probe after the ejection time brings it back.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(h.available(t1));
+        h.picked(t1);
+        assert_eq!(h.record(true, t1, &cfg()), Some(Event::Restored));
     }
 
     #[test]
