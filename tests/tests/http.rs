@@ -344,3 +344,26 @@ fn a_port_in_use_is_refused_not_shared() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on WEFT_INBOUND_ADDR"), "{err}");
 }
+
+/// Established TCP connections whose local port is `port` (the app's side).
+fn established_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn idle_upstream_connections_close_on_time_without_more_traffic() {
+    let app = weft_e2e::backend::http("app");
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_POOL_IDLE_TIMEOUT", "1s")]);
+    // Several connections to the app at once, then silence.
+    let counts = weft_e2e::tally(p.inbound, 8, 80, &format!("http://{}/?delay_ms=20", p.inbound), &["--noproxy", "*"]);
+    assert_eq!(counts.get("status 200"), Some(&80), "{counts:?}");
+    assert!(established_to(app.addr.port()) >= 2, "the pool kept no connection");
+    // Closed within the idle timeout (plus a sweep), though no request came to trigger it.
+    weft_e2e::eventually(std::time::Duration::from_secs(5), "idle connections to the app to close", || {
+        (established_to(app.addr.port()) == 0).then_some(())
+    });
+}

@@ -55,6 +55,8 @@ struct H1Pool {
     swept: Instant,
     idle_timeout: Duration,
     max_idle: usize,
+    /// Whether a task closes idle connections on time (started with the first one).
+    sweeping: bool,
 }
 
 struct Pooled {
@@ -62,10 +64,17 @@ struct Pooled {
     since: Instant,
 }
 
+impl Pooled {
+    /// Open, and idle for no longer than `idle_timeout`.
+    fn fresh(&self, idle_timeout: Duration) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() <= idle_timeout
+    }
+}
+
 impl H1Pool {
     fn checkout(&mut self, target: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let idle_timeout = self.idle_timeout;
-        let usable = |c: &Pooled| !c.sender.is_closed() && c.since.elapsed() <= idle_timeout;
+        let usable = |c: &Pooled| c.fresh(idle_timeout);
         // Now and then, close expired connections to addresses no longer used.
         if self.swept.elapsed() > idle_timeout / 2 {
             self.swept = Instant::now();
@@ -100,6 +109,7 @@ impl Pool {
             swept: Instant::now(),
             idle_timeout: cfg.pool_idle_timeout,
             max_idle: cfg.pool_max_idle_per_host,
+            sweeping: false,
         };
         Self { h1: Arc::new(Mutex::new(pool)), h2: Mutex::default(), connect_timeout, metrics }
     }
@@ -133,7 +143,7 @@ impl Pool {
                         return Ok(rsp.map(body::boxed));
                     }
                     if rsp.body().is_end_stream() {
-                        lock(&self.h1).checkin(target, sender);
+                        checkin(&self.h1, target, sender);
                         return Ok(rsp.map(body::boxed));
                     }
                     let checkin = Checkin { pool: self.h1.clone(), target, sender };
@@ -252,8 +262,37 @@ struct Checkin {
 impl OnEnd for Checkin {
     fn ended(self, end: End<'_>) {
         if let End::Complete(_) = end {
-            lock(&self.pool).checkin(self.target, self.sender);
+            checkin(&self.pool, self.target, self.sender);
         }
+    }
+}
+
+/// Puts a connection back in the pool; the first one starts the task that closes idle
+/// connections when their time is up, whether or not another request ever comes (the
+/// upstream's connection count must fall back when traffic stops).
+fn checkin(pool: &SharedPool, target: SocketAddr, sender: http1::SendRequest<Body>) {
+    let mut p = lock(pool);
+    p.checkin(target, sender);
+    if !p.sweeping {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            p.sweeping = true;
+            rt.spawn(sweep(Arc::downgrade(pool), p.idle_timeout));
+        }
+    }
+}
+
+/// Closes expired idle connections every half idle timeout, until the pool is gone.
+async fn sweep(pool: std::sync::Weak<Mutex<H1Pool>>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut p = lock(&pool);
+        p.swept = Instant::now();
+        p.conns.retain(|_, conns| {
+            conns.retain(|c| c.fresh(idle_timeout));
+            !conns.is_empty()
+        });
     }
 }
 
