@@ -100,6 +100,9 @@ fn the_demo_mesh_runs_meshed_traffic_and_stops_cleanly() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut up = Up::start(&demo_mesh(), &dir);
     let state = up.state();
+    // The local root is kept for the next `weft up` (sidecars from before and after a
+    // restart of the control plane keep trusting each other).
+    assert!(dir.join("ca/weft.local/root.crt").exists() && dir.join("ca/weft.local/root.key").exists());
 
     // A user's request from the loadgen's sidecar reaches the frontend, which calls both
     // backends through its own sidecar. numbers fails 10 % of its requests; the route's

@@ -106,6 +106,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mesh = Mesh::parse(&mesh_file.display().to_string(), &text)?;
     let state = plan(&mesh, &mesh_file)?;
     let tokens = write_tokens(&mesh, state_dir)?;
+    let (root_cert, root_key) = local_root(&mesh.trust_domain, state_dir)?;
     let exe = std::env::current_exe()?;
     let proxy_bin = proxy_binary(&exe)?;
     let width = mesh.workloads.iter().map(|w| w.name.len() + 6).max().unwrap_or(7).max(7);
@@ -125,7 +126,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .arg("--mesh")
         .arg(&mesh_file)
         .args(["--grpc-addr", &state.control.grpc.to_string()])
-        .args(["--admin-addr", &state.control.admin.to_string()]);
+        .args(["--admin-addr", &state.control.admin.to_string()])
+        .arg("--ca-cert")
+        .arg(&root_cert)
+        .arg("--ca-key")
+        .arg(&root_key);
     parts.push(spawn("control", control, width)?);
     wait_ready("the control plane", state.control.admin, &mut parts).await?;
 
@@ -280,6 +285,31 @@ fn check_free(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     StdListener::bind(addr).map(drop).map_err(|e| {
         anyhow!("cannot listen on {addr}, {what}: {e}; is another `weft up` running? Otherwise change the address in the mesh file")
     })
+}
+
+/// The local mesh's CA root, kept in the state folder (`.weft/ca/`) and reused, so a
+/// control plane restarted by a later `weft up` signs under the same root and sidecars
+/// from before and after the restart still trust each other. Made on first use, for
+/// the mesh's trust domain (another trust domain makes a new one).
+fn local_root(trust_domain: &str, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = dir.join("ca").join(trust_domain);
+    let (cert, key) = (dir.join("root.crt"), dir.join("root.key"));
+    let usable = std::fs::read_to_string(&cert)
+        .ok()
+        .zip(std::fs::read_to_string(&key).ok())
+        .is_some_and(|(c, k)| crate::server::ca::Ca::from_pem(trust_domain, &c, &k, "").is_ok());
+    if usable {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let (cert_pem, key_pem) = crate::server::ca::Ca::new_root(trust_domain, time::Duration::days(365))?;
+    std::fs::write(&cert, cert_pem)?;
+    let _ = std::fs::remove_file(&key);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key)?;
+    std::io::Write::write_all(&mut f, key_pem.as_bytes())?;
+    Ok((cert, key))
 }
 
 /// Each sidecar reads its token from a file only its user can read, not from its environment.
@@ -475,5 +505,28 @@ async fn wait_exit<'a>(parts: impl Iterator<Item = &'a mut Part>, grace: Duratio
             println!("weft up: {} did not stop within {grace:?}; killing it", p.name);
             let _ = p.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_root_is_kept_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weft-up-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (cert, key) = local_root("weft.local", &dir).unwrap();
+        let first = std::fs::read_to_string(&cert).unwrap();
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        // A restart signs under the same root.
+        let (cert2, _) = local_root("weft.local", &dir).unwrap();
+        assert_eq!(std::fs::read_to_string(cert2).unwrap(), first);
+        // A damaged key makes a new one rather than a control plane that cannot start.
+        std::fs::write(&key, "garbage").unwrap();
+        let (cert3, _) = local_root("weft.local", &dir).unwrap();
+        assert_ne!(std::fs::read_to_string(cert3).unwrap(), first);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
