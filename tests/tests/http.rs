@@ -359,7 +359,8 @@ fn idle_upstream_connections_close_on_time_without_more_traffic() {
     let app = weft_e2e::backend::http("app");
     let p = Proxy::start(&[("WEFT_APP_ADDR", &app.addr.to_string()), ("WEFT_POOL_IDLE_TIMEOUT", "1s")]);
     // Several connections to the app at once, then silence.
-    let counts = weft_e2e::tally(p.inbound, 8, 80, &format!("http://{}/?delay_ms=20", p.inbound), &["--noproxy", "*"]);
+    let counts =
+        weft_e2e::tally(p.inbound, 8, 80, &format!("http://{}/?delay_ms=20", p.inbound), &["--noproxy", "*"]);
     assert_eq!(counts.get("status 200"), Some(&80), "{counts:?}");
     assert!(established_to(app.addr.port()) >= 2, "the pool kept no connection");
     // Closed within the idle timeout (plus a sweep), though no request came to trigger it.

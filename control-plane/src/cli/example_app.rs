@@ -159,11 +159,11 @@ async fn load(target: &str, rate: u32, every: Duration) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     let start = Instant::now();
                     let res = client.get(&target).await;
-                    window.lock().expect("window lock").record(res, start.elapsed());
+                    window.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(res, start.elapsed());
                 });
             }
             _ = report.tick() => {
-                let w = std::mem::take(&mut *window.lock().expect("window lock"));
+                let w = std::mem::take(&mut *window.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
                 println!("{}", w.summary(every));
             }
         }

@@ -98,12 +98,12 @@ impl Client {
         let rsp = sender.send_request(req).await.with_context(|| format!("{url} via {addr}"))?;
         let status = rsp.status().as_u16();
         let body = rsp.into_body().collect().await?.to_bytes();
-        self.idle.lock().expect("idle lock").push((addr, sender));
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((addr, sender));
         Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned() })
     }
 
     fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
-        let mut idle = self.idle.lock().expect("idle lock");
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         idle.retain(|(_, s)| !s.is_closed());
         let i = idle.iter().position(|(a, s)| *a == addr && s.is_ready())?;
         Some(idle.swap_remove(i).1)

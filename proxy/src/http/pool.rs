@@ -350,3 +350,29 @@ fn unsent_error(mut e: hyper::client::conn::TrySendError<Request<Body>>, target:
         None => err,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the pool's lock is held (in some request's task) poisons it; the
+    /// shard's other requests must keep using the pool, not panic in turn.
+    #[tokio::test]
+    async fn a_panic_under_the_pool_lock_leaves_the_pool_working() {
+        let cfg = crate::config::Config::from_env(&std::collections::HashMap::<&str, &str>::new()).unwrap();
+        let pool = Pool::new(&cfg.http, Duration::from_secs(1), Metrics::new());
+        let h1 = pool.h1.clone();
+        let poisoned = std::thread::spawn(move || {
+            let _guard = h1.lock().unwrap();
+            panic!("a request's task panics while holding the pool");
+        })
+        .join();
+        assert!(poisoned.is_err() && pool.h1.is_poisoned());
+        // The pool still answers: a checkout of an unknown address is simply empty, and a
+        // request to a closed port fails as a request, not as a panic.
+        assert!(lock(&pool.h1).checkout("127.0.0.1:9".parse().unwrap()).is_none());
+        let req = Request::get("/").body(crate::body::empty()).unwrap();
+        let err = pool.send_h1("127.0.0.1:9".parse().unwrap(), req).await.unwrap_err();
+        assert_eq!(err.cause, Cause::UpstreamRefused);
+    }
+}

@@ -154,7 +154,7 @@ impl Queue {
 
     /// Adds an encoded span; `false` (the span dropped) when the queue is full.
     fn push(&self, span: &[u8]) -> bool {
-        let mut q = self.inner.lock().expect("span queue lock");
+        let mut q = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if q.ends.len() >= self.max_spans || q.bytes.len() + span.len() > self.max_bytes {
             return false;
         }
@@ -170,7 +170,7 @@ impl Queue {
     /// Takes every waiting span, leaving an empty buffer.
     pub fn take(&self) -> Encoded {
         let fresh = Encoded::with_capacity(self.batch);
-        std::mem::replace(&mut *self.inner.lock().expect("span queue lock"), fresh)
+        std::mem::replace(&mut *self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner), fresh)
     }
 }
 
