@@ -24,30 +24,82 @@ use crate::{log::LogHandle, metrics::Metrics};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
+    /// Connections open at once at most; beyond, the longest idle is closed (and counted).
+    pub max_connections: usize,
+    /// Time a client has to send a request head (also the idle keep-alive limit here:
+    /// probes and scrapers reconnect cheaply).
+    pub header_read_timeout: std::time::Duration,
     pub ready: Arc<crate::ready::Ready>,
     pub log: LogHandle,
     pub shutdown: mpsc::Sender<()>,
 }
 
+/// The admin connections open now: when the listener is full, the one that has been
+/// idle longest (a connection that never sent a request first) makes room for a new
+/// one, so a probe still gets in while idle connections flood the port.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: Vec<OpenConn>,
+}
+
+struct OpenConn {
+    id: u64,
+    /// When it last sent a request (or connected).
+    active: Arc<std::sync::Mutex<std::time::Instant>>,
+    task: tokio::task::AbortHandle,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let mut acceptor = weft_api::accept::Acceptor::new("admin");
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
-        let admin = admin.clone();
-        tokio::spawn(async move {
+        let (stream, peer) = acceptor.accept(&listener).await;
+        {
+            let mut o = lock(&open);
+            if o.conns.len() >= admin.max_connections.max(1) {
+                let oldest = (0..o.conns.len()).min_by_key(|&i| *lock(&o.conns[i].active));
+                if let Some(i) = oldest {
+                    o.conns.swap_remove(i).task.abort();
+                    admin.metrics.listener_refused("admin");
+                }
+            }
+        }
+        let active = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let admin_c = admin.clone();
+        let (open_c, active_c) = (open.clone(), active.clone());
+        let id = {
+            let mut o = lock(&open);
+            o.next += 1;
+            o.next
+        };
+        let task = tokio::spawn(async move {
+            let admin = admin_c;
             // A shutdown asked on this connection starts once its answer has been written
             // (the connection is closed after it): with nothing to drain the process
             // exits at once, and the caller must still get its 202.
             let asked = Arc::new(AtomicBool::new(false));
             let (svc_admin, svc_asked) = (admin.clone(), asked.clone());
             let svc = service_fn(move |req| {
+                *lock(&active_c) = std::time::Instant::now();
                 let (admin, asked) = (svc_admin.clone(), svc_asked.clone());
                 async move { Ok::<_, Infallible>(admin.route(req, peer, &asked).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(admin.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            lock(&open_c).conns.retain(|c| c.id != id);
             if asked.load(Ordering::Acquire) {
                 let _ = admin.shutdown.try_send(());
             }
         });
+        lock(&open).conns.push(OpenConn { id, active, task: task.abort_handle() });
     }
 }
 

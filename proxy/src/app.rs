@@ -113,8 +113,14 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
 
     let ready = ready_state;
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
-    let admin =
-        Arc::new(Admin { metrics: metrics.clone(), ready: ready.clone(), log, shutdown: shutdown_tx });
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        max_connections: cfg.admin_max_connections,
+        header_read_timeout: cfg.http.header_read_timeout,
+        ready: ready.clone(),
+        log,
+        shutdown: shutdown_tx,
+    });
     spawn_admin(admin_l, admin)?;
     // Ready once the proxy holds its certificate and the policy of each of its app's ports
     // (WEFT_INBOUND_PORTS): before that it would refuse what it is about to accept.

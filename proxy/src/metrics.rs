@@ -122,6 +122,7 @@ pub struct Metrics {
     retry_budget_exhausted: Family<RouteLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     rerouted: Family<ServiceLabels, Counter>,
+    listener_refused: Family<ListenerLabels, Counter>,
     restored: Family<ServiceLabels, Counter>,
     spans_exported: Counter,
     spans_dropped: Counter,
@@ -139,6 +140,11 @@ struct KindLabels {
 /// Label values the interner keeps; past this (a peer sending ever new names), values
 /// are still recorded, just allocated per use.
 const MAX_INTERNED: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ServiceLabels {
@@ -255,6 +261,12 @@ impl Metrics {
             "Endpoints ejected from a service's balancer after failures in a row",
             ejections.clone(),
         );
+        let listener_refused = Family::default();
+        registry.register(
+            "listener_refused",
+            "Connections closed because their listener had its maximum open: the one idle longest makes room",
+            listener_refused.clone(),
+        );
         let rerouted = Family::default();
         registry.register(
             "rerouted",
@@ -300,6 +312,7 @@ impl Metrics {
             span_export_failures,
             ejections,
             rerouted,
+            listener_refused,
             restored,
             retries,
             retry_budget_exhausted,
@@ -356,6 +369,11 @@ impl Metrics {
             true => self.ejections.get_or_create(&labels).inc(),
             false => self.restored.get_or_create(&labels).inc(),
         };
+    }
+
+    /// A connection `listener` closed at once: it had its maximum open.
+    pub fn listener_refused(&self, listener: &'static str) {
+        self.listener_refused.get_or_create(&ListenerLabels { listener }).inc();
     }
 
     /// A request that never reached its endpoint, sent to another of `service`'s.

@@ -88,12 +88,24 @@ impl Proxy {
     /// Starts a proxy without waiting for it to be ready. Its listeners bind port 0 unless
     /// `env` names an address; the addresses it got are read from its `listening` log line.
     pub fn spawn(env: &[(&str, &str)]) -> Proxy {
+        Self::spawn_via(&[], env)
+    }
+
+    /// Like `spawn`, run through `wrapper` (e.g. `prlimit --nofile=256:256 --`).
+    pub fn spawn_via(wrapper: &[&str], env: &[(&str, &str)]) -> Proxy {
         let log = std::env::temp_dir().join(format!(
             "weft-proxy-{}-{}.log",
             std::process::id(),
             LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let mut cmd = Command::new(bin("weft-proxy"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("weft-proxy"));
+                c
+            }
+            None => Command::new(bin("weft-proxy")),
+        };
         cmd.env("WEFT_INBOUND_ADDR", "127.0.0.1:0")
             .env("WEFT_OUTBOUND_ADDR", "127.0.0.1:0")
             .env("WEFT_ADMIN_ADDR", "127.0.0.1:0")

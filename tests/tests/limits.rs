@@ -70,3 +70,34 @@ fn a_service_at_its_concurrency_limit_sheds_with_503() {
     assert!(shed.iter().all(|r| r.1.contains("weft-error: concurrency-limit")), "{shed:?}");
     assert_eq!(slow.hits(), 2);
 }
+
+#[test]
+fn a_flooded_admin_port_leaves_the_data_path_its_file_descriptors() {
+    // 256 descriptors, as a tight pod might have; 300 connections to the admin port
+    // that never send a request (a scraper gone wrong, or an attacker).
+    let app = weft_e2e::backend::http("app");
+    let app_addr = app.addr.to_string();
+    let mut p = weft_e2e::Proxy::spawn_via(
+        &["prlimit", "--nofile=256:256", "--"],
+        &[("WEFT_APP_ADDR", app_addr.as_str()), ("WEFT_ADMIN_MAX_CONNECTIONS", "16")],
+    );
+    p.wait_ready();
+    let idle: Vec<std::net::TcpStream> =
+        (0..300).filter_map(|_| std::net::TcpStream::connect(p.admin).ok()).collect();
+    assert!(idle.len() >= 250, "{}", idle.len());
+    let t = std::time::Instant::now();
+    p.wait_metric_at_least(r#"weft_listener_refused_total{listener="admin"}"#, 200.0);
+    // Probes still get in: an idle connection makes room for them at once.
+    assert_eq!(weft_e2e::http_get(p.admin, "/ready").map(|(s, _)| s), Some(200));
+    eprintln!("admin flood: 300 idle connections; a scrape answered within {:?}", t.elapsed());
+    // The data path still has descriptors: requests in and out succeed.
+    for _ in 0..20 {
+        let (code, body, err) = weft_e2e::curl(&[&format!("http://{}/", p.inbound)]);
+        assert_eq!(code, 200, "{body}{err}\n{}", p.logs());
+    }
+    let (code, _, _) =
+        weft_e2e::curl(&["-x", &format!("http://{}", p.outbound), &format!("http://{}/", app.addr)]);
+    assert_eq!(code, 200);
+    assert!(!p.logs().contains("Too many open files"), "{}", p.logs());
+    drop(idle);
+}

@@ -35,6 +35,7 @@ pub const POOL_IDLE_TIMEOUT: &str = "WEFT_POOL_IDLE_TIMEOUT";
 pub const POOL_MAX_IDLE: &str = "WEFT_POOL_MAX_IDLE_PER_HOST";
 pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
 pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
+pub const ADMIN_MAX_CONNECTIONS: &str = "WEFT_ADMIN_MAX_CONNECTIONS";
 pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
 pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
 
@@ -48,6 +49,9 @@ pub struct Config {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Admin connections open at once at most; more are closed as they arrive, so probes
+    /// and scrapes flooding in cannot take the descriptors the data path needs.
+    pub admin_max_connections: usize,
     /// Inbound destination for connections that were not redirected (explicit mode).
     pub app_addr: Option<SocketAddr>,
     /// The control plane; `None` runs standalone.
@@ -166,6 +170,7 @@ impl Config {
             inbound_addr: parse(env, INBOUND_ADDR, "0.0.0.0:4143", "an address like 0.0.0.0:4143")?,
             outbound_addr: parse(env, OUTBOUND_ADDR, "127.0.0.1:4140", "an address like 127.0.0.1:4140")?,
             admin_addr: parse(env, ADMIN_ADDR, "0.0.0.0:4191", "an address like 0.0.0.0:4191")?,
+            admin_max_connections: parse(env, ADMIN_MAX_CONNECTIONS, "32", "a count like 32")?,
             app_addr: parse_opt(env, APP_ADDR, "an address like 127.0.0.1:8080")?,
             control: control(env)?,
             detect_timeout: duration(env, DETECT_TIMEOUT, "100ms")?,

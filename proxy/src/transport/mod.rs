@@ -22,23 +22,16 @@ use crate::{
 
 /// Accepts connections until draining starts; each runs in its own task holding a
 /// drain watch, so the drain waits for it.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, drain: drain::Watch, handle: F)
+pub async fn accept_loop<F, Fut>(name: &'static str, listener: TcpListener, drain: drain::Watch, handle: F)
 where
     F: Fn(TcpStream, SocketAddr, drain::Watch) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut acceptor = weft_api::accept::Acceptor::new(name);
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.signaled() => return,
-            res = listener.accept() => match res {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(handle(stream, orig_dst::canonical(peer), drain.clone()));
