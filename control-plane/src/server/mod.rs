@@ -287,6 +287,9 @@ async fn shutdown() {
     }
 }
 
+/// Connections the admin port holds at once at most.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// What the admin port reports.
 #[derive(Clone)]
 struct AdminState {
@@ -304,8 +307,15 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut r
         generation.clone(),
     );
     let registry = Arc::new(registry);
+    let mut acceptor = weft_api::accept::Acceptor::new("admin");
+    // Probes and scrapes only: a few at once, each with 10 s to send its request.
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = acceptor.accept(&listener).await;
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!("admin port full: closed a connection");
+            continue;
+        };
         let AdminState { ready, state, stats } = admin.clone();
         let (registry, generation) = (registry.clone(), generation.clone());
         tokio::spawn(async move {
@@ -329,8 +339,12 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut r
                 *rsp.status_mut() = status;
                 async move { Ok::<_, std::convert::Infallible>(rsp) }
             });
-            let _ =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
         });
     }
 }

@@ -133,15 +133,9 @@ pub async fn serve(
     let mut tls = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(current);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let mut accepts = weft_api::accept::Acceptor::new("webhook");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("webhook accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = accepts.accept(&listener).await;
         let (acceptor, hook) = (acceptor.clone(), hook.clone());
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
