@@ -124,3 +124,31 @@ fn a_job_s_sidecar_exits_promptly_with_code_0_when_its_app_is_done() {
     eprintln!("sidecar exit after SIGTERM with idle keep-alive connections: {:?}, {status}", start.elapsed());
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_drain_waits_for_a_connect_tunnel_and_then_exits() {
+    use std::io::{Read, Write};
+    let echo = backend::echo();
+    let mut p = Proxy::start(&[("WEFT_DRAIN_GRACE", "20s")]);
+    let mut tunnel = TcpStream::connect(p.outbound).unwrap();
+    write!(tunnel, "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).unwrap();
+    let mut buf = [0u8; 256];
+    let n = tunnel.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let mut echoed = |msg: &[u8]| {
+        tunnel.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tunnel.read_exact(&mut got).unwrap();
+        got
+    };
+    assert_eq!(echoed(b"ping"), b"ping");
+    sigterm(&p);
+    weft_e2e::eventually(Duration::from_secs(5), "listeners closed", || {
+        TcpStream::connect(p.outbound).is_err().then_some(())
+    });
+    // Draining: the tunnel keeps working and the proxy waits for it.
+    assert_eq!(echoed(b"still here"), b"still here");
+    assert!(p.child.try_wait().unwrap().is_none(), "the proxy exited under a live tunnel");
+    drop(tunnel);
+    assert!(wait_exit(&mut p, Duration::from_secs(5)).success());
+}

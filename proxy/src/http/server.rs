@@ -29,6 +29,7 @@ where
     F: Forward,
 {
     let mut ctx = ctx;
+    ctx.drain = Some(drain.clone());
     let first_head = Arc::new(FirstHead::default());
     if ctx.protocol == "http1" {
         ctx.first_head = Some(first_head.clone());

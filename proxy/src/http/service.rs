@@ -57,11 +57,14 @@ pub struct Conn<M> {
     pub first_head: Option<std::sync::Arc<super::first_head::FirstHead>>,
     /// The direction's own knowledge of the connection.
     pub meta: M,
+    /// The connection's drain watch, for what outlives its requests (an upgraded or
+    /// `CONNECT` tunnel holds it, so a drain waits for it too).
+    pub drain: Option<crate::drain::Watch>,
 }
 
 impl<M> Conn<M> {
     pub fn new(client: SocketAddr, protocol: &'static str, meta: M) -> Self {
-        Conn { client, protocol, resets: Default::default(), first_head: None, meta }
+        Conn { client, protocol, resets: Default::default(), first_head: None, meta, drain: None }
     }
 }
 

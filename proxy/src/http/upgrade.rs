@@ -36,6 +36,7 @@ pub fn finish(
     idle_timeout: Duration,
     flow: Flow,
     metrics: &Arc<Metrics>,
+    drain: Option<crate::drain::Watch>,
 ) -> Response<Body> {
     let switched =
         rsp.status() == StatusCode::SWITCHING_PROTOCOLS || (is_connect && rsp.status().is_success());
@@ -46,6 +47,8 @@ pub fn finish(
     let upstream = hyper::upgrade::on(&mut rsp);
     let metrics = metrics.clone();
     tokio::spawn(async move {
+        // Held while the tunnel lasts: a drain waits for it (within its grace period).
+        let _drain = drain;
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
                 let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
@@ -68,6 +71,7 @@ pub async fn tunnel(
     timeouts: Timeouts,
     mut flow: Flow,
     metrics: Arc<Metrics>,
+    drain: Option<crate::drain::Watch>,
 ) -> Result<Response<Body>, CauseError> {
     let upstream = tcp::dial(target, peer.as_ref(), timeouts.connect, &metrics).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -75,6 +79,7 @@ pub async fn tunnel(
         flow.peer_identity = Some(p.identity.clone());
     }
     tokio::spawn(async move {
+        let _drain = drain;
         match on_upgrade.await {
             Ok(client) => tcp::splice(TokioIo::new(client), upstream, timeouts.idle, flow, &metrics).await,
             Err(e) => tracing::debug!(%target, "CONNECT upgrade failed: {e}"),

@@ -92,7 +92,15 @@ impl Forward for Inbound {
         // Only a peer proxy may say who it is; an app cannot.
         rsp.headers_mut().remove(observe::PEER_WORKLOAD);
         let flow = Flow { dir: self.common.dir, peer_identity: ex.peer_identity.clone() };
-        Ok(upgrade::finish(rsp, client_upgrade, is_connect, self.tcp.idle, flow, &self.common.metrics))
+        Ok(upgrade::finish(
+            rsp,
+            client_upgrade,
+            is_connect,
+            self.tcp.idle,
+            flow,
+            &self.common.metrics,
+            conn.drain.clone(),
+        ))
     }
 
     fn answered(&self, conn: &Conn<Meta>, rsp: &mut Response<Body>) {

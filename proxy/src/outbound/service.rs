@@ -87,7 +87,7 @@ impl Forward for Outbound {
         };
         let is_connect = req.method() == Method::CONNECT;
         if is_connect && conn.meta.target.is_none() {
-            return self.tunnel(req, &plan).await;
+            return self.tunnel(req, &plan, conn.drain.clone()).await;
         }
         if let Some(rule) = &plan.rule {
             ex.route = Some(rule.name().clone());
@@ -107,18 +107,31 @@ impl Forward for Outbound {
             plan::apply_to_response(rule.rule(), &mut rsp);
         }
         let flow = Flow { dir: self.common.dir, peer_identity: ex.peer_identity.clone() };
-        Ok(upgrade::finish(rsp, client_upgrade, is_connect, self.tcp.idle, flow, &self.common.metrics))
+        Ok(upgrade::finish(
+            rsp,
+            client_upgrade,
+            is_connect,
+            self.tcp.idle,
+            flow,
+            &self.common.metrics,
+            conn.drain.clone(),
+        ))
     }
 }
 
 impl Outbound {
     /// Explicit-mode `CONNECT`: a tunnel to one endpoint; to a mesh peer it is one
     /// opaque stream inside mutual TLS.
-    async fn tunnel(&self, req: Request<Body>, plan: &Plan) -> Result<Response<Body>, CauseError> {
+    async fn tunnel(
+        &self,
+        req: Request<Body>,
+        plan: &Plan,
+        drain: Option<crate::drain::Watch>,
+    ) -> Result<Response<Body>, CauseError> {
         let endpoint = self.attempts.endpoint(&plan.dest, &[])?;
         let forwarder = &self.attempts.forwarder;
         let mesh = endpoint.identity.as_ref().map(|id| forwarder.mesh_peer(id, tls::ALPN_TCP)).transpose()?;
         let flow = Flow { dir: self.common.dir, peer_identity: None };
-        upgrade::tunnel(req, endpoint.addr, mesh, self.tcp, flow, self.common.metrics.clone()).await
+        upgrade::tunnel(req, endpoint.addr, mesh, self.tcp, flow, self.common.metrics.clone(), drain).await
     }
 }
