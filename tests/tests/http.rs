@@ -368,3 +368,38 @@ fn idle_upstream_connections_close_on_time_without_more_traffic() {
         (established_to(app.addr.port()) == 0).then_some(())
     });
 }
+
+#[test]
+fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
+    use std::io::{Read, Write};
+    // Clients keep pooled connections idle for a minute or more (Go: 90 s); closing them
+    // at the head timeout makes them race "connection closed while sending".
+    let app = backend::http("app");
+    let p = Proxy::start(&[
+        ("WEFT_APP_ADDR", &app.addr.to_string()),
+        ("WEFT_HEADER_READ_TIMEOUT", "300ms"),
+        ("WEFT_KEEPALIVE_IDLE_TIMEOUT", "60s"),
+    ]);
+    let mut conn = std::net::TcpStream::connect(p.inbound).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ask = |conn: &mut std::net::TcpStream| {
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert!(ask(&mut conn).starts_with("HTTP/1.1 200"));
+    // Idle for three head timeouts, on a signal of time passing: the app's clock.
+    let idle_until = std::time::Instant::now() + Duration::from_millis(900);
+    weft_e2e::eventually(Duration::from_secs(5), "time to pass", || {
+        (std::time::Instant::now() >= idle_until).then_some(())
+    });
+    assert!(ask(&mut conn).starts_with("HTTP/1.1 200"), "the idle connection was closed");
+    // A head that has begun still has only the head timeout.
+    let mut slow = std::net::TcpStream::connect(p.inbound).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
+}

@@ -31,6 +31,7 @@ pub const TCP_IDLE_TIMEOUT: &str = "WEFT_TCP_IDLE_TIMEOUT";
 pub const QUEUE_TIMEOUT: &str = "WEFT_QUEUE_TIMEOUT";
 pub const MAX_HEADER_BYTES: &str = "WEFT_MAX_HEADER_BYTES";
 pub const HEADER_READ_TIMEOUT: &str = "WEFT_HEADER_READ_TIMEOUT";
+pub const KEEPALIVE_IDLE_TIMEOUT: &str = "WEFT_KEEPALIVE_IDLE_TIMEOUT";
 pub const POOL_IDLE_TIMEOUT: &str = "WEFT_POOL_IDLE_TIMEOUT";
 pub const POOL_MAX_IDLE: &str = "WEFT_POOL_MAX_IDLE_PER_HOST";
 pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
@@ -138,8 +139,11 @@ impl TokenSource {
 pub struct HttpConfig {
     /// Largest request head (request line plus headers) accepted from a client.
     pub max_header_bytes: usize,
-    /// Time a client has to send a complete request head.
+    /// Time a client has to send a complete request head, from its first byte (or, for
+    /// a new connection, from the connection).
     pub header_read_timeout: Duration,
+    /// Time an HTTP/1 connection may stay idle between requests.
+    pub keepalive_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub h2_max_concurrent_streams: u32,
@@ -182,6 +186,7 @@ impl Config {
             http: HttpConfig {
                 max_header_bytes: parse(env, MAX_HEADER_BYTES, "65536", "a byte count like 65536")?,
                 header_read_timeout: duration(env, HEADER_READ_TIMEOUT, "10s")?,
+                keepalive_idle_timeout: duration(env, KEEPALIVE_IDLE_TIMEOUT, "120s")?,
                 pool_idle_timeout: duration(env, POOL_IDLE_TIMEOUT, "60s")?,
                 pool_max_idle_per_host: parse(env, POOL_MAX_IDLE, "256", "a count like 256")?,
                 h2_max_concurrent_streams: parse(env, H2_MAX_CONCURRENT_STREAMS, "250", "a count like 250")?,

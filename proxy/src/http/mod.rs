@@ -8,6 +8,7 @@ pub mod first_head;
 pub mod forwarder;
 pub mod frames;
 pub mod headers;
+pub mod keepalive;
 pub mod observe;
 pub mod pool;
 pub mod resets;

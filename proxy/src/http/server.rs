@@ -10,12 +10,13 @@ use hyper::{server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::keepalive::{Activity, Done, ReadWatch};
 use super::{
     first_head::{FirstHead, FirstHeadWatch},
     frames::{Continuations, FrameWatch},
     service::{self, Conn, Forward},
 };
-use crate::{config::HttpConfig, drain, errors::Cause};
+use crate::{body::Watched, config::HttpConfig, drain, errors::Cause};
 
 /// Concurrently-reset streams a client may leave for us to clean up before the
 /// connection is closed with ENHANCE_YOUR_CALM (the rapid-reset attack, CVE-2023-44487).
@@ -38,11 +39,11 @@ where
     let dir = fwd.common().dir;
     let protocol = ctx.protocol;
     let metrics = fwd.common().metrics.clone();
-    let svc = {
-        let ctx = ctx.clone();
-        service_fn(move |req| service::handle(fwd.clone(), req, ctx.clone()))
-    };
     if protocol == "h2" {
+        let svc = {
+            let ctx = ctx.clone();
+            service_fn(move |req| service::handle(fwd.clone(), req, ctx.clone()))
+        };
         let continuations = Arc::new(Continuations::default());
         let io = FrameWatch::new(io, continuations.clone());
         let mut conn = conn::http2::Builder::new(TokioExecutor::new())
@@ -87,48 +88,68 @@ where
         return;
     }
 
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let (ctx, activity) = (ctx.clone(), activity.clone());
+        service_fn(move |req| {
+            activity.request_started();
+            let answer = service::handle(fwd.clone(), req, ctx.clone());
+            let done = Done(activity.clone());
+            async move { answer.await.map(|rsp| rsp.map(|b| crate::body::boxed(Watched::new(b, done)))) }
+        })
+    };
     let io = FirstHeadWatch::new(io, cfg.max_header_bytes.saturating_mul(2), first_head);
+    let io = ReadWatch::new(io, activity.clone());
+    // hyper's timer runs from the end of a response to the end of the next head: it is
+    // the keep-alive idle timeout here; a head's own deadline is `activity`'s.
     // Oversize heads past the proxy's own check (which answers with `weft-error`) are cut
     // off by hyper's hard limit at twice the setting, so memory stays bounded.
     let mut conn = conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        .header_read_timeout(cfg.keepalive_idle_timeout)
         .max_header_size(cfg.max_header_bytes.saturating_mul(2))
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
+    // `None`: a head that began did not arrive in time.
     let res = tokio::select! {
-        res = &mut conn => res,
+        res = &mut conn => Some(res),
         _ = drain.signaled() => {
             std::pin::Pin::new(&mut conn).graceful_shutdown();
-            (&mut conn).await
+            Some((&mut conn).await)
         }
+        _ = activity.head_timed_out(cfg.header_read_timeout) => None,
     };
-    let Err(e) = res else { return };
     // hyper answers parse errors itself (400, 414, 431), without `weft-error` (hyper has no
     // hook for it); the cause and its true status are recorded here.
-    let cause = if e.is_timeout() {
-        Cause::HeaderTimeout
-    } else if e.is_parse_too_large() && e.to_string().contains("URI too long") {
-        Cause::UriTooLong
-    } else if e.is_parse_too_large() {
-        Cause::HeaderTooLarge
-    } else if e.is_parse() {
-        Cause::BadRequest
-    } else {
-        tracing::debug!(client = %ctx.client, "HTTP/1 connection ended: {e}");
-        return;
-    };
-    tracing::info!(direction = dir.as_str(), client = %ctx.client, cause = cause.as_str(), "rejected request: {e}");
-    if cause == Cause::HeaderTimeout {
-        // hyper closes silently on a header timeout. A client that sent part of a head gets
-        // a 408; an idle keep-alive connection (nothing buffered) is just closed.
-        let Some(parts) = conn.into_parts() else { return };
-        if parts.read_buf.is_empty() {
+    let (cause, e) = match res {
+        Some(Ok(())) => return,
+        None => {
+            (Cause::HeaderTimeout, format!("no complete request head within {:?}", cfg.header_read_timeout))
+        }
+        Some(Err(e)) if e.is_timeout() => (Cause::HeaderTimeout, e.to_string()),
+        Some(Err(e)) if e.is_parse_too_large() && e.to_string().contains("URI too long") => {
+            (Cause::UriTooLong, e.to_string())
+        }
+        Some(Err(e)) if e.is_parse_too_large() => (Cause::HeaderTooLarge, e.to_string()),
+        Some(Err(e)) if e.is_parse() => (Cause::BadRequest, e.to_string()),
+        Some(Err(e)) => {
+            tracing::debug!(client = %ctx.client, "HTTP/1 connection ended: {e}");
             return;
         }
+    };
+    if cause == Cause::HeaderTimeout {
+        // A client that sent part of a head gets a 408; a connection with nothing buffered
+        // (idle, or silent since it connected) is just closed.
+        let Some(parts) = conn.into_parts() else { return };
+        if parts.read_buf.is_empty() {
+            return tracing::debug!(client = %ctx.client, "closed a connection without a request: {e}");
+        }
+        tracing::info!(direction = dir.as_str(), client = %ctx.client, cause = cause.as_str(), "rejected request: {e}");
         let mut io = parts.io.into_inner();
         let _ = io.write_all(crate::errors::respond_raw_http1(cause).as_bytes()).await;
         let _ = io.shutdown().await;
+    } else {
+        tracing::info!(direction = dir.as_str(), client = %ctx.client, cause = cause.as_str(), "rejected request: {e}");
     }
     metrics.response(dir, protocol, cause.status().as_u16(), Some(cause), Default::default(), 0.0);
 }
