@@ -382,7 +382,7 @@ fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
     ]);
     let mut conn = std::net::TcpStream::connect(p.inbound).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut ask = |conn: &mut std::net::TcpStream| {
+    let ask = |conn: &mut std::net::TcpStream| {
         conn.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").unwrap();
         let mut buf = [0u8; 4096];
         let n = conn.read(&mut buf).unwrap();
