@@ -15,6 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use crate::config::WatchLimits as Limits;
 use crate::{
     config::{ControlConfig, TokenSource},
     metrics::Metrics,
@@ -89,16 +90,28 @@ type Opened<T> = Pin<Box<dyn Future<Output = Result<tonic::Streaming<T>, tonic::
 /// Opens one watch stream: the gRPC call with its request for a key.
 type Open<K, T> = Arc<dyn Fn(&K, &TokenSource) -> Opened<T> + Send + Sync>;
 
-/// Watches of one kind by key (an authority, a port), each started on first use and kept.
-/// The stream's messages `M` are kept as `T`, made from each message once when it
-/// arrives (routes name their rules then, not per request).
+/// Watches of one kind by key (an authority, a port), each started on first use. The
+/// stream's messages `M` are kept as `T`, made from each message once when it arrives
+/// (routes name their rules then, not per request).
+///
+/// Keys are what clients choose (any authority), so with [`Limits`] a watch not used for
+/// a while is closed, and their number is capped (the least recently used go first): an
+/// app sending to 100,000 names does not make the proxy, or the control plane, hold
+/// 100,000 watches. A key used again starts a new watch.
 pub struct Watched<K, M, T = M> {
     /// `discovery`, `policy` or `routes`: the start of its log lines and its metric label.
     kind: &'static str,
     token: TokenSource,
     metrics: Arc<Metrics>,
     open: Open<K, M>,
-    watches: Mutex<HashMap<K, watch::Receiver<Answer<T>>>>,
+    watches: Arc<Mutex<HashMap<K, Entry<T>>>>,
+    limits: Option<Limits>,
+}
+
+struct Entry<T> {
+    rx: watch::Receiver<Answer<T>>,
+    used: std::time::Instant,
+    task: tokio::task::AbortHandle,
 }
 
 impl<K, M, T> Watched<K, M, T>
@@ -112,7 +125,23 @@ where
     where
         F: Fn(&K, &TokenSource) -> Opened<M> + Send + Sync + 'static,
     {
-        Watched { kind, token: cfg.token.clone(), metrics, open: Arc::new(open), watches: Mutex::default() }
+        Watched {
+            kind,
+            token: cfg.token.clone(),
+            metrics,
+            open: Arc::new(open),
+            watches: Arc::default(),
+            limits: None,
+        }
+    }
+
+    /// Closes watches unused for `limits.idle` and keeps at most `limits.max`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&self.watches), limits, self.kind, self.metrics.clone()));
+        }
+        self
     }
 
     /// The current answer for `key`, waiting up to [`FIRST_ANSWER`] for the first one.
@@ -144,14 +173,55 @@ where
 
     fn receiver(&self, key: &K) -> watch::Receiver<Answer<T>> {
         let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = watches.get(key) {
-            return rx.clone();
+        let now = std::time::Instant::now();
+        if let Some(entry) = watches.get_mut(key) {
+            entry.used = now;
+            return entry.rx.clone();
+        }
+        let mut evicted = 0;
+        if let Some(limits) = self.limits {
+            while watches.len() >= limits.max.max(1) {
+                let Some(oldest) = watches.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone()) else {
+                    break;
+                };
+                if let Some(e) = watches.remove(&oldest) {
+                    e.task.abort();
+                    evicted += 1;
+                }
+            }
         }
         let (open, token, key2) = (self.open.clone(), self.token.clone(), key.clone());
         let learnt = Learnt { kind: self.kind, metrics: self.metrics.clone() };
-        let rx = spawn(format!("{} of {key}", self.kind), learnt, move || open(&key2, &token));
-        watches.insert(key.clone(), rx.clone());
+        let (rx, task) = spawn(format!("{} of {key}", self.kind), learnt, move || open(&key2, &token));
+        watches.insert(key.clone(), Entry { rx: rx.clone(), used: now, task });
+        self.metrics.control_watches(self.kind, watches.len(), evicted);
         rx
+    }
+}
+
+/// Closes the watches unused for `limits.idle`, every half of it, until the set is gone.
+async fn sweep<K, T>(
+    watches: std::sync::Weak<Mutex<HashMap<K, Entry<T>>>>,
+    limits: Limits,
+    kind: &'static str,
+    metrics: Arc<Metrics>,
+) where
+    K: Eq + Hash,
+{
+    let every = (limits.idle / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(watches) = watches.upgrade() else { return };
+        let mut w = watches.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = w.len();
+        w.retain(|_, e| {
+            let keep = e.used.elapsed() < limits.idle;
+            if !keep {
+                e.task.abort();
+            }
+            keep
+        });
+        metrics.control_watches(kind, w.len(), before - w.len());
     }
 }
 
@@ -161,14 +231,18 @@ struct Learnt {
     metrics: Arc<Metrics>,
 }
 
-fn spawn<M, T, F>(what: String, learnt: Learnt, open: F) -> watch::Receiver<Answer<T>>
+fn spawn<M, T, F>(
+    what: String,
+    learnt: Learnt,
+    open: F,
+) -> (watch::Receiver<Answer<T>>, tokio::task::AbortHandle)
 where
     M: Generation + Send + 'static,
     T: From<M> + Send + Sync + 'static,
     F: Fn() -> Opened<M> + Send + 'static,
 {
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
             match open().await {
@@ -188,5 +262,5 @@ where
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     });
-    rx
+    (rx, task.abort_handle())
 }

@@ -128,6 +128,8 @@ pub struct Metrics {
     spans_dropped: Counter,
     span_export_failures: Counter,
     control_generation: Family<KindLabels, Gauge>,
+    control_watches: Family<KindLabels, Gauge>,
+    control_evictions: Family<KindLabels, Counter>,
     interned: Mutex<HashSet<Arc<str>>>,
 }
 
@@ -304,8 +306,22 @@ impl Metrics {
             "The newest control-plane state generation among the answers received, by kind",
             control_generation.clone(),
         );
+        let control_watches = Family::default();
+        registry.register(
+            "control_watches",
+            "Control-plane watches held (one per authority or port in use), by kind",
+            control_watches.clone(),
+        );
+        let control_evictions = Family::default();
+        registry.register(
+            "control_watch_evictions",
+            "Watches closed because their key was not used for a while, or to stay under the cap, by kind",
+            control_evictions.clone(),
+        );
         Arc::new(Metrics {
             control_generation,
+            control_watches,
+            control_evictions,
             interned: Mutex::default(),
             spans_exported,
             spans_dropped,
@@ -353,6 +369,15 @@ impl Metrics {
     }
 
     /// A control-plane answer of `kind` made from state `generation` arrived.
+    /// How many watches of `kind` are held, and how many were just evicted.
+    pub fn control_watches(&self, kind: &'static str, held: usize, evicted: usize) {
+        let labels = KindLabels { kind };
+        self.control_watches.get_or_create(&labels).set(i64::try_from(held).unwrap_or(i64::MAX));
+        if evicted > 0 {
+            self.control_evictions.get_or_create(&labels).inc_by(evicted as u64);
+        }
+    }
+
     pub fn control_generation(&self, kind: &'static str, generation: u64) {
         let gauge = self.control_generation.get_or_create(&KindLabels { kind });
         let generation = i64::try_from(generation).unwrap_or(i64::MAX);

@@ -101,3 +101,30 @@ fn a_flooded_admin_port_leaves_the_data_path_its_file_descriptors() {
     assert!(!p.logs().contains("Too many open files"), "{}", p.logs());
     drop(idle);
 }
+
+#[test]
+fn watches_for_authorities_clients_choose_are_capped_and_closed_when_idle() {
+    use weft_e2e::{control::Control, mesh::MeshFile};
+    // Every distinct authority a client names opens a discovery watch; a client naming
+    // 500 (all refused here: nothing listens) must not leave 500 open.
+    let control = Control::start(&MeshFile::new().workload("web").yaml(), &[]);
+    let web = control.sidecar("web", &[("WEFT_WATCH_IDLE_TIMEOUT", "1s"), ("WEFT_MAX_WATCHES", "200")]);
+    let urls: Vec<String> = (0..500).map(|i| format!("http://127.0.0.1:{}/", 41000 + i)).collect();
+    let mut args =
+        vec!["-x".to_string(), format!("http://{}", web.outbound), "-o".into(), "/dev/null".into()];
+    for u in &urls {
+        args.push(u.clone());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    weft_e2e::curl(&refs);
+    let held = r#"weft_control_watches{kind="discovery"}"#;
+    let evicted = r#"weft_control_watch_evictions_total{kind="discovery"}"#;
+    assert!(web.metric(held) <= 200.0, "over the cap:\n{}", web.metrics());
+    assert!(web.metric(evicted) >= 300.0, "{}", web.metrics());
+    // Unused for the idle timeout, they are all closed.
+    web.wait_metric(held, 0.0);
+    eprintln!(
+        "500 authorities: at most 200 watches held, {} evicted, none left once idle",
+        web.metric(evicted)
+    );
+}

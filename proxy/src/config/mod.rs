@@ -37,6 +37,8 @@ pub const POOL_MAX_IDLE: &str = "WEFT_POOL_MAX_IDLE_PER_HOST";
 pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
 pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
 pub const ADMIN_MAX_CONNECTIONS: &str = "WEFT_ADMIN_MAX_CONNECTIONS";
+pub const WATCH_IDLE_TIMEOUT: &str = "WEFT_WATCH_IDLE_TIMEOUT";
+pub const MAX_WATCHES: &str = "WEFT_MAX_WATCHES";
 pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
 pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
 
@@ -94,6 +96,18 @@ pub struct ControlConfig {
     /// The app's ports (`WEFT_INBOUND_PORTS`): the proxy is ready only once the control
     /// plane has answered for each.
     pub inbound_ports: BTreeSet<u16>,
+    /// Discovery and route watches (one per authority clients use): closed when unused
+    /// for `idle` (`WEFT_WATCH_IDLE_TIMEOUT`), at most `max` (`WEFT_MAX_WATCHES`).
+    pub watches: WatchLimits,
+}
+
+/// When the proxy closes the control-plane watches clients' requests opened.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchLimits {
+    /// Unused this long, a watch is closed.
+    pub idle: Duration,
+    /// At most this many; beyond, the least recently used is closed.
+    pub max: usize,
 }
 
 /// `WEFT_DEFAULT_INBOUND_POLICY`: what an inbound port gets before (or without) the
@@ -269,7 +283,11 @@ fn control(env: &dyn Env) -> Result<Option<ControlConfig>, Error> {
         Some(other) => return Err(err(DEFAULT_INBOUND_POLICY, other, "deny, strict or permissive")),
     };
     let inbound_ports = ports(env, INBOUND_PORTS, "")?;
-    Ok(Some(ControlConfig { addrs, identity, token, default_inbound_policy, inbound_ports }))
+    let watches = WatchLimits {
+        idle: duration(env, WATCH_IDLE_TIMEOUT, "60s")?,
+        max: parse(env, MAX_WATCHES, "10000", "a count like 10000")?,
+    };
+    Ok(Some(ControlConfig { addrs, identity, token, default_inbound_policy, inbound_ports, watches }))
 }
 
 #[cfg(test)]

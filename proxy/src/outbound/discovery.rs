@@ -27,7 +27,8 @@ impl Discovery {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
             Box::pin(async move { client.watch(req).await.map(tonic::Response::into_inner) })
-        });
+        })
+        .with_limits(cfg.watches);
         Ok(Discovery { watches })
     }
 

@@ -38,7 +38,8 @@ impl RouteWatch {
             let mut client = client.clone();
             let req = control::authorized(WatchRequest { authority: authority.clone() }, token);
             Box::pin(async move { client.watch_routes(req).await.map(tonic::Response::into_inner) })
-        });
+        })
+        .with_limits(cfg.watches);
         Ok(RouteWatch { watches })
     }
 
