@@ -109,6 +109,11 @@ fn watches_for_authorities_clients_choose_are_capped_and_closed_when_idle() {
     // 500 (all refused here: nothing listens) must not leave 500 open.
     let control = Control::start(&MeshFile::new().workload("web").yaml(), &[]);
     let web = control.sidecar("web", &[("WEFT_WATCH_IDLE_TIMEOUT", "1s"), ("WEFT_MAX_WATCHES", "200")]);
+    let served = || {
+        let text = weft_e2e::http_get(control.admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        weft_e2e::metric_value(&text, "weft_control_watches")
+    };
+    let before = served();
     let urls: Vec<String> = (0..500).map(|i| format!("http://127.0.0.1:{}/", 41000 + i)).collect();
     let mut args =
         vec!["-x".to_string(), format!("http://{}", web.outbound), "-o".into(), "/dev/null".into()];
@@ -121,8 +126,11 @@ fn watches_for_authorities_clients_choose_are_capped_and_closed_when_idle() {
     let evicted = r#"weft_control_watch_evictions_total{kind="discovery"}"#;
     assert!(web.metric(held) <= 200.0, "over the cap:\n{}", web.metrics());
     assert!(web.metric(evicted) >= 300.0, "{}", web.metrics());
-    // Unused for the idle timeout, they are all closed.
+    // Unused for the idle timeout, they are all closed, on the control plane too.
     web.wait_metric(held, 0.0);
+    weft_e2e::eventually(Duration::from_secs(5), "the control plane's watch streams to close", || {
+        (served() <= before).then_some(())
+    });
     eprintln!(
         "500 authorities: at most 200 watches held, {} evicted, none left once idle",
         web.metric(evicted)

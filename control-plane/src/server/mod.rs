@@ -300,6 +300,12 @@ struct AdminState {
 }
 
 async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut registry: Registry) {
+    let watches: Gauge = Gauge::default();
+    registry.register(
+        "watches",
+        "Watch streams open to proxies (discovery, policy, routes)",
+        watches.clone(),
+    );
     let generation: Gauge = Gauge::default();
     registry.register(
         "mesh_generation",
@@ -317,7 +323,7 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut r
             continue;
         };
         let AdminState { ready, state, stats } = admin.clone();
-        let (registry, generation) = (registry.clone(), generation.clone());
+        let (registry, generation, watches) = (registry.clone(), generation.clone(), watches.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let (status, body) = match req.uri().path() {
@@ -326,6 +332,7 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut r
                     "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
                     "/metrics" => {
                         generation.set(i64::try_from(state.borrow().generation).unwrap_or(i64::MAX));
+                        watches.set(watch::OPEN.load(Ordering::Relaxed));
                         if let Some(stats) = &stats {
                             stats.refresh();
                         }

@@ -41,6 +41,26 @@ impl Stamped for InboundPolicy {
     }
 }
 
+/// Watch streams open now, all kinds (the admin port's `weft_control_watches`): how many
+/// proxies' watches the control plane is serving.
+pub static OPEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Counts one open stream while it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        OPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Streams `answer(mesh)` now and after every state change that changes it (a new
 /// generation alone is not a change), stamped with the generation it was made from.
 /// `None` is no answer yet: nothing is sent until there is one (the caller keeps what it
@@ -50,8 +70,8 @@ where
     T: Clone + PartialEq + Stamped + Send + Sync + 'static,
     F: Fn(&Mesh) -> Option<T> + Send + 'static,
 {
-    let init = (state, None::<T>, answer, false);
-    Box::pin(futures_util::stream::unfold(init, |(mut state, last, answer, mut started)| async move {
+    let init = (state, None::<T>, answer, false, Open::new());
+    Box::pin(futures_util::stream::unfold(init, |(mut state, last, answer, mut started, open)| async move {
         loop {
             if started && state.changed().await.is_err() {
                 return None;
@@ -64,7 +84,7 @@ where
             if let Some(next) = next.filter(|n| last.as_ref() != Some(n)) {
                 let mut sent = next.clone();
                 sent.stamp(generation);
-                return Some((Ok(sent), (state, Some(next), answer, started)));
+                return Some((Ok(sent), (state, Some(next), answer, started, open)));
             }
         }
     }))

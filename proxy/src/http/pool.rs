@@ -225,7 +225,17 @@ impl Pool {
         mesh: Option<&MeshPeer>,
     ) -> Result<http2::SendRequest<Body>, CauseError> {
         let key = (target, mesh.map(|m| m.identity.clone()));
-        let slot = lock(&self.h2).entry(key).or_default().clone();
+        let slot = {
+            let mut h2 = lock(&self.h2);
+            if !h2.contains_key(&key) {
+                // Connections to endpoints that went away: their slots go with them, so
+                // the map follows the endpoints in use, not every one ever used.
+                h2.retain(|_, slot| {
+                    slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|c| !c.is_closed()))
+                });
+            }
+            h2.entry(key).or_default().clone()
+        };
         let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
