@@ -20,8 +20,8 @@ use super::{
 pub enum Error {
     #[error("{file}: {msg}")]
     Syntax { file: String, msg: String },
-    #[error("{file}: {path}: {msg}")]
-    Invalid { file: String, path: String, msg: String },
+    #[error("{file}: {}{path}: {msg}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Invalid { file: String, line: Option<usize>, path: String, msg: String },
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -293,7 +293,13 @@ impl Mesh {
                 .unwrap_or_default();
             Error::Syntax { file: file.into(), msg: format!("{at}{e}") }
         })?;
-        mesh.validate(file)?;
+        mesh.validate(file).map_err(|e| match e {
+            Error::Invalid { file, path, msg, .. } => {
+                let line = line_of(text, &path, &msg);
+                Error::Invalid { file, line, path, msg }
+            }
+            other => other,
+        })?;
         Ok(mesh.index())
     }
 
@@ -310,7 +316,7 @@ impl Mesh {
     }
 
     fn validate(&self, file: &str) -> Result<(), Error> {
-        let invalid = |path: String, msg: String| Error::Invalid { file: file.into(), path, msg };
+        let invalid = |path: String, msg: String| Error::Invalid { file: file.into(), line: None, path, msg };
         let mut names = HashSet::new();
         let mut tokens = HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
@@ -451,6 +457,22 @@ impl Mesh {
         };
         weft_api::v1::RouteSet { authority: authority.into(), rules, generation: 0 }
     }
+}
+
+/// The line a validation error is about, found in the text: the first line, at or after
+/// the entry the path names (`routes[0] (words-split)` → the line naming `words-split`),
+/// that holds the value the message quotes (`unknown service "nope"`). Validation works on
+/// parsed values, which have no positions; the text still does.
+fn line_of(text: &str, path: &str, msg: &str) -> Option<usize> {
+    let quoted = |s: &str| s.split('"').nth(1).map(str::to_string).filter(|v| !v.is_empty());
+    let named = path.split_once('(').and_then(|(_, rest)| rest.split_once(')')).map(|(n, _)| n.to_string());
+    let lines: Vec<&str> = text.lines().collect();
+    let start = named
+        .as_deref()
+        .and_then(|n| lines.iter().position(|l| l.contains(&format!("name: {n}"))))
+        .unwrap_or(0);
+    let value = quoted(msg)?;
+    lines.iter().skip(start).position(|l| l.contains(value.as_str())).map(|i| start + i + 1)
 }
 
 impl Service {

@@ -552,6 +552,8 @@ routes:
             e.contains("routes[0] (words-split).rules[0]") && e.contains("unknown service \"nope\""),
             "{e}"
         );
+        // Its line, though validation sees parsed values: line 14 names the backend.
+        assert!(e.contains("m: line 14: "), "{e}");
         let e = err(&MESH.replace("timeout: 2s", "timeout: soon"));
         assert!(
             e.contains("rules[1]") && e.contains("\"soon\"") && e.contains("300ms") && e.contains("line"),
