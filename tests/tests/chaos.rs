@@ -1,0 +1,105 @@
+//! Short chaos runs (seconds, so CI catches regressions; bench/soak runs the long ones):
+//! the control plane dies under load and comes back, and certificates renew under load,
+//! with no failed request. Two real sidecars over mTLS, a real backend, constant-rate
+//! load from weft-load.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use serde_json::Value;
+use weft_e2e::{
+    backend,
+    control::Control,
+    eventually, free_addr,
+    mesh::{MeshFile, Service},
+};
+
+fn mesh(server_inbound: SocketAddr, extra_service: bool) -> String {
+    let mut m = MeshFile::new()
+        .workload("web")
+        .workload("api")
+        .service(Service::new("api", 80).meshed(server_inbound, "api"));
+    if extra_service {
+        m = m.service(Service::new("api-next", 80).meshed(server_inbound, "api"));
+    }
+    m.yaml()
+}
+
+/// The CA root both control planes of a test sign with (as `weft up` keeps its own).
+fn root() -> (String, String) {
+    let dir = std::env::temp_dir().join(format!("weft-chaos-{}-{}", std::process::id(), free_addr().port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("root.crt"), dir.join("root.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+/// Constant-rate load through `via` to `host`, for `seconds`; its report.
+fn load(via: SocketAddr, host: &str, seconds: u32) -> std::process::Child {
+    Command::new(weft_e2e::bin("weft-load"))
+        .args(["--addr", &via.to_string(), "--host", host, "--rate", "200", "--warmup", "0"])
+        .args(["--seconds", &seconds.to_string(), "--connections", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn report(load: std::process::Child) -> Value {
+    serde_json::from_slice(&load.wait_with_output().unwrap().stdout).unwrap()
+}
+
+#[test]
+fn the_control_plane_dies_under_load_and_comes_back() {
+    let app = backend::http("api");
+    let server_inbound = free_addr();
+    let (cert, key) = root();
+    let ca = ["--ca-cert", cert.as_str(), "--ca-key", key.as_str()];
+    let mut control = Control::start(&mesh(server_inbound, false), &ca);
+    let grpc = control.grpc;
+    let _server = control.app_sidecar("api", app.addr, server_inbound);
+    let web = control.sidecar("web", &[]);
+    let running = load(web.outbound, "api:80", 5);
+    eventually(Duration::from_secs(5), "load on the app", || (app.hits() > 50).then_some(()));
+    // The control plane is gone: answers already held keep serving, and new connections
+    // (the load opens some) keep working on them.
+    let _ = control.child.kill();
+    let _ = control.child.wait();
+    let served = app.hits();
+    eventually(Duration::from_secs(5), "requests served without a control plane", || {
+        (app.hits() > served + 100).then_some(())
+    });
+    // It comes back on its address, with the same root; a change made after applies.
+    let control = Control::start_on(grpc, &mesh(server_inbound, true), &ca);
+    let g = control.generation();
+    web.wait_generation("discovery", g);
+    let r = report(running);
+    eprintln!("control plane killed and restarted under load: {r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let (code, _, err) = weft_e2e::curl(&["-x", &format!("http://{}", web.outbound), "http://api-next:80/"]);
+    assert_eq!(code, 200, "a service added after the restart: {err}");
+}
+
+#[test]
+fn certificates_renew_under_load_without_a_failed_request() {
+    let app = backend::http("api");
+    let server_inbound = free_addr();
+    // Leaves of 3 s: each sidecar renews about every 2 s.
+    let control = Control::start(&mesh(server_inbound, false), &["--cert-ttl-secs", "3"]);
+    let server = control.app_sidecar("api", app.addr, server_inbound);
+    let web = control.sidecar("web", &[]);
+    let ok = r#"weft_identity_certify_total{result="ok"}"#;
+    let before = (web.metric(ok), server.metric(ok));
+    let r = report(load(web.outbound, "api:80", 6));
+    eprintln!(
+        "renewals under load: {r}; certificates web {} api {}",
+        web.metric(ok) - before.0,
+        server.metric(ok) - before.1
+    );
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(web.metric(ok) - before.0 >= 2.0 && server.metric(ok) - before.1 >= 2.0, "no renewal happened");
+}
