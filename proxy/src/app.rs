@@ -66,6 +66,10 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
     }
     let in_flight = Arc::new(InFlight::default());
     let hop = crate::outbound::hop::HopGuard::default();
+    let limits = (
+        Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+        Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+    );
     let cfg = Arc::new(cfg);
     let shards = cfg.worker_threads.max(1);
     let inbound_ls = bind_dual(cfg.inbound_addr, shards, config::INBOUND_ADDR)?;
@@ -102,6 +106,7 @@ pub async fn run(cfg: Config, log: LogHandle) -> anyhow::Result<()> {
             tracer: tracer.clone(),
             workload: workload.clone(),
             hop: hop.clone(),
+            limits: limits.clone(),
         };
         let watch = watch.clone();
         std::thread::Builder::new()
@@ -181,6 +186,8 @@ struct Shard {
     tracer: Option<Arc<crate::trace::Tracer>>,
     workload: Option<http::HeaderValue>,
     hop: crate::outbound::hop::HopGuard,
+    /// Connections open at once, per direction, shared by the shards.
+    limits: (Arc<tokio::sync::Semaphore>, Arc<tokio::sync::Semaphore>),
 }
 
 impl Shard {
@@ -208,11 +215,18 @@ impl Shard {
             };
             let cfg = &self.cfg;
             let mut loops: Vec<Pin<Box<dyn Future<Output = ()>>>> = vec![];
+            let limit = |name, open: &Arc<tokio::sync::Semaphore>| crate::transport::Limit {
+                name,
+                open: open.clone(),
+                metrics: self.metrics.clone(),
+            };
             for l in inbound_ls {
-                loops.push(Box::pin(inbound::run(l, inbound.clone(), cfg.clone(), watch.clone())));
+                let limit = limit("inbound", &self.limits.0);
+                loops.push(Box::pin(inbound::run(l, limit, inbound.clone(), cfg.clone(), watch.clone())));
             }
             for l in outbound_ls {
-                loops.push(Box::pin(outbound::run(l, outbound.clone(), cfg.clone(), watch.clone())));
+                let limit = limit("outbound", &self.limits.1);
+                loops.push(Box::pin(outbound::run(l, limit, outbound.clone(), cfg.clone(), watch.clone())));
             }
             drop(watch);
             futures_util::future::join_all(loops).await;

@@ -136,3 +136,30 @@ fn watches_for_authorities_clients_choose_are_capped_and_closed_when_idle() {
         web.metric(evicted)
     );
 }
+
+#[test]
+fn a_flooded_inbound_leaves_the_outbound_and_the_admin_port_their_descriptors() {
+    // 256 descriptors and no setting: the default cap (a quarter of what is left after
+    // the reserve, at least 64) applies to each direction.
+    let app = weft_e2e::backend::http("app");
+    let app_addr = app.addr.to_string();
+    let mut p = weft_e2e::Proxy::spawn_via(
+        &["prlimit", "--nofile=256:256", "--"],
+        &[("WEFT_APP_ADDR", app_addr.as_str())],
+    );
+    p.wait_ready();
+    // 300 connections to the inbound that send nothing.
+    let idle: Vec<std::net::TcpStream> =
+        (0..300).filter_map(|_| std::net::TcpStream::connect(p.inbound).ok()).collect();
+    assert!(idle.len() >= 250, "{}", idle.len());
+    p.wait_metric_at_least(r#"weft_listener_refused_total{listener="inbound"}"#, 150.0);
+    // The other direction and the probes still work.
+    for _ in 0..10 {
+        let (code, _, err) =
+            weft_e2e::curl(&["-x", &format!("http://{}", p.outbound), &format!("http://{}/", app.addr)]);
+        assert_eq!(code, 200, "{err}\n{}", p.logs());
+    }
+    assert_eq!(weft_e2e::http_get(p.admin, "/ready").map(|(s, _)| s), Some(200));
+    assert!(!p.logs().contains("Too many open files"), "{}", p.logs());
+    drop(idle);
+}

@@ -38,6 +38,7 @@ pub const H2_MAX_CONCURRENT_STREAMS: &str = "WEFT_H2_MAX_CONCURRENT_STREAMS";
 pub const DRAIN_GRACE: &str = "WEFT_DRAIN_GRACE";
 pub const ADMIN_MAX_CONNECTIONS: &str = "WEFT_ADMIN_MAX_CONNECTIONS";
 pub const WATCH_IDLE_TIMEOUT: &str = "WEFT_WATCH_IDLE_TIMEOUT";
+pub const MAX_CONNECTIONS: &str = "WEFT_MAX_CONNECTIONS";
 pub const MAX_WATCHES: &str = "WEFT_MAX_WATCHES";
 pub const LOG_FORMAT: &str = "WEFT_LOG_FORMAT";
 pub const WORKER_THREADS: &str = "WEFT_WORKER_THREADS";
@@ -55,6 +56,10 @@ pub struct Config {
     /// Admin connections open at once at most; more are closed as they arrive, so probes
     /// and scrapes flooding in cannot take the descriptors the data path needs.
     pub admin_max_connections: usize,
+    /// Inbound connections open at once at most, and outbound as many. The default
+    /// leaves the admin port and the control plane a reserve of the process's
+    /// descriptors: a quarter each of what remains (a proxied connection holds two).
+    pub max_connections: usize,
     /// Inbound destination for connections that were not redirected (explicit mode).
     pub app_addr: Option<SocketAddr>,
     /// The control plane; `None` runs standalone.
@@ -99,6 +104,23 @@ pub struct ControlConfig {
     /// Discovery and route watches (one per authority clients use): closed when unused
     /// for `idle` (`WEFT_WATCH_IDLE_TIMEOUT`), at most `max` (`WEFT_MAX_WATCHES`).
     pub watches: WatchLimits,
+}
+
+/// Descriptors kept back from the data path: the admin port, the control plane's
+/// channel, DNS, logs.
+const FD_RESERVE: usize = 128;
+
+/// A quarter of the descriptors left after the reserve (two directions, two descriptors
+/// per proxied connection), from the process's soft limit; at least 64.
+fn default_max_connections() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024);
+    (soft.saturating_sub(FD_RESERVE) / 4).max(64)
 }
 
 /// When the proxy closes the control-plane watches clients' requests opened.
@@ -189,6 +211,12 @@ impl Config {
             outbound_addr: parse(env, OUTBOUND_ADDR, "127.0.0.1:4140", "an address like 127.0.0.1:4140")?,
             admin_addr: parse(env, ADMIN_ADDR, "0.0.0.0:4191", "an address like 0.0.0.0:4191")?,
             admin_max_connections: parse(env, ADMIN_MAX_CONNECTIONS, "32", "a count like 32")?,
+            max_connections: parse(
+                env,
+                MAX_CONNECTIONS,
+                &default_max_connections().to_string(),
+                "a count like 10000",
+            )?,
             app_addr: parse_opt(env, APP_ADDR, "an address like 127.0.0.1:8080")?,
             control: control(env)?,
             detect_timeout: duration(env, DETECT_TIMEOUT, "100ms")?,

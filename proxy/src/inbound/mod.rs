@@ -26,9 +26,15 @@ use tracing::Instrument;
 
 use crate::{config::Config, drain, errors::Cause, metrics::Direction, transport};
 
-pub async fn run(listener: TcpListener, inbound: Arc<Inbound>, cfg: Arc<Config>, drain: drain::Watch) {
+pub async fn run(
+    listener: TcpListener,
+    limit: transport::Limit,
+    inbound: Arc<Inbound>,
+    cfg: Arc<Config>,
+    drain: drain::Watch,
+) {
     let app_addr = cfg.app_addr;
-    transport::accept_loop("inbound", listener, drain, move |stream, client, drain| {
+    transport::accept_loop(limit, listener, drain, move |stream, client, drain| {
         let (inbound, cfg) = (inbound.clone(), cfg.clone());
         async move {
             let target = match transport::orig_dst::original_dst(&stream) {

@@ -31,8 +31,14 @@ use tracing::Instrument;
 
 use crate::{config::Config, drain, transport};
 
-pub async fn run(listener: TcpListener, outbound: Arc<Outbound>, cfg: Arc<Config>, drain: drain::Watch) {
-    transport::accept_loop("outbound", listener, drain, move |stream, client, drain| {
+pub async fn run(
+    listener: TcpListener,
+    limit: transport::Limit,
+    outbound: Arc<Outbound>,
+    cfg: Arc<Config>,
+    drain: drain::Watch,
+) {
+    transport::accept_loop(limit, listener, drain, move |stream, client, drain| {
         // `None`: explicit proxy mode, each request names its destination.
         let dest = transport::orig_dst::original_dst(&stream);
         conn::serve(stream, client, dest, outbound.clone(), cfg.clone(), drain)

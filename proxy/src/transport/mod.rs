@@ -8,7 +8,7 @@ pub mod orig_dst;
 pub mod tcp;
 pub mod tls;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,21 +20,39 @@ use crate::{
     metrics::{Direction, Metrics},
 };
 
+/// A listener's cap on connections open at once, shared by its shards.
+#[derive(Clone)]
+pub struct Limit {
+    pub name: &'static str,
+    pub open: Arc<tokio::sync::Semaphore>,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Accepts connections until draining starts; each runs in its own task holding a
-/// drain watch, so the drain waits for it.
-pub async fn accept_loop<F, Fut>(name: &'static str, listener: TcpListener, drain: drain::Watch, handle: F)
+/// drain watch, so the drain waits for it, and a share of `limit`: beyond it, a
+/// connection is closed as it arrives (and counted), so a flood of one listener cannot
+/// take the descriptors the other and the admin port need.
+pub async fn accept_loop<F, Fut>(limit: Limit, listener: TcpListener, drain: drain::Watch, handle: F)
 where
     F: Fn(TcpStream, SocketAddr, drain::Watch) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut acceptor = weft_api::accept::Acceptor::new(name);
+    let mut acceptor = weft_api::accept::Acceptor::new(limit.name);
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.signaled() => return,
             accepted = acceptor.accept(&listener) => accepted,
         };
+        let Ok(permit) = limit.open.clone().try_acquire_owned() else {
+            limit.metrics.listener_refused(limit.name);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(handle(stream, orig_dst::canonical(peer), drain.clone()));
+        let conn = handle(stream, orig_dst::canonical(peer), drain.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            conn.await
+        });
     }
 }
 
