@@ -403,3 +403,65 @@ fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
     let n = slow.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
 }
+
+#[test]
+fn a_reused_connection_closed_as_the_request_goes_out_is_retried_only_when_safe() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // An app that answers the first request on each connection and closes the connection
+    // when the second one arrives, as a server does whose keep-alive timer fires just as a
+    // request comes in: the request was sent, and no answer will ever come.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut s = stream;
+                for n in 0.. {
+                    let mut head = String::new();
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                        head.push_str(&line);
+                        line.clear();
+                    }
+                    if head.is_empty() {
+                        return;
+                    }
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; len];
+                    let _ = reader.read_exact(&mut body);
+                    log.lock().unwrap().push(head.lines().next().unwrap_or("").to_string());
+                    if n == 1 {
+                        return; // closes without an answer
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    // One shard, so every request shares one upstream pool.
+    let p = Proxy::start(&[("WEFT_APP_ADDR", &app.to_string()), ("WEFT_WORKER_THREADS", "1")]);
+    let url = format!("http://{}/", p.inbound);
+    let (code, body, err) = curl(&[&url]);
+    assert_eq!((code, body.as_str()), (200, "ok"), "{err}");
+    // A GET on the pooled connection meets the close and goes again on a fresh one.
+    let (code, body, err) = curl(&[&url]);
+    assert_eq!((code, body.as_str()), (200, "ok"), "a GET must be resent: {err}");
+    assert_eq!(seen.lock().unwrap().iter().filter(|l| l.starts_with("GET")).count(), 3);
+    // A POST with a body is not resent: the app may have acted on it.
+    let (code, _, err) = curl(&["-i", "--data", "x=1", &url]);
+    assert_eq!(code, 502, "{err}");
+    let posts = seen.lock().unwrap().iter().filter(|l| l.starts_with("POST")).count();
+    assert_eq!(posts, 1, "a POST must reach the app once");
+}

@@ -134,6 +134,14 @@ impl Pool {
                     Err(e) => return Err(e.unsent(req)),
                 },
             };
+            // A reused connection the upstream closes as the request goes out (it was idle,
+            // and the upstream let it go, or is draining) ends with no answer at all: an
+            // idempotent request without a body is then sent again on a fresh connection,
+            // as browsers and Go's client do (RFC 9110 §9.2.2).
+            let mut again = match pooled && idempotent_without_body(&req) {
+                true => Some(head_copy(&req)),
+                false => None,
+            };
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
                     let upgraded = rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS
@@ -153,6 +161,9 @@ impl Pool {
                     // A pooled connection the upstream had closed: nothing was sent,
                     // so the request can go on a fresh connection.
                     Some(unsent) if pooled => req = unsent,
+                    None if again.is_some() && e.error().is_incomplete_message() => {
+                        req = again.take().expect("checked");
+                    }
                     unsent => {
                         let e = e.into_error();
                         let msg = format!("forwarding to {target}: {}", chain(&e));
@@ -275,6 +286,26 @@ impl OnEnd for Checkin {
             checkin(&self.pool, self.target, self.sender);
         }
     }
+}
+
+/// GET, HEAD, OPTIONS, TRACE, PUT or DELETE with no body to send.
+fn idempotent_without_body(req: &Request<Body>) -> bool {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    idempotent && http_body::Body::is_end_stream(req.body())
+}
+
+/// The request again, head and (empty) body, for a resend.
+fn head_copy(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// Puts a connection back in the pool; the first one starts the task that closes idle
