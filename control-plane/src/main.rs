@@ -148,6 +148,17 @@ struct ControlArgs {
     /// Lifetime of workload certificates, in seconds.
     #[arg(long, default_value_t = 86400)]
     cert_ttl_secs: u64,
+    /// gRPC connections held at once at most; beyond, a connection is closed as it arrives
+    /// (weft_control_connections_refused_total). Default: the open-file limit less 256.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Time a new gRPC connection has to send HTTP/2's preface before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, weft_api::duration::InvalidDuration> {
+    weft_api::duration::parse(s)
 }
 
 /// What the injector puts in pods (shared by `weft inject` and the webhook).
@@ -239,6 +250,8 @@ async fn main() -> anyhow::Result<()> {
                 ca_key,
                 extra_roots,
                 cert_ttl_secs,
+                max_connections,
+                handshake_timeout,
             } = *args;
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -284,6 +297,9 @@ async fn main() -> anyhow::Result<()> {
                 ca_key,
                 extra_roots,
                 cert_ttl: Duration::from_secs(cert_ttl_secs),
+                max_connections: max_connections
+                    .unwrap_or_else(weft_control::server::listen::default_max_connections),
+                handshake_timeout,
             };
             weft_control::server::run(opts).await
         }

@@ -163,3 +163,42 @@ fn a_flooded_inbound_leaves_the_outbound_and_the_admin_port_their_descriptors() 
     assert!(!p.logs().contains("Too many open files"), "{}", p.logs());
     drop(idle);
 }
+
+#[test]
+fn the_control_planes_grpc_port_closes_silent_connections_and_holds_a_cap() {
+    use std::io::{Read, Write};
+    let control = Control::start(
+        &MeshFile::new().workload("web").yaml(),
+        &["--max-connections", "20", "--handshake-timeout", "1s"],
+    );
+    let refused = |reason: &str| {
+        let text = weft_e2e::http_get(control.admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
+        let name = format!(r#"weft_control_connections_refused_total{{listener="grpc",reason="{reason}"}}"#);
+        weft_e2e::metric_value(&text, &name)
+    };
+    // 50 connections that never speak: 20 are held until the handshake timeout, the rest
+    // closed as they arrive.
+    let mut silent: Vec<std::net::TcpStream> =
+        (0..50).map(|_| std::net::TcpStream::connect(control.grpc).unwrap()).collect();
+    weft_e2e::eventually(Duration::from_secs(5), "30 connections refused as the port is full", || {
+        (refused("full") >= 30.0).then_some(())
+    });
+    weft_e2e::eventually(Duration::from_secs(5), "the 20 silent ones closed", || {
+        (refused("silent") >= 20.0).then_some(())
+    });
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(s.read(&mut [0u8; 16]).unwrap_or(0), 0, "a silent connection must be closed");
+    }
+    // Something that is not HTTP/2 is closed at once.
+    let mut http1 = std::net::TcpStream::connect(control.grpc).unwrap();
+    http1.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    http1.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(http1.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    weft_e2e::eventually(Duration::from_secs(5), "the HTTP/1 connection counted", || {
+        (refused("not-http2") >= 1.0).then_some(())
+    });
+    // With the flood gone, a proxy gets its certificate and policy as usual (ready).
+    drop(silent);
+    let _web = control.sidecar("web", &[]);
+}

@@ -53,3 +53,15 @@ impl Acceptor {
         }
     }
 }
+
+/// The process's soft limit on open files (1024 when it cannot be read): listeners size
+/// their connection caps from it.
+pub fn open_files_limit() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024)
+}

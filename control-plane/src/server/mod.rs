@@ -9,6 +9,7 @@ pub mod ca;
 pub mod fuzzing;
 pub mod identity;
 pub mod kubernetes;
+pub mod listen;
 pub mod mesh;
 pub mod routes;
 pub mod source;
@@ -81,6 +82,10 @@ pub struct Options {
     /// More roots to trust besides the signing one (root rotation).
     pub extra_roots: Option<PathBuf>,
     pub cert_ttl: Duration,
+    /// Connections the gRPC listener holds at once at most (`--max-connections`).
+    pub max_connections: usize,
+    /// How long a new gRPC connection has to send HTTP/2's preface (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -94,6 +99,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (grpc_addr, admin_addr) = (grpc.local_addr()?, admin.local_addr()?);
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "listening");
     let mut registry = Registry::with_prefix("weft_control");
+    let refused = listen::Refused::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let loaded = match &opts.from {
         From::File(path) => load_file(path, &opts, &mut registry)?,
@@ -103,10 +109,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let (tx, state) = tokio::sync::watch::channel(Arc::new(mesh::Mesh::default()));
             // Live (and not ready) while the initial lists load.
             let admin_state = AdminState { ready: ready.clone(), state, stats: Some(stats.clone()) };
-            tokio::spawn(serve_admin(admin, admin_state, registry));
+            tokio::spawn(serve_admin(admin, admin_state, registry, refused.clone()));
             let (loaded, client) = load_kubernetes(k, &opts, stats.clone()).await?;
             if let Some(w) = &k.webhook {
-                start_webhook(w, client, loaded.ca.clone(), &stats).await?;
+                start_webhook(w, client, loaded.ca.clone(), &stats, refused.clone()).await?;
             }
             // The admin port follows the state the watches publish.
             let mut published = loaded.state.clone();
@@ -118,7 +124,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             });
-            serve(grpc, loaded, ready, &opts).await?;
+            serve(grpc, loaded, ready, &opts, refused).await?;
             return Ok(());
         }
     };
@@ -126,8 +132,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         admin,
         AdminState { ready: ready.clone(), state: loaded.state.clone(), stats: None },
         registry,
+        refused.clone(),
     ));
-    serve(grpc, loaded, ready, &opts).await
+    serve(grpc, loaded, ready, &opts, refused).await
 }
 
 /// What the gRPC services are made from.
@@ -205,6 +212,7 @@ async fn start_webhook(
     client: kube::Client,
     ca: Arc<Ca>,
     stats: &Arc<kubernetes::Stats>,
+    refused: listen::Refused,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(w.addr)
         .await
@@ -220,7 +228,7 @@ async fn start_webhook(
     tokio::spawn({
         let names = w.names.clone();
         async move {
-            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook)).await {
+            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook), refused).await {
                 tracing::error!("the injector webhook stopped: {e:#}");
             }
         }
@@ -233,20 +241,22 @@ async fn serve(
     loaded: Loaded,
     ready: Arc<AtomicBool>,
     opts: &Options,
+    refused: listen::Refused,
 ) -> anyhow::Result<()> {
     let Loaded { state, ca, auth } = loaded;
     let grpc_addr = grpc.local_addr()?;
     let identity = IdentityService { ca, tokens: auth.clone(), ttl: opts.cert_ttl };
+    let incoming =
+        listen::grpc(grpc, listen::Cap::new("grpc", opts.max_connections, refused), opts.handshake_timeout);
     let server = tonic::transport::Server::builder()
+        // A proxy's watches are idle between changes: pings find the peers that went away
+        // without closing (a node lost), so their connections do not hold a share forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService { state: state.clone(), auth: auth.clone() }))
         .add_service(PolicyServer::new(PolicyService { state, auth }))
-        .serve_with_incoming_shutdown(
-            // Answers are small and latency-bound: Nagle's algorithm meeting delayed ACKs
-            // would hold each for 40 ms.
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            shutdown(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown());
     ready.store(true, Ordering::Release);
     let source = match &opts.from {
         From::File(p) => p.display().to_string(),
@@ -299,7 +309,12 @@ struct AdminState {
     stats: Option<Arc<kubernetes::Stats>>,
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut registry: Registry) {
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    admin: AdminState,
+    mut registry: Registry,
+    refused: listen::Refused,
+) {
     let watches: Gauge = Gauge::default();
     registry.register(
         "watches",
@@ -315,13 +330,10 @@ async fn serve_admin(listener: tokio::net::TcpListener, admin: AdminState, mut r
     let registry = Arc::new(registry);
     let mut acceptor = weft_api::accept::Acceptor::new("admin");
     // Probes and scrapes only: a few at once, each with 10 s to send its request.
-    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let cap = listen::Cap::new("admin", ADMIN_MAX_CONNECTIONS, refused);
     loop {
         let (stream, _) = acceptor.accept(&listener).await;
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            tracing::debug!("admin port full: closed a connection");
-            continue;
-        };
+        let Some(permit) = cap.admit() else { continue };
         let AdminState { ready, state, stats } = admin.clone();
         let (registry, generation, watches) = (registry.clone(), generation.clone(), watches.clone());
         tokio::spawn(async move {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
     DynamicObject,
@@ -36,6 +36,8 @@ const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 const MAX_BODY: usize = 4 << 20;
 /// Time a client has to finish the TLS handshake and send its request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections held at once at most: the API server's, a few at a time.
+const MAX_CONNECTIONS: usize = 128;
 
 /// What the webhook injects, and which namespaces asked for it.
 pub struct Webhook {
@@ -124,6 +126,7 @@ pub async fn serve(
     ca: Arc<Ca>,
     names: Vec<String>,
     hook: Arc<Webhook>,
+    refused: super::listen::Refused,
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (cert, not_after) =
@@ -134,10 +137,13 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let mut accepts = weft_api::accept::Acceptor::new("webhook");
+    let cap = super::listen::Cap::new("webhook", MAX_CONNECTIONS, refused);
     loop {
         let (stream, peer) = accepts.accept(&listener).await;
+        let Some(permit) = cap.admit() else { continue };
         let (acceptor, hook) = (acceptor.clone(), hook.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::debug!(%peer, "webhook TLS handshake failed: {e}"),
@@ -147,9 +153,14 @@ pub async fn serve(
                 let hook = hook.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&hook, req).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            server.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
+            server
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

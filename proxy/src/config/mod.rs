@@ -113,14 +113,7 @@ const FD_RESERVE: usize = 128;
 /// A quarter of the descriptors left after the reserve (two directions, two descriptors
 /// per proxied connection), from the process's soft limit; at least 64.
 fn default_max_connections() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(1024);
-    (soft.saturating_sub(FD_RESERVE) / 4).max(64)
+    (weft_api::accept::open_files_limit().saturating_sub(FD_RESERVE) / 4).max(64)
 }
 
 /// When the proxy closes the control-plane watches clients' requests opened.
