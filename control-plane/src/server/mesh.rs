@@ -287,9 +287,8 @@ impl Mesh {
     /// and what to change.
     pub fn parse(file: &str, text: &str) -> Result<Mesh, Error> {
         let mesh: Mesh = serde_yaml_ng::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+            let at = syntax_error_at(text, &e)
+                .map(|(line, column)| format!("line {line}, column {column}: "))
                 .unwrap_or_default();
             Error::Syntax { file: file.into(), msg: format!("{at}{e}") }
         })?;
@@ -459,6 +458,26 @@ impl Mesh {
     }
 }
 
+/// Where to look for a YAML error. An unclosed quote or bracket is noticed only at the
+/// end of the file, after the last line; the line to fix is the one that opened it, which
+/// the parser names as its context (`..., while scanning a quoted scalar at line 3
+/// column 12`).
+fn syntax_error_at(text: &str, e: &serde_yaml_ng::Error) -> Option<(usize, usize)> {
+    let at = e.location().map(|l| (l.line(), l.column()))?;
+    if at.0 <= text.lines().count() {
+        return Some(at);
+    }
+    let msg = e.to_string();
+    let context = || {
+        let context = &msg[msg.find(", while ")?..];
+        let rest = &context[context.find(" at line ")? + " at line ".len()..];
+        let (line, rest) = rest.split_once(" column ")?;
+        let column = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        Some((line.parse().ok()?, column.parse().ok()?))
+    };
+    context().or(Some(at))
+}
+
 /// The line a validation error is about, found in the text: the first line, at or after
 /// the entry the path names (`routes[0] (words-split)` → the line naming `words-split`),
 /// that holds the value the message quotes (`unknown service "nope"`). Validation works on
@@ -561,6 +580,16 @@ policies:
         assert!(e.contains("mesh.yaml") && e.contains("line"), "{e}");
         let e = err("workloads:\n  - name: a\n    tokn: x\n");
         assert!(e.contains("unknown field `tokn`") && e.contains("line 3"), "{e}");
+        // An unclosed quote is found at the end of the file; the error leads with the line
+        // that opened it.
+        let e = err("workloads:\n  - name: a\n    token: \"x\n  - name: b\n");
+        assert!(e.starts_with("mesh.yaml: line 3, column 12: "), "{e}");
+        // Anything else keeps the parser's own position.
+        let e = err("workloads:\n  - name: a\n\ttoken: x\n");
+        assert!(e.starts_with("mesh.yaml: line 3, column 1: ") && e.contains("tab"), "{e}");
+        // An unclosed bracket with no context named: still a line, the end of the file.
+        let e = err("workloads: []\nservices: [\n");
+        assert!(e.starts_with("mesh.yaml: line 3, column 1: "), "{e}");
     }
 
     #[test]
