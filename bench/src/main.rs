@@ -5,6 +5,11 @@
 //! load (the method of wrk2, which Debian does not package). Release happens within one
 //! timer tick of the schedule; that slack of our own timer is not counted.
 //!
+//! Besides the percentiles it reports, per second of measured load, how many requests
+//! succeeded and failed (`timeline`), and what the failures were (`failures`: the
+//! `weft-error` a proxy answered with, else the status, else `transport`), so a chaos
+//! run can show when errors started and stopped.
+//!
 //! With `--new-connections` it measures connection setup instead: `--connections`
 //! workers each open a connection (through a `CONNECT` tunnel when `--tunnel` names an
 //! authority, so a mesh proxy makes one new mTLS connection per tunnel), send one
@@ -13,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -69,21 +75,60 @@ struct Outcome {
     hist: Histogram<u64>,
     ok: u64,
     errors: u64,
+    /// Per second of measured load (when the answer came): successes and failures.
+    timeline: Vec<[u64; 2]>,
+    failures: BTreeMap<String, u64>,
+}
+
+impl Outcome {
+    fn new() -> anyhow::Result<Outcome> {
+        Ok(Outcome {
+            hist: Histogram::new(3)?,
+            ok: 0,
+            errors: 0,
+            timeline: Vec::new(),
+            failures: BTreeMap::new(),
+        })
+    }
+
+    fn mark(&mut self, second: usize, ok: bool) {
+        if self.timeline.len() <= second {
+            self.timeline.resize(second + 1, [0, 0]);
+        }
+        self.timeline[second][usize::from(!ok)] += 1;
+    }
+
+    fn add(&mut self, other: Outcome) -> anyhow::Result<()> {
+        self.hist.add(&other.hist)?;
+        self.ok += other.ok;
+        self.errors += other.errors;
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline.resize(other.timeline.len(), [0, 0]);
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(other.timeline) {
+            mine[0] += theirs[0];
+            mine[1] += theirs[1];
+        }
+        for (k, v) in other.failures {
+            *self.failures.entry(k).or_default() += v;
+        }
+        Ok(())
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let host = args.host.clone().unwrap_or_else(|| args.addr.to_string());
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, bool)>();
     let rx = Arc::new(Mutex::new(rx));
     let mut workers = Vec::new();
     for _ in 0..args.connections {
         let (rx, host, path, addr) = (rx.clone(), host.clone(), args.path.clone(), args.addr);
-        workers.push(tokio::spawn(worker(addr, host, path, rx)));
+        workers.push(tokio::spawn(worker(addr, host, path, rx, measure_from)));
     }
 
-    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup);
     let end = measure_from + Duration::from_secs(args.seconds);
     let mut next = start;
     let mut sent = 0u64;
@@ -99,12 +144,9 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep_until(next.into()).await;
     }
     drop(tx);
-    let mut total = Outcome { hist: Histogram::new(3)?, ok: 0, errors: 0 };
+    let mut total = Outcome::new()?;
     for w in workers {
-        let o = w.await??;
-        total.hist.add(&o.hist)?;
-        total.ok += o.ok;
-        total.errors += o.errors;
+        total.add(w.await??)?;
     }
     let elapsed = Instant::now().saturating_duration_since(measure_from).as_secs_f64();
     let ms = |q: f64| total.hist.value_at_quantile(q) as f64 / 1e6;
@@ -118,6 +160,8 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
         "max_ms": total.hist.max() as f64 / 1e6,
+        "failures": total.failures,
+        "timeline": total.timeline,
     }))
 }
 
@@ -134,8 +178,9 @@ async fn worker(
     host: String,
     path: String,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<(Instant, bool)>>>,
+    measure_from: Instant,
 ) -> anyhow::Result<Outcome> {
-    let mut out = Outcome { hist: Histogram::new(3)?, ok: 0, errors: 0 };
+    let mut out = Outcome::new()?;
     let mut sender = None;
     loop {
         // `dispatched` is when the scheduler released the request (within a timer tick of
@@ -145,7 +190,7 @@ async fn worker(
             sender = connect(addr).await.ok();
         }
         let result = match sender.as_mut() {
-            None => Err(()),
+            None => Err("transport".to_string()),
             Some(s) => {
                 let req = http::Request::get(path.as_str())
                     .header(http::header::HOST, host.as_str())
@@ -153,23 +198,33 @@ async fn worker(
                     .expect("valid request");
                 match s.send_request(req).await {
                     Ok(rsp) if rsp.status().is_success() => {
-                        rsp.into_body().collect().await.map(|_| ()).map_err(|_| ())
+                        rsp.into_body().collect().await.map(|_| ()).map_err(|_| "transport".to_string())
                     }
-                    _ => Err(()),
+                    Ok(rsp) => Err(match rsp.headers().get("weft-error").and_then(|v| v.to_str().ok()) {
+                        Some(cause) => format!("{} {cause}", rsp.status().as_u16()),
+                        None => rsp.status().as_u16().to_string(),
+                    }),
+                    Err(_) => Err("transport".to_string()),
                 }
             }
         };
         let latency = dispatched.elapsed();
+        let second =
+            usize::try_from(Instant::now().saturating_duration_since(measure_from).as_secs()).unwrap_or(0);
         match result {
             Ok(()) if measured => {
                 out.ok += 1;
                 out.hist.record(latency.as_nanos().max(1) as u64)?;
+                out.mark(second, true);
             }
             Ok(()) => {}
-            Err(()) => {
+            Err(kind) => {
+                // A failed answer may leave the connection usable, but not knowing, start over.
                 sender = None;
                 if measured {
                     out.errors += 1;
+                    out.mark(second, false);
+                    *out.failures.entry(kind).or_default() += 1;
                 }
             }
         }

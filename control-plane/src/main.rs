@@ -210,6 +210,9 @@ enum ExampleApp {
         /// Answer this percentage of requests with 503, at random.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
         fail_percent: u32,
+        /// Wait this long before each answer (a slow service).
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
     },
     /// Call every --call URL per request and answer with what they said.
     Frontend {
@@ -337,8 +340,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::ExampleApp { app } => {
             let app = match app {
-                ExampleApp::Backend { message, fail_percent } => {
-                    example_app::App::Backend { message, fail_percent }
+                ExampleApp::Backend { message, fail_percent, delay } => {
+                    example_app::App::Backend { message, fail_percent, delay }
                 }
                 ExampleApp::Frontend { calls } => example_app::App::Frontend { calls },
                 ExampleApp::Load { target, rate, every } => {

@@ -24,6 +24,20 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|n| match n {}).boxed()
 }
 
+/// A copy of a request that has no body to send (its body is already at its end), to
+/// send it again; `None` when it has one, which is sent once only.
+pub fn bodyless_copy(req: &http::Request<Body>) -> Option<http::Request<Body>> {
+    if !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = http::Request::new(empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
 /// Any hyper body as a [`Body`].
 pub fn boxed<B>(b: B) -> Body
 where

@@ -248,3 +248,29 @@ fn a_request_that_never_reached_its_endpoint_goes_to_another_whatever_its_method
     // A request that did reach an endpoint is not sent again (that takes a route's retry).
     assert_eq!(live.hits(), 40);
 }
+
+#[test]
+fn a_peer_proxy_whose_app_is_down_costs_no_bodyless_request() {
+    // Two meshed endpoints; one sidecar is up but its app is gone (crashed, restarting):
+    // the sidecar answers `upstream-refused`, the request reached no app, and the client
+    // sidecar sends it to the other endpoint. A POST with a body is not sent twice.
+    let live = backend::http("live");
+    let (live_in, down_in) = (weft_e2e::free_addr(), weft_e2e::free_addr());
+    let dead_app = weft_e2e::free_addr();
+    let api = Service::new("api", 80).meshed(live_in, "api").meshed(down_in, "api");
+    let mesh = MeshFile::new().workload("web").workload("api").service(api.with("balancer: round-robin"));
+    let control = Control::start(&mesh.yaml(), &[]);
+    let _live_side = control.app_sidecar("api", live.addr, live_in);
+    let _down_side = control.app_sidecar("api", dead_app, down_in);
+    let web = control.sidecar("web", &[]);
+    // Fewer POSTs than the failures that eject an endpoint: round-robin sends half of them
+    // to the one whose app is down, and they fail there.
+    let posts = weft_e2e::tally(web.outbound, 1, 4, "http://api:80/", &["-X", "POST", "-d", "order=1"]);
+    assert_eq!(posts.get("status 502"), Some(&2), "{posts:?}");
+    assert_eq!(live.hits(), 2);
+    let counts = weft_e2e::tally(web.outbound, 2, 20, "http://api:80/", &[]);
+    assert_eq!(counts.get("status 200"), Some(&20), "{counts:?}");
+    let rerouted = web.metric(r#"weft_rerouted_total{service="api:80"}"#);
+    eprintln!("20 GETs over a live endpoint and one whose app is down: all 200, {rerouted} rerouted");
+    assert!(rerouted >= 1.0, "{}", web.metrics());
+}

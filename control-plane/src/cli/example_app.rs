@@ -24,8 +24,9 @@ use crate::cli::http_client::Client;
 
 pub enum App {
     /// Answers every request with `<workload>: <message>`, failing `fail_percent` % of
-    /// them at random with 503 (a flaky service, for retries to hide).
-    Backend { message: String, fail_percent: u32 },
+    /// them at random with 503 (a flaky service, for retries to hide), each after `delay`
+    /// (a slow one).
+    Backend { message: String, fail_percent: u32, delay: Duration },
     /// Answers with its own name and the answers of every URL in `calls`.
     Frontend { calls: Vec<String> },
     /// Sends `rate` GET requests per second to `target` and reports every `every`.
@@ -35,13 +36,16 @@ pub enum App {
 pub async fn run(app: App) -> anyhow::Result<()> {
     let name = std::env::var(weft_api::env::WORKLOAD).unwrap_or_else(|_| "app".into());
     match app {
-        App::Backend { message, fail_percent } => {
+        App::Backend { message, fail_percent, delay } => {
             let answer = Bytes::from(format!("{name}: {message}\n"));
             let failure =
                 Bytes::from(format!("{name}: failing on purpose (--fail-percent {fail_percent})\n"));
             serve(move |_req| {
                 let (answer, failure) = (answer.clone(), failure.clone());
                 async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     if fastrand::u32(0..100) < fail_percent {
                         (StatusCode::SERVICE_UNAVAILABLE, failure)
                     } else {

@@ -138,8 +138,8 @@ impl Pool {
             // and the upstream let it go, or is draining) ends with no answer at all: an
             // idempotent request without a body is then sent again on a fresh connection,
             // as browsers and Go's client do (RFC 9110 §9.2.2).
-            let mut again = match pooled && idempotent_without_body(&req) {
-                true => Some(head_copy(&req)),
+            let mut again = match pooled && idempotent(req.method()) {
+                true => body::bodyless_copy(&req),
                 false => None,
             };
             match sender.try_send_request(req).await {
@@ -288,24 +288,13 @@ impl OnEnd for Checkin {
     }
 }
 
-/// GET, HEAD, OPTIONS, TRACE, PUT or DELETE with no body to send.
-fn idempotent_without_body(req: &Request<Body>) -> bool {
+/// GET, HEAD, OPTIONS, TRACE, PUT or DELETE (RFC 9110 §9.2.2).
+fn idempotent(method: &http::Method) -> bool {
     use http::Method;
-    let idempotent = matches!(
-        *req.method(),
+    matches!(
+        *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    idempotent && http_body::Body::is_end_stream(req.body())
-}
-
-/// The request again, head and (empty) body, for a resend.
-fn head_copy(req: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
+    )
 }
 
 /// Puts a connection back in the pool; the first one starts the task that closes idle

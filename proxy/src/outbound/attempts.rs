@@ -157,11 +157,27 @@ impl Attempts {
     ) -> Result<Response<Body>, CauseError> {
         let mut left = MAX_REROUTES;
         loop {
-            let result = self.attempt(req, dest, t, tried, ex).await;
-            let another = match dest {
-                Dest::Service(_, set) => left > 0 && set.endpoints.len() > tried.len(),
+            let others = |tried: usize| match dest {
+                Dest::Service(_, set) => left > 0 && set.endpoints.len() > tried,
                 Dest::Addr(_) => false,
             };
+            // A peer proxy that could not reach its app answers `upstream-refused`: the
+            // request reached no app, and one without a body can go to another endpoint.
+            let copy = if others(tried.len() + 1) { crate::body::bodyless_copy(&req) } else { None };
+            let result = self.attempt(req, dest, t, tried, ex).await;
+            let another = others(tried.len());
+            if let (Ok(rsp), Some(copy)) = (&result, copy) {
+                let meshed = tried.last().is_some_and(|e| e.identity.is_some());
+                if meshed && peer_refused(rsp) {
+                    req = copy;
+                    if let Dest::Service(key, _) = dest {
+                        tracing::debug!(service = %key, "the peer proxy's app refused; sending it to another endpoint");
+                        self.metrics.rerouted(key);
+                    }
+                    left -= 1;
+                    continue;
+                }
+            }
             match result {
                 Err(mut e) if another && e.unsent.is_some() => {
                     req = *e.unsent.take().expect("checked");
@@ -240,4 +256,14 @@ fn with_attempts(result: Result<Response<Body>, CauseError>, n: u32) -> Result<R
             Err(e)
         }
     }
+}
+
+/// Whether a peer proxy answered that it could not connect to its app (refused, or no
+/// connection in time): what it sent never reached an app.
+fn peer_refused(rsp: &Response<Body>) -> bool {
+    let cause = rsp.headers().get(crate::errors::WEFT_ERROR).map(HeaderValue::as_bytes);
+    matches!(
+        (rsp.status().as_u16(), cause),
+        (502, Some(b"upstream-refused")) | (504, Some(b"connect-timeout"))
+    )
 }
