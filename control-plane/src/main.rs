@@ -10,6 +10,11 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, whose background thread returns memory freed after a burst (glibc's malloc
+/// keeps it; bench/README.md has both measured).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "weft", version, about = "Weft service mesh")]
 struct Cli {

@@ -3,6 +3,11 @@
 use clap::{Parser, Subcommand};
 use weft_proxy::config::{Config, InitConfig, ProcessEnv};
 
+/// jemalloc, whose background thread returns memory freed after a burst (glibc's malloc
+/// keeps it; bench/README.md has both measured).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Weft's sidecar proxy. Configured with WEFT_* environment variables (docs/config.md).
 #[derive(Parser)]
 #[command(name = "weft-proxy", version)]
