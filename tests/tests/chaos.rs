@@ -1,6 +1,7 @@
 //! Short chaos runs (seconds, so CI catches regressions; bench/soak runs the long ones):
 //! the control plane dies under load and comes back, and certificates renew under load,
-//! with no failed request. Two real sidecars over mTLS, a real backend, constant-rate
+//! with no failed request; a slow backend under a burst times out cleanly and recovers.
+//! (Endpoint loss: balance.rs.) Two real sidecars over mTLS, a real backend, constant-rate
 //! load from weft-load.
 
 use std::{net::SocketAddr, process::Command, time::Duration};
@@ -102,4 +103,36 @@ fn certificates_renew_under_load_without_a_failed_request() {
     );
     assert_eq!(r["errors"], 0, "{r}");
     assert!(web.metric(ok) - before.0 >= 2.0 && server.metric(ok) - before.1 >= 2.0, "no renewal happened");
+}
+
+#[test]
+fn a_slow_backend_under_many_clients_times_out_cleanly_and_recovers_at_once() {
+    // 200 requests at once to a backend that takes 2 s, through a route with a 300 ms
+    // timeout: each is answered 504 `timeout` by the sidecars (the deadline travels to
+    // the server sidecar too), and the next request, which the backend answers at once,
+    // succeeds: nothing the burst left behind stands in its way.
+    let app = backend::http("api");
+    let server_inbound = free_addr();
+    let mesh = MeshFile::new()
+        .workload("web")
+        .workload("api")
+        .service(Service::new("api", 80).meshed(server_inbound, "api"))
+        .route("api", "api", "[{timeout: 300ms}]");
+    let control = Control::start(&mesh.yaml(), &[]);
+    let server = control.app_sidecar("api", app.addr, server_inbound);
+    let web = control.sidecar("web", &[]);
+    let proxy = format!("http://{}", web.outbound);
+    let mut args = vec!["-Z", "--parallel-max", "200", "-x", &proxy, "-w", "\nstatus=%{http_code}\n"];
+    args.extend(["-H", "x-burst: 1"]);
+    args.extend(["http://api:80/?delay_ms=2000"; 200]);
+    let (_, out, err) = weft_e2e::curl(&args);
+    let statuses: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("status=")).collect();
+    assert_eq!(statuses.len(), 200, "{err}");
+    assert!(statuses.iter().all(|s| *s == "504"), "{statuses:?}");
+    let timeouts = web.metric(r#"weft_requests_total{direction="outbound",cause="timeout"}"#);
+    assert_eq!(timeouts, 200.0, "{}", web.metrics());
+    // The backend is fast again for the next request: answered at once.
+    let (code, _, err) = weft_e2e::curl(&["-x", &proxy, "http://api:80/"]);
+    assert_eq!(code, 200, "{err}");
+    drop(server);
 }
