@@ -38,9 +38,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// This shard's balancers, one per service authority, made on first use.
-#[derive(Default)]
-pub struct Balancers(Mutex<HashMap<String, Balancer>>);
+/// This shard's balancers, one per service authority, made on first use and dropped
+/// once unused for [`IDLE`] (checked when another is made), so the map follows the
+/// services in use, not every name ever asked for.
+pub struct Balancers {
+    map: Mutex<HashMap<String, Used>>,
+    idle: Duration,
+}
+
+impl Default for Balancers {
+    fn default() -> Balancers {
+        Balancers { map: Mutex::default(), idle: IDLE }
+    }
+}
+
+/// A balancer unused this long is dropped (its load history and outlier state are
+/// stale by then anyway).
+const IDLE: Duration = Duration::from_secs(300);
+
+struct Used {
+    balancer: Balancer,
+    at: Instant,
+}
 
 impl Balancers {
     /// An endpoint of `service` (whose current set is `set`) for one attempt, not one of
@@ -52,11 +71,16 @@ impl Balancers {
         avoid: &[Endpoint],
         queue_timeout: Duration,
     ) -> Result<Endpoint, CauseError> {
-        let mut balancers = lock(&self.0);
-        let balancer = match balancers.get_mut(service) {
-            Some(b) => b,
-            None => balancers.entry(service.to_string()).or_default(),
-        };
+        let mut balancers = lock(&self.map);
+        let now = Instant::now();
+        if !balancers.contains_key(service) {
+            balancers.retain(|_, u| now.duration_since(u.at) < self.idle);
+        }
+        let used = balancers
+            .entry(service.to_string())
+            .or_insert_with(|| Used { balancer: Balancer::default(), at: now });
+        used.at = now;
+        let balancer = &mut used.balancer;
         balancer.update(set);
         balancer.pick(avoid, || fastrand::u64(..)).ok_or_else(|| no_endpoints(service, queue_timeout))
     }
@@ -70,8 +94,8 @@ impl Balancers {
         attempt: Attempt<'_>,
         metrics: &Metrics,
     ) -> Result<Response<Body>, CauseError> {
-        let dispatched = match lock(&self.0).get_mut(service) {
-            Some(b) => b.dispatch(endpoint, attempt),
+        let dispatched = match lock(&self.map).get_mut(service) {
+            Some(u) => u.balancer.dispatch(endpoint, attempt),
             None => attempt,
         };
         let result = dispatched.await;
@@ -79,7 +103,7 @@ impl Balancers {
             Ok(rsp) => !rsp.status().is_server_error(),
             Err(e) => !e.cause.blames_endpoint(),
         };
-        let event = lock(&self.0).get_mut(service).and_then(|b| b.record(endpoint, ok));
+        let event = lock(&self.map).get_mut(service).and_then(|u| u.balancer.record(endpoint, ok));
         if let Some(event) = event {
             tracing::info!(service, endpoint = %endpoint.addr, "outlier detection: {event:?}");
             metrics.outlier(service, matches!(event, Event::Ejected(_)));
@@ -333,6 +357,19 @@ mod tests {
 
     fn port(e: Endpoint) -> u16 {
         e.addr.port() - 9000
+    }
+
+    #[test]
+    fn balancers_unused_for_their_idle_time_are_dropped() {
+        let kept = Balancers::default();
+        let gone = Balancers { map: Mutex::default(), idle: Duration::ZERO };
+        for b in [&kept, &gone] {
+            b.pick("a:80", &set(&[1], Mode::RoundRobin), &[], Duration::ZERO).unwrap();
+            b.pick("b:80", &set(&[1], Mode::RoundRobin), &[], Duration::ZERO).unwrap();
+        }
+        assert_eq!(lock(&kept.map).len(), 2);
+        // Making `b:80` dropped `a:80`, unused since.
+        assert_eq!(lock(&gone.map).keys().collect::<Vec<_>>(), ["b:80"]);
     }
 
     #[test]
