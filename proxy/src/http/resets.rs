@@ -9,6 +9,13 @@
 //! them. A stream cancelled later is an ordinary cancellation, a client's timeout: a peer
 //! proxy cancelling the requests its route's timeout gave up on is exactly that, and
 //! cutting its connection would fail the unrelated requests it carries.
+//!
+//! A stream cancelled when its own deadline (`weft-timeout-ms`, `grpc-timeout`) was less
+//! than [`PREMATURE`] away is a timeout too, however young: a peer proxy stamps what is
+//! left of its route's timeout, so under load the server side may see the request late
+//! and the cancel soon after. Not counting it gives an attacker nothing: a stream that
+//! would have ended within that time anyway frees no more capacity by being reset than
+//! by running to its deadline.
 
 use std::{
     sync::{
@@ -32,10 +39,11 @@ const RESET_MIN_STREAMS: u32 = 100;
 pub const PREMATURE: Duration = Duration::from_millis(250);
 
 impl ResetWatch {
-    /// Counts a stream; settle the guard once the request is answered.
-    pub fn started(self: &Arc<Self>) -> StreamGuard {
+    /// Counts a stream with the deadline its headers ask for, if any; settle the guard
+    /// once the request is answered.
+    pub fn started(self: &Arc<Self>, deadline: Option<Instant>) -> StreamGuard {
         self.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard { watch: self.clone(), settled: false, since: Instant::now() }
+        StreamGuard { watch: self.clone(), settled: false, since: Instant::now(), deadline }
     }
 }
 
@@ -46,11 +54,14 @@ pub struct StreamGuard {
     watch: Arc<ResetWatch>,
     pub settled: bool,
     since: Instant,
+    deadline: Option<Instant>,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.settled || self.since.elapsed() >= PREMATURE {
+        let now = Instant::now();
+        let timed_out = self.deadline.is_some_and(|d| now + PREMATURE >= d);
+        if self.settled || now.duration_since(self.since) >= PREMATURE || timed_out {
             return;
         }
         let premature = self.watch.premature.fetch_add(1, Ordering::Relaxed) + 1;
@@ -76,7 +87,7 @@ mod tests {
     fn a_client_cancelling_half_of_a_hundred_streams_is_abusive() {
         let w = Arc::new(ResetWatch::default());
         for i in 0..100 {
-            let mut g = w.started();
+            let mut g = w.started(None);
             g.settled = i % 2 == 0;
         }
         assert!(abusive(&w));
@@ -86,22 +97,36 @@ mod tests {
     fn late_cancellations_are_timeouts_not_an_attack() {
         let w = Arc::new(ResetWatch::default());
         for _ in 0..200 {
-            let mut g = w.started();
+            let mut g = w.started(None);
             g.since -= PREMATURE;
         }
         assert!(!abusive(&w));
     }
 
     #[test]
+    fn cancellations_at_the_streams_own_deadline_are_timeouts() {
+        let w = Arc::new(ResetWatch::default());
+        for _ in 0..200 {
+            drop(w.started(Some(Instant::now() + Duration::from_millis(100))));
+        }
+        assert!(!abusive(&w), "a deadline 100 ms away explains the cancel");
+        let w = Arc::new(ResetWatch::default());
+        for _ in 0..200 {
+            drop(w.started(Some(Instant::now() + Duration::from_secs(30))));
+        }
+        assert!(abusive(&w), "a far deadline does not");
+    }
+
+    #[test]
     fn few_streams_or_few_cancels_are_not() {
         let w = Arc::new(ResetWatch::default());
         for _ in 0..99 {
-            drop(w.started());
+            drop(w.started(None));
         }
         assert!(!abusive(&w), "99 streams is below the minimum");
         let w = Arc::new(ResetWatch::default());
         for i in 0..200 {
-            let mut g = w.started();
+            let mut g = w.started(None);
             g.settled = i % 3 != 0;
         }
         assert!(!abusive(&w), "a third cancelled is not abuse");
