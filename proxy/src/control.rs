@@ -221,6 +221,10 @@ async fn sweep<K, T>(
             }
             keep
         });
+        // A burst of authorities leaves a table sized for it: give that back too.
+        if w.capacity() > 4 * w.len().max(64) {
+            w.shrink_to_fit();
+        }
         metrics.control_watches(kind, w.len(), before - w.len());
     }
 }
