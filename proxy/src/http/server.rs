@@ -42,7 +42,9 @@ where
     if protocol == "h2" {
         let svc = {
             let ctx = ctx.clone();
-            service_fn(move |req| service::handle(fwd.clone(), req, ctx.clone()))
+            // Boxed: hyper keeps room for the service's future in every connection, in
+            // use or idle, and a request's future is tens of KiB.
+            service_fn(move |req| Box::pin(service::handle(fwd.clone(), req, ctx.clone())))
         };
         let continuations = Arc::new(Continuations::default());
         let io = FrameWatch::new(io, continuations.clone());
@@ -95,7 +97,10 @@ where
             activity.request_started();
             let answer = service::handle(fwd.clone(), req, ctx.clone());
             let done = Done(activity.clone());
-            async move { answer.await.map(|rsp| rsp.map(|b| crate::body::boxed(Watched::new(b, done)))) }
+            // Boxed, as above: an idle keep-alive connection holds only a pointer.
+            Box::pin(
+                async move { answer.await.map(|rsp| rsp.map(|b| crate::body::boxed(Watched::new(b, done)))) },
+            )
         })
     };
     let io = FirstHeadWatch::new(io, cfg.max_header_bytes.saturating_mul(2), first_head);

@@ -86,15 +86,17 @@ pub async fn serve(
         };
     }
     let io = PrefixedIo::new(buffered, stream);
+    // Each way of serving is boxed: a connection's task then holds only the one it
+    // uses, not room for the largest (a keep-alive connection lives long, idle).
     match protocol {
         proto @ (Protocol::Http1 | Protocol::Http2) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
             let policy = Policies::of(policies, target).await;
             let conn = Conn::new(client, protocol, Meta { target, peer_identity: None, policy });
-            http::server::serve(io, conn, inbound, &cfg.http, drain).await
+            Box::pin(http::server::serve(io, conn, inbound, &cfg.http, drain)).await
         }
         Protocol::Tls { mesh: true, .. } if inbound.identity.is_some() => {
-            mesh::serve(io, client, target, inbound, cfg, drain).await
+            Box::pin(mesh::serve(io, client, target, inbound, cfg, drain)).await
         }
         Protocol::Tls { sni, .. } => {
             tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");

@@ -76,5 +76,5 @@ pub async fn serve(
     };
     let policy = Policies::of(inbound.policies.as_deref(), target).await;
     let conn = Conn::new(client, protocol, Meta { target, peer_identity: peer, policy });
-    http::server::serve(tls, conn, inbound, &cfg.http, drain).await
+    Box::pin(http::server::serve(tls, conn, inbound, &cfg.http, drain)).await
 }

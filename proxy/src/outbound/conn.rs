@@ -83,17 +83,18 @@ pub async fn serve(
         };
     }
     let io = PrefixedIo::new(buffered, stream);
+    // Boxed, as inbound: the task holds only the way of serving it uses.
     match (protocol, dest) {
         (proto @ (Protocol::Http1 | Protocol::Http2), _) => {
             let protocol = if proto == Protocol::Http2 { "h2" } else { "http1" };
             let conn = Conn::new(client, protocol, Meta { target: dest, destination });
-            http::server::serve(io, conn, outbound, &cfg.http, drain).await
+            Box::pin(http::server::serve(io, conn, outbound, &cfg.http, drain)).await
         }
         (Protocol::Tls { sni, .. }, Some(target)) => {
             tracing::debug!(%client, %target, sni = sni.as_deref().unwrap_or("-"), "forwarding TLS as opaque TCP");
-            forward_tcp(&outbound, io, target, &destination).await
+            Box::pin(forward_tcp(&outbound, io, target, &destination)).await
         }
-        (Protocol::Opaque, Some(target)) => forward_tcp(&outbound, io, target, &destination).await,
+        (Protocol::Opaque, Some(target)) => Box::pin(forward_tcp(&outbound, io, target, &destination)).await,
         (Protocol::Silent, _) => {}
         (_, None) => {
             let why = format_args!("{client}: not HTTP and not redirected, so it has no destination");
