@@ -112,7 +112,13 @@ pub fn route_match(data: &[u8]) {
     let target = String::from_utf8_lossy(first).replace(|c: char| c.is_whitespace(), "");
     let Ok(mut req) = Request::builder().method("POST").uri(format!("/{target}")).body(()) else { return };
     *req.headers_mut() = header_map(lines.next().unwrap_or_default());
-    if let Some(i) = routes::matching(&set, &req) {
+    let linear = routes::matching(&set, &req);
+    assert_eq!(
+        routes::Routes::from(set.clone()).matching(&req),
+        linear,
+        "the index and the first match differ"
+    );
+    if let Some(i) = linear {
         assert!(i < set.rules.len());
         if let Some(b) = routes::pick_backend(&set.rules[i], u64::from(data.len() as u32)) {
             assert!(set.rules[i].backends.iter().any(|x| x.authority == b.authority));

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Where one attempt goes.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub addr: SocketAddr,
     /// The SPIFFE ID the peer must prove when it is a mesh peer; `None` outside the mesh.

@@ -197,12 +197,24 @@ pub struct Balancer {
     set: Option<Arc<EndpointSet>>,
     mode: Mode,
     slots: Vec<Slot>,
+    /// Where each endpoint's slot is: recording an outcome must not scan thousands.
+    index: HashMap<Endpoint, usize>,
     outlier: OutlierDetection,
 }
 
+/// Draws peak-EWMA makes for two usable candidates before it lists the usable ones: with
+/// most endpoints usable a pick costs a few draws, however many endpoints there are.
+const DRAWS: usize = 8;
+
 impl Default for Balancer {
     fn default() -> Self {
-        Balancer { set: None, mode: Mode::PeakEwma, slots: Vec::new(), outlier: OutlierDetection::default() }
+        Balancer {
+            set: None,
+            mode: Mode::PeakEwma,
+            slots: Vec::new(),
+            index: HashMap::new(),
+            outlier: OutlierDetection::default(),
+        }
     }
 }
 
@@ -212,7 +224,9 @@ impl Balancer {
         if self.set.as_ref().is_some_and(|s| Arc::ptr_eq(s, set)) {
             return;
         }
-        let mut old = std::mem::take(&mut self.slots);
+        let mut old: HashMap<Endpoint, Slot> =
+            std::mem::take(&mut self.slots).into_iter().map(|s| (s.endpoint.clone(), s)).collect();
+        self.index.clear();
         self.outlier = set.outlier_detection.unwrap_or_default();
         for e in &set.endpoints {
             let Ok(addr) = e.address.parse::<SocketAddr>() else {
@@ -223,9 +237,14 @@ impl Balancer {
                 continue;
             };
             let endpoint = Endpoint { addr, identity: e.meshed.then(|| Arc::from(e.identity.as_str())) };
-            let kept = old.iter().position(|s| s.endpoint == endpoint).map(|i| old.swap_remove(i));
-            let (load, health) =
-                kept.map(|s| (s.load, s.health)).unwrap_or_else(|| (Ewma::new(), Health::default()));
+            if self.index.contains_key(&endpoint) {
+                continue; // listed twice: one slot
+            }
+            let (load, health) = old
+                .remove(&endpoint)
+                .map(|s| (s.load, s.health))
+                .unwrap_or_else(|| (Ewma::new(), Health::default()));
+            self.index.insert(endpoint.clone(), self.slots.len());
             self.slots.push(Slot { endpoint, weight: e.weight.max(1), load, health, current: 0 });
         }
         self.mode = Mode::try_from(set.balancer).unwrap_or(Mode::PeakEwma);
@@ -241,6 +260,13 @@ impl Balancer {
     /// in `avoid` (where a retried request already failed) while others remain.
     pub fn pick(&mut self, avoid: &[Endpoint], mut rand: impl FnMut() -> u64) -> Option<Endpoint> {
         let now = Instant::now();
+        if self.mode == Mode::PeakEwma {
+            if let Some((a, b)) = self.two_usable(avoid, now, &mut rand) {
+                let i = if self.cost(b, now) < self.cost(a, now) { b } else { a };
+                self.slots[i].health.picked(now);
+                return Some(self.slots[i].endpoint.clone());
+            }
+        }
         let available: Vec<usize> =
             (0..self.slots.len()).filter(|i| self.slots[*i].health.available(now)).collect();
         let mut usable: Vec<usize> =
@@ -280,7 +306,7 @@ impl Balancer {
     /// returns what that changed in its ejection state.
     pub fn record(&mut self, endpoint: &Endpoint, ok: bool) -> Option<Event> {
         let outlier = &self.outlier;
-        let slot = self.slots.iter_mut().find(|s| &s.endpoint == endpoint)?;
+        let slot = &mut self.slots[*self.index.get(endpoint)?];
         slot.health.record(ok, Instant::now(), outlier)
     }
 
@@ -291,7 +317,7 @@ impl Balancer {
         endpoint: &Endpoint,
         attempt: Attempt<'a>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, CauseError>> + Send + 'a>> {
-        match self.slots.iter().find(|s| &s.endpoint == endpoint) {
+        match self.index.get(endpoint).map(|i| &self.slots[*i]) {
             Some(slot) => {
                 let in_flight = InFlight::start(&slot.load);
                 Box::pin(async move {
@@ -302,6 +328,36 @@ impl Balancer {
             }
             None => attempt,
         }
+    }
+
+    /// Two distinct usable endpoints drawn at random (uniformly among the usable, as
+    /// listing them would give), or `None` after [`DRAWS`] tries: then `pick` lists
+    /// them, which also handles every endpoint being ejected or avoided.
+    fn two_usable(
+        &self,
+        avoid: &[Endpoint],
+        now: Instant,
+        rand: &mut impl FnMut() -> u64,
+    ) -> Option<(usize, usize)> {
+        let n = self.slots.len() as u64;
+        if n < 2 {
+            return None;
+        }
+        let usable =
+            |i: usize| self.slots[i].health.available(now) && !avoid.contains(&self.slots[i].endpoint);
+        let mut found = None;
+        for _ in 0..DRAWS {
+            let i = (rand() % n) as usize;
+            if !usable(i) {
+                continue;
+            }
+            match found {
+                None => found = Some(i),
+                Some(a) if a != i => return Some((a, i)),
+                Some(_) => {}
+            }
+        }
+        None
     }
 
     /// Latency estimate × (requests in flight + 1) ÷ weight.
@@ -389,7 +445,7 @@ mod tests {
         let _in_flight = b.dispatch(&busy, Box::pin(std::future::pending()));
         for r in 0..2 {
             // Candidates (0, 1) and (1, 0): endpoint 1 either way.
-            let mut draws = [r, 0].into_iter();
+            let mut draws = [r, 1 - r].into_iter();
             assert_eq!(port(b.pick(&[], || draws.next().unwrap()).unwrap()), 1);
         }
     }
@@ -402,8 +458,26 @@ mod tests {
         let (light, heavy) = (b.cost(0, now), b.cost(1, now));
         assert!((heavy * 2.0 - light).abs() < light * 0.01, "{light} {heavy}");
         // Candidates (0, 1): the weight-2 endpoint wins at equal latency.
-        let mut draws = [0, 0].into_iter();
+        let mut draws = [0, 1].into_iter();
         assert_eq!(port(b.pick(&[], || draws.next().unwrap()).unwrap()), 1);
+    }
+
+    #[test]
+    fn a_pick_among_thousands_draws_a_few_numbers_not_a_list() {
+        let mut b = Balancer::default();
+        b.update(&set(&[1; 10_000], Mode::PeakEwma));
+        let mut draws = 0u64;
+        let picked = b.pick(&[], || {
+            draws += 1;
+            draws * 7919
+        });
+        assert!(picked.is_some());
+        assert_eq!(draws, 2, "two candidates, two draws");
+        // An endpoint to avoid is never a candidate while others remain.
+        let avoid = [Endpoint { addr: "127.0.0.1:9000".parse().unwrap(), identity: None }];
+        for _ in 0..100 {
+            assert_ne!(port(b.pick(&avoid, || 0).unwrap()), 0);
+        }
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Planner {
             None => None,
         };
         let rule = routes.and_then(|routes| {
-            let index = routes::matching(&routes.set, req)?;
+            let index = routes.matching(req)?;
             Some(RuleRef { routes, index })
         });
         let backend = rule

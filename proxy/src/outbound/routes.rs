@@ -2,7 +2,7 @@
 //! authority (shared by all shards, see [`crate::control`]), the first rule whose match
 //! fits a request, and the weighted choice among the rule's backends.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use http::Request;
 use weft_api::v1::{policy_client::PolicyClient, Backend, Match, RouteSet, Rule, WatchRequest};
@@ -14,16 +14,88 @@ use crate::{
 };
 
 /// A service's routes as the control plane sent them, with each rule's name ready to
-/// be a metric label (made once per answer, not per request).
+/// be a metric label and the matches indexed by path (made once per answer, not per
+/// request).
 pub struct Routes {
     pub set: RouteSet,
     pub names: Vec<Arc<str>>,
+    index: PathIndex,
 }
 
 impl From<RouteSet> for Routes {
     fn from(set: RouteSet) -> Self {
         let names = set.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
-        Routes { set, names }
+        let index = PathIndex::new(&set);
+        Routes { set, names, index }
+    }
+}
+
+impl Routes {
+    /// The index of the first rule the request matches, as [`matching`] finds it, but
+    /// looking only at the matches its path can fit: a service with a thousand rules
+    /// costs a few map lookups per request, not a thousand checks.
+    pub fn matching<B>(&self, req: &Request<B>) -> Option<usize> {
+        let path = req.uri().path();
+        let mut best: Option<usize> = None;
+        let mut consider = |candidates: &[(usize, Option<usize>)]| {
+            // Each list is in rule order: its first fit is its best.
+            for &(rule, m) in candidates {
+                if best.is_some_and(|b| b <= rule) {
+                    return;
+                }
+                if m.is_none_or(|m| fits(&self.set.rules[rule].matches[m], req)) {
+                    best = Some(rule);
+                    return;
+                }
+            }
+        };
+        consider(&self.index.anywhere);
+        if let Some(c) = self.index.exact.get(path) {
+            consider(c);
+        }
+        // Segment prefixes of the path: `/a`, `/a/b`, ..., the whole path.
+        let ends = path.match_indices('/').map(|(i, _)| i).filter(|&i| i > 0).chain([path.len()]);
+        for end in ends {
+            if let Some(c) = self.index.prefix.get(&path[..end]) {
+                consider(c);
+            }
+        }
+        best
+    }
+}
+
+/// Every (rule, match) under the one path key a fitting request must have: an exact
+/// path, a segment prefix (a gRPC service is the prefix `/<service>`), or none
+/// (`anywhere`: no path condition, or a rule without matches, which is `None`).
+#[derive(Default)]
+struct PathIndex {
+    exact: HashMap<String, Vec<(usize, Option<usize>)>>,
+    prefix: HashMap<String, Vec<(usize, Option<usize>)>>,
+    anywhere: Vec<(usize, Option<usize>)>,
+}
+
+impl PathIndex {
+    fn new(set: &RouteSet) -> Self {
+        let mut index = PathIndex::default();
+        for (r, rule) in set.rules.iter().enumerate() {
+            if rule.matches.is_empty() {
+                index.anywhere.push((r, None));
+            }
+            for (m, mat) in rule.matches.iter().enumerate() {
+                let prefix = mat.path_prefix.trim_end_matches('/');
+                let list = if !mat.path_exact.is_empty() {
+                    index.exact.entry(mat.path_exact.clone()).or_default()
+                } else if !prefix.is_empty() {
+                    index.prefix.entry(prefix.to_string()).or_default()
+                } else if !mat.grpc_service.is_empty() {
+                    index.prefix.entry(format!("/{}", mat.grpc_service)).or_default()
+                } else {
+                    &mut index.anywhere
+                };
+                list.push((r, Some(m)));
+            }
+        }
+        index
     }
 }
 
@@ -49,7 +121,8 @@ impl RouteWatch {
     }
 }
 
-/// The index of the first rule a request matches.
+/// The index of the first rule a request matches, checking every rule in order: the
+/// reference [`Routes::matching`] must agree with (tests and fuzzing compare them).
 pub fn matching<B>(set: &RouteSet, req: &Request<B>) -> Option<usize> {
     set.rules.iter().position(|r| r.matches.is_empty() || r.matches.iter().any(|m| fits(m, req)))
 }
@@ -167,6 +240,57 @@ mod tests {
         assert_eq!(matching(&set, &req("POST", "/other?a=2&debug=1", &[])), Some(1));
         assert_eq!(matching(&set, &req("POST", "/pkg.Words/Get", &[])), Some(2));
         assert_eq!(matching(&set, &req("POST", "/pkg.Words/Put", &[])), None);
+        let indexed = Routes::from(set.clone());
+        for (method, uri, headers) in [
+            ("GET", "/api/x", &[("x-canary", "1")][..]),
+            ("GET", "/api/x", &[]),
+            ("GET", "/api", &[]),
+            ("GET", "/api/", &[]),
+            ("GET", "/apiary", &[]),
+            ("POST", "/other?a=2&debug=1", &[]),
+            ("POST", "/pkg.Words/Get", &[]),
+            ("POST", "/pkg.Words/Put", &[]),
+            ("POST", "/pkg.Words", &[]),
+            ("GET", "/", &[]),
+        ] {
+            let r = req(method, uri, headers);
+            assert_eq!(indexed.matching(&r), matching(&set, &r), "{method} {uri}");
+        }
+    }
+
+    #[test]
+    fn the_index_agrees_with_the_first_match_across_many_rules() {
+        // Exact, prefix (with and without a trailing slash), nested prefixes, gRPC,
+        // header-only and catch-all rules interleaved, so first-match order is tested
+        // across the index's lists.
+        let mut rules = Vec::new();
+        for i in 0..200 {
+            let m = match i % 6 {
+                0 => Match { path_exact: format!("/r{}", i % 17), ..Default::default() },
+                1 => Match { path_prefix: format!("/r{}/", i % 13), ..Default::default() },
+                2 => Match { path_prefix: format!("/r{}/s{}", i % 7, i % 3), ..Default::default() },
+                3 => Match { grpc_service: format!("pkg.S{}", i % 5), ..Default::default() },
+                4 => Match { headers: vec![kv("x-r", &format!("{}", i % 9))], ..Default::default() },
+                _ => Match { path_prefix: "/".into(), method: "PUT".into(), ..Default::default() },
+            };
+            rules.push(Rule { matches: vec![m], ..Default::default() });
+        }
+        rules.push(Rule::default());
+        let set = RouteSet { authority: "a:80".into(), rules, generation: 1 };
+        let indexed = Routes::from(set.clone());
+        for i in 0..2000 {
+            let path = match i % 5 {
+                0 => format!("/r{}", i % 19),
+                1 => format!("/r{}/s{}", i % 11, i % 4),
+                2 => format!("/r{}/s{}/t", i % 8, i % 3),
+                3 => format!("/pkg.S{}/M", i % 6),
+                _ => format!("/x{}", i % 3),
+            };
+            let method = ["GET", "PUT", "POST"][i % 3];
+            let header = format!("{}", i % 10);
+            let r = req(method, &path, &[("x-r", header.as_str())]);
+            assert_eq!(indexed.matching(&r), matching(&set, &r), "{method} {path} x-r={header}");
+        }
     }
 
     #[test]
