@@ -16,16 +16,26 @@ const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// The deadline the request's headers ask for, from `now`.
 pub fn from_headers(headers: &HeaderMap, now: Instant) -> Option<Instant> {
+    timeout_in(headers).map(|t| now + t)
+}
+
+/// The deadline the request's headers ask for, from the moment this is called; no
+/// clock read when they ask for none (most requests).
+pub fn from_headers_now(headers: &HeaderMap) -> Option<Instant> {
+    timeout_in(headers).map(|t| Instant::now() + t)
+}
+
+/// The time the request's headers give it, the smaller of the two when both do.
+fn timeout_in(headers: &HeaderMap) -> Option<Duration> {
     let grpc = headers.get(GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.to_str().ok()?));
     let weft = headers
         .get(WEFT_TIMEOUT_MS)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .map(Duration::from_millis);
-    let timeout = match (grpc, weft) {
+    match (grpc, weft) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }?;
-    Some(now + timeout)
+    }
 }
 
 /// `work`, or a `timeout` error naming `why` (the deadline's source) if `deadline`

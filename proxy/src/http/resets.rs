@@ -59,9 +59,12 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        if self.settled {
+            return; // the common case: no clock read
+        }
         let now = Instant::now();
         let timed_out = self.deadline.is_some_and(|d| now + PREMATURE >= d);
-        if self.settled || now.duration_since(self.since) >= PREMATURE || timed_out {
+        if now.duration_since(self.since) >= PREMATURE || timed_out {
             return;
         }
         let premature = self.watch.premature.fetch_add(1, Ordering::Relaxed) + 1;

@@ -74,7 +74,7 @@ impl Forward for Inbound {
         let upgrade = upgrade::wanted(&req);
         let is_connect = req.method() == http::Method::CONNECT;
         let client_upgrade = upgrade::prepare(&mut req, upgrade);
-        let asked = if upgrade { None } else { deadline::from_headers(req.headers(), Instant::now()) };
+        let asked = if upgrade { None } else { deadline::from_headers_now(req.headers()) };
         if let Some(d) = asked {
             deadline::stamp(req.headers_mut(), d, Instant::now());
         }

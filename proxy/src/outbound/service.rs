@@ -4,7 +4,7 @@
 //! (answered here), header changes, fault and rewrite, then the attempts, then the rule's
 //! response header changes.
 
-use std::{net::SocketAddr, time::Instant};
+use std::net::SocketAddr;
 
 use http::{Method, Request, Response};
 
@@ -101,7 +101,7 @@ impl Forward for Outbound {
         }
         let upgrade = upgrade::wanted(&req);
         let client_upgrade = upgrade::prepare(&mut req, upgrade);
-        let asked = if upgrade { None } else { deadline::from_headers(req.headers(), Instant::now()) };
+        let asked = if upgrade { None } else { deadline::from_headers_now(req.headers()) };
         let mut rsp = self.attempts.run(req, &plan, upgrade, asked, ex).await?;
         if let Some(rule) = &plan.rule {
             plan::apply_to_response(rule.rule(), &mut rsp);
