@@ -237,8 +237,10 @@ impl Balancer {
                 continue;
             };
             let endpoint = Endpoint { addr, identity: e.meshed.then(|| Arc::from(e.identity.as_str())) };
-            if self.index.contains_key(&endpoint) {
-                continue; // listed twice: one slot
+            if let Some(&i) = self.index.get(&endpoint) {
+                // Listed twice: one slot with both weights, the share two slots would get.
+                self.slots[i].weight += e.weight.max(1);
+                continue;
             }
             let (load, health) = old
                 .remove(&endpoint)
@@ -460,6 +462,16 @@ mod tests {
         // Candidates (0, 1): the weight-2 endpoint wins at equal latency.
         let mut draws = [0, 1].into_iter();
         assert_eq!(port(b.pick(&[], || draws.next().unwrap()).unwrap()), 1);
+    }
+
+    #[test]
+    fn an_endpoint_listed_twice_gets_both_weights() {
+        let mut twice = (*set(&[1, 1], Mode::RoundRobin)).clone();
+        twice.endpoints.push(twice.endpoints[0].clone());
+        let mut b = Balancer::default();
+        b.update(&Arc::new(twice));
+        let order: Vec<u16> = (0..6).map(|_| port(b.pick(&[], || 0).unwrap())).collect();
+        assert_eq!(order.iter().filter(|p| **p == 0).count(), 4, "{order:?}");
     }
 
     #[test]
