@@ -110,6 +110,14 @@ impl Exchange {
         }
     }
 
+    /// The deadline the request's headers ask for: a cancel near it is a timeout, not a
+    /// premature reset. Set by the service that reads the headers anyway.
+    pub fn asked(&mut self, deadline: Option<std::time::Instant>) {
+        if let Some(g) = self.stream.as_mut() {
+            g.deadline = deadline;
+        }
+    }
+
     /// The request is answered: it no longer counts as a possible premature reset.
     pub fn settled(&mut self) {
         if let Some(g) = self.stream.as_mut() {

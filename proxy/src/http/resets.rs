@@ -39,11 +39,10 @@ const RESET_MIN_STREAMS: u32 = 100;
 pub const PREMATURE: Duration = Duration::from_millis(250);
 
 impl ResetWatch {
-    /// Counts a stream with the deadline its headers ask for, if any; settle the guard
-    /// once the request is answered.
-    pub fn started(self: &Arc<Self>, deadline: Option<Instant>) -> StreamGuard {
+    /// Counts a stream; settle the guard once the request is answered.
+    pub fn started(self: &Arc<Self>) -> StreamGuard {
         self.streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard { watch: self.clone(), settled: false, since: Instant::now(), deadline }
+        StreamGuard { watch: self.clone(), settled: false, since: Instant::now(), deadline: None }
     }
 }
 
@@ -54,7 +53,8 @@ pub struct StreamGuard {
     watch: Arc<ResetWatch>,
     pub settled: bool,
     since: Instant,
-    deadline: Option<Instant>,
+    /// The deadline the request's headers ask for, once the service has read them.
+    pub deadline: Option<Instant>,
 }
 
 impl Drop for StreamGuard {
@@ -90,7 +90,7 @@ mod tests {
     fn a_client_cancelling_half_of_a_hundred_streams_is_abusive() {
         let w = Arc::new(ResetWatch::default());
         for i in 0..100 {
-            let mut g = w.started(None);
+            let mut g = w.started();
             g.settled = i % 2 == 0;
         }
         assert!(abusive(&w));
@@ -100,7 +100,7 @@ mod tests {
     fn late_cancellations_are_timeouts_not_an_attack() {
         let w = Arc::new(ResetWatch::default());
         for _ in 0..200 {
-            let mut g = w.started(None);
+            let mut g = w.started();
             g.since -= PREMATURE;
         }
         assert!(!abusive(&w));
@@ -110,12 +110,14 @@ mod tests {
     fn cancellations_at_the_streams_own_deadline_are_timeouts() {
         let w = Arc::new(ResetWatch::default());
         for _ in 0..200 {
-            drop(w.started(Some(Instant::now() + Duration::from_millis(100))));
+            let mut g = w.started();
+            g.deadline = Some(Instant::now() + Duration::from_millis(100));
         }
         assert!(!abusive(&w), "a deadline 100 ms away explains the cancel");
         let w = Arc::new(ResetWatch::default());
         for _ in 0..200 {
-            drop(w.started(Some(Instant::now() + Duration::from_secs(30))));
+            let mut g = w.started();
+            g.deadline = Some(Instant::now() + Duration::from_secs(30));
         }
         assert!(abusive(&w), "a far deadline does not");
     }
@@ -124,12 +126,12 @@ mod tests {
     fn few_streams_or_few_cancels_are_not() {
         let w = Arc::new(ResetWatch::default());
         for _ in 0..99 {
-            drop(w.started(None));
+            drop(w.started());
         }
         assert!(!abusive(&w), "99 streams is below the minimum");
         let w = Arc::new(ResetWatch::default());
         for i in 0..200 {
-            let mut g = w.started(None);
+            let mut g = w.started();
             g.settled = i % 3 != 0;
         }
         assert!(!abusive(&w), "a third cancelled is not abuse");

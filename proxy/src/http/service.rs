@@ -82,7 +82,7 @@ pub async fn handle<F: Forward>(
     let mut req = req.map(client_body);
     let tracer = common.tracer.as_deref();
     let mut ex = Exchange::begin(tracer, common.dir, &mut req);
-    ex.stream = Some(conn.resets.started(super::deadline::from_headers(req.headers(), start)));
+    ex.stream = Some(conn.resets.started());
     svc.begin(&conn, &mut req, &mut ex);
 
     let both_lengths = conn.first_head.as_ref().is_some_and(|h| h.take_both_lengths());

@@ -75,6 +75,7 @@ impl Forward for Inbound {
         let is_connect = req.method() == http::Method::CONNECT;
         let client_upgrade = upgrade::prepare(&mut req, upgrade);
         let asked = if upgrade { None } else { deadline::from_headers_now(req.headers()) };
+        ex.asked(asked);
         if let Some(d) = asked {
             deadline::stamp(req.headers_mut(), d, Instant::now());
         }

@@ -102,6 +102,7 @@ impl Forward for Outbound {
         let upgrade = upgrade::wanted(&req);
         let client_upgrade = upgrade::prepare(&mut req, upgrade);
         let asked = if upgrade { None } else { deadline::from_headers_now(req.headers()) };
+        ex.asked(asked);
         let mut rsp = self.attempts.run(req, &plan, upgrade, asked, ex).await?;
         if let Some(rule) = &plan.rule {
             plan::apply_to_response(rule.rule(), &mut rsp);
