@@ -129,8 +129,16 @@ fn a_slow_backend_under_many_clients_times_out_cleanly_and_recovers_at_once() {
     let statuses: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("status=")).collect();
     assert_eq!(statuses.len(), 200, "{err}");
     assert!(statuses.iter().all(|s| *s == "504"), "{statuses:?}");
-    let timeouts = web.metric(r#"weft_requests_total{direction="outbound",cause="timeout"}"#);
-    assert_eq!(timeouts, 200.0, "{}", web.metrics());
+    // Each 504 is the client sidecar's own timeout or, when the server sidecar's copy of
+    // the deadline fires first (a race by design: both hold it), relayed from it.
+    let metrics = web.metrics();
+    let timeouts: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_requests_total{") && l.contains(r#"direction="outbound""#))
+        .filter(|l| l.contains(r#"status="504""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(timeouts, 200.0, "{metrics}");
     // The client sidecar cancelling 200 timed-out streams on its one connection is not
     // the rapid-reset attack to the server sidecar, however late each stream arrived.
     let cut = server.metric(r#"weft_tcp_errors_total{direction="inbound",cause="rapid-reset"}"#);
