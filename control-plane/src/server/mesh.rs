@@ -13,6 +13,7 @@ use weft_api::duration::Setting;
 
 use super::{
     ca::SpiffeId,
+    precedence,
     routes::{self, Invalid},
 };
 
@@ -53,6 +54,10 @@ pub struct Mesh {
     /// `pods` gets no policy answer until it is.
     #[serde(skip)]
     pub selects_pods: bool,
+    /// Whether a service's rules are ranked as the Gateway API ranks them (Kubernetes)
+    /// instead of tried in the order they are listed (the mesh file).
+    #[serde(skip)]
+    pub gateway_precedence: bool,
     /// Authority → index in `services`, made by [`Mesh::index`] so that a lookup does not
     /// scan every service (a change is answered to every watcher at once).
     #[serde(skip)]
@@ -67,6 +72,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// The SPIFFE ID its proxy proves, when it is meshed.
     pub identity: Option<String>,
+    /// Its containers' named ports.
+    pub ports: BTreeMap<String, u16>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -256,18 +263,54 @@ pub struct InboundPolicy {
     /// Sources that select pods by label (Kubernetes) set this in place of `workload`.
     #[serde(skip)]
     pub pods: Option<PodSelector>,
+    /// Kubernetes: the port by the name a selected pod's container gives it, in place of
+    /// `port` (pods may number a name differently).
+    #[serde(skip)]
+    pub port_name: Option<String>,
 }
 
-/// Pods of one namespace whose labels include all of `labels`.
+impl InboundPolicy {
+    /// Whether this is the policy of `port` of the pod `me` (when known).
+    pub fn is_for_port(&self, port: u16, me: Option<&Pod>) -> bool {
+        match &self.port_name {
+            None => self.port == port,
+            Some(name) => me.and_then(|me| me.ports.get(name)) == Some(&port),
+        }
+    }
+}
+
+/// Pods of one namespace whose labels include all of `labels` and meet every one of
+/// `expressions` (a Kubernetes label selector).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodSelector {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    pub expressions: Vec<(String, LabelOp)>,
+}
+
+/// A `matchExpressions` requirement on one label key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LabelOp {
+    In(Vec<String>),
+    NotIn(Vec<String>),
+    Exists,
+    DoesNotExist,
 }
 
 impl PodSelector {
     pub fn selects(&self, pod: &Pod) -> bool {
-        pod.namespace == self.namespace && self.labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+        pod.namespace == self.namespace
+            && self.labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+            && self.expressions.iter().all(|(key, op)| {
+                let value = pod.labels.get(key);
+                match op {
+                    LabelOp::In(values) => value.is_some_and(|v| values.contains(v)),
+                    // As in Kubernetes: a pod without the label is not in the set.
+                    LabelOp::NotIn(values) => value.is_none_or(|v| !values.contains(v)),
+                    LabelOp::Exists => value.is_some(),
+                    LabelOp::DoesNotExist => value.is_none(),
+                }
+            })
     }
 }
 
@@ -451,7 +494,11 @@ impl Mesh {
                     true => self.routes.iter().filter(of_service).filter(producer).collect(),
                     false => mine,
                 };
-                chosen.into_iter().flat_map(|r| routes::rules(r, &services)).collect()
+                let rules = chosen.into_iter().flat_map(|r| routes::rules(r, &services)).collect();
+                match self.gateway_precedence {
+                    true => precedence::sort(rules),
+                    false => rules,
+                }
             }
         };
         weft_api::v1::RouteSet { authority: authority.into(), rules, generation: 0 }

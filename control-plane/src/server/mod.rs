@@ -11,6 +11,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod listen;
 pub mod mesh;
+pub mod precedence;
 pub mod routes;
 pub mod source;
 pub mod watch;

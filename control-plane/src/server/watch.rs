@@ -202,7 +202,7 @@ pub fn inbound_policy(mesh: &Mesh, caller: &Caller, port: u16) -> Option<Inbound
         None => p.workload == caller.workload,
         Some(selector) => me.is_some_and(|me| selector.selects(me)),
     };
-    let rule = mesh.policies.iter().filter(|p| p.port == port).find(|p| applies(p));
+    let rule = mesh.policies.iter().filter(|p| p.is_for_port(port, me)).find(|p| applies(p));
     let mode = match rule.map(|r| r.mode).unwrap_or(mesh::Mode::Permissive) {
         mesh::Mode::Strict => Mode::Strict,
         mesh::Mode::Permissive => Mode::Permissive,
@@ -277,6 +277,7 @@ mod tests {
             allow: None,
             rate_limit: None,
             pods: None,
+            port_name: None,
         });
         tx.send(Arc::new(other)).unwrap();
         let mut moved = mesh.clone();

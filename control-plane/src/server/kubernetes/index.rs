@@ -131,6 +131,7 @@ pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>
     (m.trust_domain, m.services, m.routes, m.policies, m.pods) =
         (trust_domain.to_string(), services, all_routes, policies, pods);
     m.selects_pods = true;
+    m.gateway_precedence = true;
     // Rules that do not convert (a bad header name, say) fail the whole route.
     let keep: Vec<bool> = m
         .routes
@@ -175,6 +176,12 @@ fn pods(trust_domain: &str, pods: &[Arc<Pod>]) -> BTreeMap<IpAddr, mesh::Pod> {
             name: pod.metadata.name.clone().unwrap_or_default(),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             identity: meshed.then(|| format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}")),
+            ports: spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+                .collect(),
         };
         let ips = status.pod_ips.iter().flatten().map(|i| i.ip.as_str()).chain(status.pod_ip.as_deref());
         for ip in ips.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
@@ -437,6 +444,58 @@ mod tests {
     }
 
     #[test]
+    fn rules_of_all_routes_rank_by_how_specific_their_matches_are() {
+        let mut objects = with_versions(cluster());
+        let parent = json!([{"kind": "Service", "name": "words", "port": 8080}]);
+        let to = |v: &str| json!([{"name": v, "port": 8080}]);
+        let created = |r: &mut Arc<HTTPRoute>, at: &str| {
+            Arc::make_mut(r).metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at.parse().unwrap()));
+        };
+        let mut old = http_route(
+            "default",
+            "catch-all",
+            json!({"parentRefs": parent, "rules": [
+                {"backendRefs": to("words-v1")},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": to("words-v1")}
+            ]}),
+        );
+        created(&mut old, "2026-01-01T00:00:00Z");
+        let mut new = http_route(
+            "default",
+            "login",
+            json!({"parentRefs": parent, "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}, {"path": {"type": "Exact", "value": "/login"}}],
+                "backendRefs": to("words-v2")
+            }]}),
+        );
+        created(&mut new, "2026-02-01T00:00:00Z");
+        objects.http_routes = vec![new, old];
+        let (mesh, problems) = build("cluster.local", &objects);
+        assert!(problems.is_empty(), "{problems:?}");
+        let order: Vec<String> = mesh
+            .route_set("10.96.0.10:8080", "default")
+            .rules
+            .iter()
+            .map(|r| {
+                let m = r.matches.first().cloned().unwrap_or_default();
+                format!("{} {}{}", r.name, m.path_exact, m.path_prefix)
+            })
+            .collect();
+        // The exact path first though its route is newer; of the equal `/api` prefixes
+        // the older route's; the rule without matches (`/`) last though listed first.
+        assert_eq!(
+            order,
+            [
+                "default/login/0 /login",
+                "default/catch-all/1 /api",
+                "default/login/0 /api",
+                "default/catch-all/0 "
+            ]
+        );
+    }
+
+    #[test]
     fn redirect_rewrite_and_grpc_routes_convert() {
         let mut objects = with_versions(cluster());
         let parent = json!([{"kind": "Service", "name": "words", "port": 8080}]);
@@ -593,6 +652,67 @@ mod tests {
         // A pod the watches do not know yet (or a token bound to no pod): no answer, so
         // its proxy keeps its fail-closed default instead of the permissive one.
         assert!(watch::inbound_policy(&mesh, &caller("not-yet-seen"), 8081).is_none());
+    }
+
+    #[test]
+    fn inbound_policies_take_match_expressions_and_named_ports() {
+        let mut objects = cluster();
+        let pod = |name: &str, ip: &str, tier: Option<&str>, port: u16| -> Arc<Pod> {
+            let labels = match tier {
+                Some(t) => json!({"app": "shop", "tier": t}),
+                None => json!({"app": "shop"}),
+            };
+            obj(json!({
+                "metadata": {"name": name, "namespace": "default", "labels": labels},
+                "spec": {"serviceAccountName": "shop", "containers": [
+                    {"name": "app", "ports": [{"name": "web", "containerPort": port}]},
+                    {"name": PROXY_CONTAINER}
+                ]},
+                "status": {"phase": "Running", "podIP": ip}
+            }))
+        };
+        objects.pods = vec![
+            pod("gold", "10.0.1.1", Some("gold"), 8000),
+            pod("gold-9000", "10.0.1.2", Some("gold"), 9000),
+            pod("silver", "10.0.1.3", Some("silver"), 8000),
+            pod("plain", "10.0.1.4", None, 8000),
+        ];
+        let policy = |name: &str, selector: serde_json::Value, port: serde_json::Value| {
+            obj::<InboundPolicy>(json!({
+                "apiVersion": "policy.weft.dev/v1alpha1", "kind": "InboundPolicy",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"podSelector": selector, "port": port, "mode": "strict"}
+            }))
+        };
+        let tier = |op: &str, values: serde_json::Value| json!({"matchLabels": {"app": "shop"}, "matchExpressions": [{"key": "tier", "operator": op, "values": values}]});
+        objects.inbound_policies = vec![
+            policy("gold-web", tier("In", json!(["gold"])), json!("web")),
+            policy("not-gold", tier("NotIn", json!(["gold"])), json!(8000)),
+            // Each bad one is left out alone, named with its field.
+            policy("no-values", tier("In", json!([])), json!(8000)),
+            policy("bad-op", tier("Matches", json!(["g.*"])), json!(8000)),
+            policy("bad-name", json!({}), json!("Web_Port")),
+            policy("too-big", json!({}), json!(70000)),
+        ];
+        let (mesh, problems) = build("cluster.local", &objects);
+        let named = |p: &str| problems.iter().any(|x| x.contains(p));
+        assert!(problems.len() == 4, "{problems:?}");
+        assert!(named("default/no-values: spec.podSelector.matchExpressions[0].values: In needs values"));
+        assert!(named("default/bad-op: spec.podSelector.matchExpressions[0].operator"));
+        assert!(named("default/bad-name: spec.port") && named("default/too-big: spec.port"), "{problems:?}");
+        let strict = |pod: &str, port: u16| {
+            let caller = Caller {
+                identity: "spiffe://cluster.local/ns/default/sa/shop".parse().unwrap(),
+                namespace: "default".into(),
+                workload: pod.into(),
+            };
+            watch::inbound_policy(&mesh, &caller, port).unwrap().mode == weft_api::v1::Mode::Strict as i32
+        };
+        // `web` is 8000 in one gold pod and 9000 in the other.
+        assert!(strict("gold", 8000) && !strict("gold", 9000));
+        assert!(strict("gold-9000", 9000) && !strict("gold-9000", 8000));
+        // NotIn selects the silver pod and the one without the label, as Kubernetes does.
+        assert!(strict("silver", 8000) && strict("plain", 8000));
     }
 
     #[test]

@@ -293,16 +293,30 @@ pub async fn set_ca_bundle(client: &Client, name: &str, bundle: &str) {
 }
 
 /// A pod as the index reads it: names, labels, service account, host network, the
-/// containers' names, phase and IPs. The rest (env, volumes, probes, conditions) would be
+/// containers' names and named ports, phase and IPs. The rest (env, volumes, probes, conditions) would be
 /// most of the memory the watch holds.
 fn trim_pod(pod: &mut Pod) {
     pod.metadata.annotations = None;
     pod.metadata.owner_references = None;
     if let Some(spec) = &mut pod.spec {
+        // Names, and the named ports (an InboundPolicy may name its port).
         let names = |cs: &mut Vec<k8s_openapi::api::core::v1::Container>| {
             for c in cs.iter_mut() {
+                let ports: Vec<_> = c
+                    .ports
+                    .take()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p.name.is_some())
+                    .map(|p| k8s_openapi::api::core::v1::ContainerPort {
+                        name: p.name,
+                        container_port: p.container_port,
+                        ..Default::default()
+                    })
+                    .collect();
                 *c = k8s_openapi::api::core::v1::Container {
                     name: std::mem::take(&mut c.name),
+                    ports: (!ports.is_empty()).then_some(ports),
                     ..Default::default()
                 };
             }
@@ -392,7 +406,8 @@ mod tests {
                          "annotations": {"big": "x".repeat(10_000)}},
             "spec": {"serviceAccountName": "web",
                      "initContainers": [{"name": "weft-proxy", "image": "weft", "env": [{"name": "A", "value": "1"}]}],
-                     "containers": [{"name": "app", "image": "app", "args": ["--serve"]}],
+                     "containers": [{"name": "app", "image": "app", "args": ["--serve"],
+                                     "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"containerPort": 9000}]}],
                      "volumes": [{"name": "data", "emptyDir": {}}]},
             "status": {"phase": "Running", "podIP": "10.0.0.9", "podIPs": [{"ip": "10.0.0.9"}],
                        "conditions": [{"type": "Ready", "status": "True"}]}
@@ -406,5 +421,6 @@ mod tests {
         let p = &mesh.pods[&"10.0.0.9".parse().unwrap()];
         assert_eq!(p.identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/web"));
         assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(p.ports.iter().collect::<Vec<_>>(), [(&"http".to_string(), &8080)]);
     }
 }

@@ -5,7 +5,10 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::{
+    apis::meta::v1::{LabelSelector, ObjectMeta},
+    util::intstr::IntOrString,
+};
 use weft_api::duration::Setting;
 
 use super::{
@@ -42,10 +45,20 @@ pub fn inbound_policies(
                 Some(ids)
             }
         };
-        if p.spec.port == 0 {
-            problems.push(at("spec.port", "must be 1-65535".into()));
-            continue;
-        }
+        let (port, port_name) = match port(&p.spec.port) {
+            Ok(port) => port,
+            Err(e) => {
+                problems.push(at("spec.port", e));
+                continue;
+            }
+        };
+        let expressions = match expressions(&p.spec.pod_selector) {
+            Ok(e) => e,
+            Err((field, e)) => {
+                problems.push(at(&format!("spec.podSelector.{field}"), e));
+                continue;
+            }
+        };
         let rate_limit = p.spec.rate_limit.as_ref().map(|r| mesh::RateLimit {
             requests_per_second: r.requests_per_second.max(1),
             burst: r.burst,
@@ -53,7 +66,8 @@ pub fn inbound_policies(
         });
         out.push(mesh::InboundPolicy {
             workload: String::new(),
-            port: p.spec.port,
+            port,
+            port_name,
             mode: match p.spec.mode {
                 resources::Mode::Strict => mesh::Mode::Strict,
                 resources::Mode::Permissive => mesh::Mode::Permissive,
@@ -62,11 +76,64 @@ pub fn inbound_policies(
             rate_limit,
             pods: Some(mesh::PodSelector {
                 namespace: ns.clone(),
-                labels: p.spec.pod_selector.match_labels.clone(),
+                labels: p.spec.pod_selector.match_labels.clone().unwrap_or_default(),
+                expressions,
             }),
         });
     }
     out
+}
+
+/// A port by number (1–65535), or by a container port's name (`port_name`; `0` then).
+fn port(p: &IntOrString) -> Result<(u16, Option<String>), String> {
+    match p {
+        IntOrString::Int(n) => match u16::try_from(*n) {
+            Ok(n) if n > 0 => Ok((n, None)),
+            _ => Err(format!("{n} is not a port; use 1-65535 or a container port's name")),
+        },
+        // A container port's name: an IANA service name, at most 15 characters.
+        IntOrString::String(name) => {
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && name.chars().any(|c| c.is_ascii_lowercase());
+            match (ok, name.parse::<u16>()) {
+                // "8080" in quotes: meant as the number.
+                (_, Ok(n)) if n > 0 => Ok((n, None)),
+                (true, _) => Ok((0, Some(name.clone()))),
+                (false, _) => Err(format!(
+                    "{name:?} is not a port name (up to 15 lowercase letters, digits and '-') or number"
+                )),
+            }
+        }
+    }
+}
+
+/// `matchExpressions`, checked as the API server checks them for built-in selectors.
+fn expressions(s: &LabelSelector) -> Result<Vec<(String, mesh::LabelOp)>, (String, String)> {
+    let mut out = Vec::new();
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let field = |f: &str| format!("matchExpressions[{i}].{f}");
+        let values = e.values.clone().unwrap_or_default();
+        let op = match (e.operator.as_str(), values.is_empty()) {
+            ("In", false) => mesh::LabelOp::In(values),
+            ("NotIn", false) => mesh::LabelOp::NotIn(values),
+            ("Exists", true) => mesh::LabelOp::Exists,
+            ("DoesNotExist", true) => mesh::LabelOp::DoesNotExist,
+            ("In" | "NotIn", true) => return Err((field("values"), format!("{} needs values", e.operator))),
+            ("Exists" | "DoesNotExist", false) => {
+                return Err((field("values"), format!("{} takes no values", e.operator)))
+            }
+            (other, _) => {
+                return Err((
+                    field("operator"),
+                    format!("{other:?} is not an operator; use In, NotIn, Exists or DoesNotExist"),
+                ))
+            }
+        };
+        out.push((e.key.clone(), op));
+    }
+    Ok(out)
 }
 
 /// Objects in the order the Gateway API breaks ties between them: the oldest first,

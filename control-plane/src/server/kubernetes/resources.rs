@@ -5,8 +5,7 @@
 //! some. Weft's own kinds (`policy.weft.dev/v1alpha1`) are what the Gateway API lacks;
 //! their CRDs are generated from these types into k8s/crds/.
 
-use std::collections::BTreeMap;
-
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -215,29 +214,23 @@ pub struct HttpRouteRetry {
     kind = "InboundPolicy",
     namespaced,
     shortname = "inpol",
-    printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
+    printcolumn = r#"{"name":"Port","type":"string","jsonPath":".spec.port"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InboundPolicySpec {
-    /// Pods of this namespace the policy applies to; empty selects every pod.
+    /// Pods of this namespace the policy applies to (`matchLabels`, `matchExpressions`);
+    /// empty selects every pod.
     #[serde(default)]
-    pub pod_selector: PodSelector,
-    /// The container port (the number the app listens on).
-    #[schemars(range(min = 1, max = 65535))]
-    pub port: u16,
+    pub pod_selector: LabelSelector,
+    /// The container port the app listens on: its number, or the name a container's
+    /// `ports` give it.
+    pub port: IntOrString,
     #[serde(default)]
     pub mode: Mode,
     /// Clients allowed; absent: every meshed client (and plaintext ones when permissive).
     pub allow: Option<Allow>,
     pub rate_limit: Option<RateLimit>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PodSelector {
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
