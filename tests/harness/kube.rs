@@ -4,7 +4,7 @@
 //! `resourceVersion`, `?watch=true&resourceVersion=N` streams of newline-delimited JSON
 //! events (ADDED, MODIFIED, DELETED, BOOKMARK, and an ERROR with 410 Gone for a version
 //! that has been compacted), `get` of Secrets and ConfigMaps, TokenReview and
-//! SelfSubjectAccessReview; and a kubeconfig that points at it. Its state survives a
+//! SelfSubjectAccessReview, the proxy to a pod's port; and a kubeconfig that points at it. Its state survives a
 //! [`FakeApi::restart`], as etcd's would.
 
 use std::{
@@ -372,6 +372,9 @@ async fn handle(
         ["apis", _, _, rest @ ..] => rest,
         _ => &[][..],
     };
+    if let ["namespaces", ns, "pods", target, "proxy", path @ ..] = rest {
+        return Ok(pod_proxy(&state, ns, target, &path.join("/"), &method, &body).await);
+    }
     if method == Method::POST {
         return Ok(match rest {
             ["tokenreviews"] => token_review(&state, &body),
@@ -434,6 +437,61 @@ async fn handle(
         "metadata": {"resourceVersion": st.rv.to_string()}, "items": items,
     });
     Ok(json_response(StatusCode::OK, &list))
+}
+
+/// The API server's proxy to a pod's port (`pods/[https:]NAME[:PORT]/proxy/PATH`), as
+/// `weft check` uses it to reach the control plane's replicas: to the pod's IP, and for
+/// `https:` without checking the pod's certificate, as the real API server does. Sent
+/// with curl; its answer's status and body are passed back.
+async fn pod_proxy(
+    state: &Arc<Mutex<State>>,
+    ns: &str,
+    target: &str,
+    path: &str,
+    method: &Method,
+    body: &Value,
+) -> Response<Body> {
+    let (scheme, rest) = match target.split_once(':') {
+        Some((s @ ("http" | "https"), rest)) => (s, rest),
+        _ => ("http", target),
+    };
+    let (name, port) = rest.split_once(':').unwrap_or((rest, "80"));
+    let ip = {
+        let st = state.lock().unwrap();
+        let pod = st.objects.get("pods").and_then(|o| o.get(&(ns.to_string(), name.to_string())));
+        pod.and_then(|p| p["status"]["podIP"].as_str().map(str::to_string))
+    };
+    let Some(ip) = ip else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", &format!("pods \"{name}\" not found")),
+        );
+    };
+    let url = format!("{scheme}://{ip}:{port}/{path}");
+    let mut curl = tokio::process::Command::new("curl");
+    curl.args(["-sk", "--max-time", "5", "-w", "\n%{http_code}", "-X", method.as_str(), &url]);
+    if !body.is_null() {
+        curl.args(["-H", "content-type: application/json", "--data-binary", &body.to_string()]);
+    }
+    let out =
+        curl.output().await.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let (text, code) = out.rsplit_once('\n').unwrap_or(("", "000"));
+    match code.parse::<u16>().ok().filter(|c| *c >= 100).and_then(|c| StatusCode::from_u16(c).ok()) {
+        Some(code) => {
+            let mut rsp = Response::new(Full::new(Bytes::from(text.to_string())).boxed());
+            *rsp.status_mut() = code;
+            rsp
+        }
+        // What the real one says when the pod does not answer.
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &status(
+                503,
+                "ServiceUnavailable",
+                &format!("error trying to reach service: dial tcp {ip}:{port}: connect: connection refused"),
+            ),
+        ),
+    }
 }
 
 /// A JSON patch (RFC 6902) of one object, as `kubectl patch --type json` sends it.

@@ -51,7 +51,7 @@ impl Report {
 /// Runs the checks; `Ok(false)` when one failed.
 pub async fn run(pre: bool, namespace: &str) -> anyhow::Result<bool> {
     let mut r = Report::default();
-    let client = match kubernetes::client().await {
+    let client = match kubernetes::client_for_cli().await {
         Ok(c) => c,
         Err(e) => {
             r.fail("a Kubernetes client", &e.to_string());
@@ -169,9 +169,13 @@ async fn installed(client: &Client, ns: &str, r: &mut Report) {
             &format!("no ready weft-control pod in {ns}: kubectl -n {ns} describe pods -l app.kubernetes.io/name=weft-control"),
         ),
         (1, n) if n > 1 => r.warn("the control plane is ready", "only one replica is ready: the mesh has no spare"),
+        (1, _) => r.ok("the control plane is ready (1 replica)"),
         (u, _) => r.ok(&format!("the control plane is ready ({u} replicas)")),
     }
     webhook(client, ns, root.as_deref(), r).await;
+    for pod in control.iter().filter(|p| ready(p)) {
+        replica(client, ns, pod, r).await;
+    }
     let meshed: Vec<&Pod> = all
         .iter()
         .filter(|p| {
@@ -181,9 +185,18 @@ async fn installed(client: &Client, ns: &str, r: &mut Report) {
                 .any(|c| c.name == inject::PROXY)
         })
         .collect();
+    // The proxy's own readiness (its container), not the pod's: an app that is not
+    // ready is the app's business.
+    let proxy_ready = |p: &Pod| {
+        let status = p.status.as_ref();
+        let statuses = status.into_iter().flat_map(|s| {
+            s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten())
+        });
+        statuses.filter(|c| c.name == inject::PROXY).any(|c| c.ready)
+    };
     let unready: Vec<String> = meshed
         .iter()
-        .filter(|p| !ready(p))
+        .filter(|p| !proxy_ready(p))
         .map(|p| {
             format!(
                 "{}/{}",
@@ -198,6 +211,85 @@ async fn installed(client: &Client, ns: &str, r: &mut Report) {
             &format!("{} meshed pod(s) not ready: {}", some.len(), some.join(", ")),
             "its proxy has no certificate or policy yet: kubectl logs POD -c weft-proxy, and its /ready says why",
         ),
+    }
+}
+
+/// One control-plane replica through the API server's proxy to its pod: its webhook
+/// answers an AdmissionReview (the path the API server calls it by, bar the Service),
+/// and its serving certificate, as its metrics tell, is not about to expire.
+async fn replica(client: &Client, ns: &str, pod: &Pod, r: &mut Report) {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let port = |wanted: &str, default: i32| {
+        let ports = pod.spec.iter().flat_map(|s| &s.containers).flat_map(|c| c.ports.iter().flatten());
+        ports
+            .filter(|p| p.name.as_deref() == Some(wanted))
+            .map(|p| p.container_port)
+            .next()
+            .unwrap_or(default)
+    };
+    let (webhook, admin) = (port("webhook", 8443), port("admin", 9990));
+    let what = format!("the injector's webhook answers on {ns}/{name}");
+    // A pod of Weft's own namespace: the webhook leaves it alone, so this changes nothing.
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "weft-check", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": ns, "operation": "CREATE", "userInfo": {"username": "weft-check"},
+                    "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "weft-check", "namespace": ns},
+                               "spec": {"containers": [{"name": "check", "image": "check"}]}}}
+    });
+    let path = format!("/api/v1/namespaces/{ns}/pods/https:{name}:{webhook}/proxy/inject");
+    let request = http::Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&review).unwrap_or_default());
+    let answer = match request {
+        Ok(req) => client.request::<serde_json::Value>(req).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(a) if a["response"]["uid"] == "weft-check" && a["response"]["allowed"] == true => r.ok(&what),
+        Ok(a) => r.fail(&what, &format!("it answered {a} instead of an AdmissionReview: kubectl -n {ns} logs {name}")),
+        Err(e) => r.fail(
+            &what,
+            &format!("{e}: pods are created without sidecars meanwhile; is --webhook-addr set and port {webhook} named `webhook`? kubectl -n {ns} logs {name}"),
+        ),
+    }
+    let what = format!("the webhook's certificate on {ns}/{name}");
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}:{admin}/proxy/metrics");
+    let metrics = match http::Request::get(path).body(Vec::new()) {
+        Ok(req) => client.request_text(req).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let expiry = metrics.as_deref().ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("weft_control_webhook_certificate_expiry_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    match (metrics, expiry) {
+        (Err(e), _) => r.fail(
+            &what,
+            &format!("its admin port {admin} does not answer ({e}): kubectl -n {ns} logs {name}"),
+        ),
+        (Ok(_), None) => {
+            r.fail(&what, "it serves no webhook: run the control plane with --webhook-addr (k8s/base does)")
+        }
+        (Ok(_), Some(t)) => match webhook_certificate(t, time::OffsetDateTime::now_utc().unix_timestamp()) {
+            Ok(()) => r.ok(&what),
+            Err(hint) => r.fail(&what, &hint),
+        },
+    }
+}
+
+/// A webhook certificate that ends at `not_after` (Unix seconds), seen at `now`. It lives
+/// a day and is renewed at 70 %, so less than six hours left means renewal has failed.
+fn webhook_certificate(not_after: f64, now: i64) -> Result<(), String> {
+    let left = not_after as i64 - now;
+    match left {
+        l if l <= 0 => {
+            Err(format!("EXPIRED {}s ago: the API server cannot call the webhook; restart this replica", -l))
+        }
+        l if l < 6 * 3600 => Err(format!("expires in {}m and was not renewed: its log says why", l / 60)),
+        _ => Ok(()),
     }
 }
 
@@ -294,5 +386,20 @@ async fn webhook(client: &Client, ns: &str, root: Option<&str>, r: &mut Report) 
             "none: pods are created without sidecars (failurePolicy: Ignore)",
         ),
         n => r.ok(&format!("the webhook's Service has {n} ready endpoint(s)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_webhook_certificate_fails_once_renewal_is_overdue() {
+        let now = 1_800_000_000;
+        assert!(webhook_certificate((now + 20 * 3600) as f64, now).is_ok());
+        let late = webhook_certificate((now + 3600) as f64, now).unwrap_err();
+        assert!(late.contains("expires in 60m") && late.contains("not renewed"), "{late}");
+        let gone = webhook_certificate((now - 5) as f64, now).unwrap_err();
+        assert!(gone.starts_with("EXPIRED 5s ago"), "{gone}");
     }
 }

@@ -107,13 +107,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         From::Kubernetes(k) => {
             let stats = Arc::new(kubernetes::Stats::default());
             stats.register(&mut registry);
+            let webhook_expiry: Gauge = Gauge::default();
+            if k.webhook.is_some() {
+                registry.register(
+                    "webhook_certificate_expiry_timestamp_seconds",
+                    "When the injector webhook's serving certificate expires (Unix time); renewed at 70 % of its life",
+                    webhook_expiry.clone(),
+                );
+            }
             let (tx, state) = tokio::sync::watch::channel(Arc::new(mesh::Mesh::default()));
             // Live (and not ready) while the initial lists load.
             let admin_state = AdminState { ready: ready.clone(), state, stats: Some(stats.clone()) };
             tokio::spawn(serve_admin(admin, admin_state, registry, refused.clone()));
             let (loaded, client) = load_kubernetes(k, &opts, stats.clone()).await?;
             if let Some(w) = &k.webhook {
-                start_webhook(w, client, loaded.ca.clone(), &stats, refused.clone()).await?;
+                start_webhook(w, client, loaded.ca.clone(), &stats, refused.clone(), webhook_expiry).await?;
             }
             // The admin port follows the state the watches publish.
             let mut published = loaded.state.clone();
@@ -214,6 +222,7 @@ async fn start_webhook(
     ca: Arc<Ca>,
     stats: &Arc<kubernetes::Stats>,
     refused: listen::Refused,
+    expiry: Gauge,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(w.addr)
         .await
@@ -229,7 +238,7 @@ async fn start_webhook(
     tokio::spawn({
         let names = w.names.clone();
         async move {
-            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook), refused).await {
+            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook), refused, expiry).await {
                 tracing::error!("the injector webhook stopped: {e:#}");
             }
         }

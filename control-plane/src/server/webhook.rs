@@ -27,6 +27,8 @@ use rustls::{
 };
 use serde_json::Value;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::ca::Ca;
 use crate::inject::{self, Outcome};
 
@@ -127,12 +129,14 @@ pub async fn serve(
     names: Vec<String>,
     hook: Arc<Webhook>,
     refused: super::listen::Refused,
+    expiry: Gauge,
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (cert, not_after) =
         certified(&ca, &names).map_err(|e| anyhow::anyhow!("webhook certificate: {e}"))?;
+    expiry.set(not_after.unix_timestamp());
     let current = Arc::new(Current(RwLock::new(cert)));
-    tokio::spawn(renew(ca, names, current.clone(), not_after));
+    tokio::spawn(renew(ca, names, current.clone(), not_after, expiry));
     let mut tls = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(current);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -165,7 +169,15 @@ pub async fn serve(
     }
 }
 
-async fn renew(ca: Arc<Ca>, names: Vec<String>, current: Arc<Current>, mut not_after: time::OffsetDateTime) {
+/// Renews the certificate at 70 % of its life; `expiry` shows when the one served ends
+/// (`weft check` reads it).
+async fn renew(
+    ca: Arc<Ca>,
+    names: Vec<String>,
+    current: Arc<Current>,
+    mut not_after: time::OffsetDateTime,
+    expiry: Gauge,
+) {
     loop {
         let left = (not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let wait =
@@ -175,9 +187,12 @@ async fn renew(ca: Arc<Ca>, names: Vec<String>, current: Arc<Current>, mut not_a
             Ok((cert, next)) => {
                 *current.0.write().unwrap_or_else(|e| e.into_inner()) = cert;
                 not_after = next;
+                expiry.set(next.unix_timestamp());
                 tracing::info!(not_after = %next, "webhook certificate renewed");
             }
-            Err(e) => tracing::error!("webhook certificate renewal failed, retrying in a minute: {e}"),
+            Err(e) => {
+                tracing::error!("webhook certificate renewal failed, retrying at 70 % of the time left: {e}")
+            }
         }
     }
 }

@@ -65,6 +65,17 @@ pub async fn client() -> Result<Client, Error> {
     Client::try_default().await.map_err(|e| Error::Config(e.to_string()))
 }
 
+/// A client for a command a person waits on (`weft check`): a 503 (an API server's proxy
+/// to a pod that does not answer) is reported at once, not retried for minutes as kube's
+/// default does for controllers, and no answer takes longer than 15 s.
+pub async fn client_for_cli() -> Result<Client, Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?;
+    config.default_retry = false;
+    config.read_timeout = Some(std::time::Duration::from_secs(15));
+    Client::try_from(config).map_err(|e| Error::Config(e.to_string()))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
