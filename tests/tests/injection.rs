@@ -260,4 +260,24 @@ mod webhook {
         assert_eq!(code, 0, "{err}");
         assert!(err.contains("certificate") || err.contains("SSL"), "{err}");
     }
+
+    #[test]
+    fn a_webhook_configuration_applied_again_without_its_ca_bundle_gets_it_back() {
+        let hook = start();
+        let root = std::fs::read_to_string(&hook.ca).unwrap();
+        let bundle_of = |api: &FakeApi| {
+            let config = api.get("MutatingWebhookConfiguration", "", "weft-injector")?;
+            let b = config["webhooks"][0]["clientConfig"]["caBundle"].as_str()?.to_string();
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
+        };
+        // `kubectl replace` of the manifests (or an uninstall and install while the
+        // control plane runs): the configuration comes back without a caBundle.
+        hook._api.apply(json!({"kind": "MutatingWebhookConfiguration", "metadata": {"name": "weft-injector"},
+            "webhooks": [{"name": "inject.weft.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                          "clientConfig": {"service": {"name": "weft-control", "namespace": "weft", "path": "/inject", "port": 8443}}}]}));
+        weft_e2e::eventually(std::time::Duration::from_secs(10), "the caBundle set again", || {
+            bundle_of(&hook._api).filter(|b| b.trim() == root.trim())
+        });
+        assert!(hook.control.logs().matches("caBundle set to the mesh's roots").count() >= 2);
+    }
 }

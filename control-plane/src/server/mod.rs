@@ -234,7 +234,12 @@ async fn start_webhook(
         inject: w.inject.clone(),
         namespace_opted_in: Box::new(move |ns| kubernetes::opted_in(&namespaces, ns)),
     };
-    kubernetes::set_ca_bundle(&client, &w.config, ca.trust_bundle_pem()).await;
+    kubernetes::webhook_config::keep_ca_bundle(
+        client.clone(),
+        w.config.clone(),
+        ca.trust_bundle_pem().to_string(),
+    )
+    .await;
     tokio::spawn({
         let names = w.names.clone();
         async move {

@@ -12,6 +12,7 @@ pub mod index;
 pub mod policy;
 pub mod resources;
 pub mod tokens;
+pub mod webhook_config;
 
 use std::{
     fmt::Debug,
@@ -271,36 +272,6 @@ pub fn opted_in(namespaces: &Store<Namespace>, name: &str) -> bool {
     let Some(ns) = namespaces.get(&kube::runtime::reflector::ObjectRef::new(name)) else { return false };
     let meta = serde_json::to_value(&ns.metadata).unwrap_or_default();
     crate::inject::enabled(&meta) == Some(true)
-}
-
-/// Sets every webhook's `caBundle` in the MutatingWebhookConfiguration `name` to
-/// `bundle`, so the API server trusts the webhook's certificate. A missing configuration
-/// is logged: pods are not injected until it is applied.
-pub async fn set_ca_bundle(client: &Client, name: &str, bundle: &str) {
-    use base64::Engine;
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let config = match api.get_opt(name).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            return tracing::warn!(
-                "MutatingWebhookConfiguration {name} not found: no pod is injected until it is applied (k8s/)"
-            )
-        }
-        Err(e) => return tracing::warn!("cannot read MutatingWebhookConfiguration {name}: {e}"),
-    };
-    let encoded = base64::engine::general_purpose::STANDARD.encode(bundle);
-    let ops: Vec<serde_json::Value> = (0..config.webhooks.as_ref().map_or(0, Vec::len))
-        .map(|i| serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": encoded}))
-        .collect();
-    let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
-        Ok(p) => p,
-        Err(e) => return tracing::error!("caBundle patch: {e}"),
-    };
-    match api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(patch)).await {
-        Ok(_) => tracing::info!("MutatingWebhookConfiguration {name}: caBundle set to the mesh's roots"),
-        Err(e) => tracing::warn!("cannot set the caBundle of MutatingWebhookConfiguration {name}: {e}"),
-    }
 }
 
 /// A pod as the index reads it: names, labels, service account, host network, the
