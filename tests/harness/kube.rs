@@ -195,6 +195,13 @@ impl FakeApi {
     /// The CA's Secret `weft/weft-identity` with a new root (tls.crt, tls.key), as an
     /// installer makes it; returns the root's PEM.
     pub fn identity_secret(&self) -> String {
+        self.rotate_identity_secret("")
+    }
+
+    /// The Secret `weft/weft-identity` with a new root, and `ca.crt` holding the roots
+    /// still trusted (`trusted`, PEM) and the new one: the first step of a rotation.
+    /// Returns the new root's PEM.
+    pub fn rotate_identity_secret(&self, trusted: &str) -> String {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
@@ -202,11 +209,15 @@ impl FakeApi {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = params.self_signed(&key).unwrap();
+        let mut data = json!({"tls.crt": cert.pem(), "tls.key": key.serialize_pem()});
+        if !trusted.is_empty() {
+            data["ca.crt"] = json!(format!("{trusted}{}", cert.pem()));
+        }
         self.apply(json!({
             "kind": "Secret",
             "metadata": {"name": "weft-identity", "namespace": "weft"},
             "type": "kubernetes.io/tls",
-            "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()},
+            "stringData": data,
         }));
         cert.pem()
     }

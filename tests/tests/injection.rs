@@ -261,15 +261,17 @@ mod webhook {
         assert!(err.contains("certificate") || err.contains("SSL"), "{err}");
     }
 
+    /// The webhook configuration's caBundle, decoded.
+    fn bundle_of(api: &FakeApi) -> Option<String> {
+        let config = api.get("MutatingWebhookConfiguration", "", "weft-injector")?;
+        let b = config["webhooks"][0]["clientConfig"]["caBundle"].as_str()?.to_string();
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
+    }
+
     #[test]
     fn a_webhook_configuration_applied_again_without_its_ca_bundle_gets_it_back() {
         let hook = start();
         let root = std::fs::read_to_string(&hook.ca).unwrap();
-        let bundle_of = |api: &FakeApi| {
-            let config = api.get("MutatingWebhookConfiguration", "", "weft-injector")?;
-            let b = config["webhooks"][0]["clientConfig"]["caBundle"].as_str()?.to_string();
-            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
-        };
         // `kubectl replace` of the manifests (or an uninstall and install while the
         // control plane runs): the configuration comes back without a caBundle.
         hook._api.apply(json!({"kind": "MutatingWebhookConfiguration", "metadata": {"name": "weft-injector"},
@@ -279,5 +281,39 @@ mod webhook {
             bundle_of(&hook._api).filter(|b| b.trim() == root.trim())
         });
         assert!(hook.control.logs().matches("caBundle set to the mesh's roots").count() >= 2);
+    }
+
+    #[test]
+    fn a_new_root_in_the_secret_is_used_without_a_restart_and_a_broken_one_is_not() {
+        let hook = start();
+        let old = std::fs::read_to_string(&hook.ca).unwrap();
+        let api = &hook._api;
+        // A rotation's first step: a new signing root, the old one still trusted.
+        let new = api.rotate_identity_secret(&old);
+        weft_e2e::eventually(std::time::Duration::from_secs(10), "both roots in the caBundle", || {
+            bundle_of(api).filter(|b| b.contains(old.trim()) && b.contains(new.trim()))
+        });
+        // The webhook's certificate now comes from the new root alone.
+        let new_only = hook.ca.with_extension("new.pem");
+        std::fs::write(&new_only, &new).unwrap();
+        let host = "weft-control.weft.svc";
+        let resolve = format!("{host}:{}:127.0.0.1", hook.addr.port());
+        let url = format!("https://{host}:{}/", hook.addr.port());
+        let answers_with = |root: &std::path::Path| {
+            weft_e2e::curl(&["--cacert", root.to_str().unwrap(), "--resolve", &resolve, &url]).0 == 404
+        };
+        weft_e2e::eventually(std::time::Duration::from_secs(10), "a certificate from the new root", || {
+            answers_with(&new_only).then_some(())
+        });
+        assert!(hook.control.logs().contains("CA root or trust bundle changed"));
+        // A broken edit (a key that is not one) is refused; the new root keeps serving.
+        api.apply(json!({"kind": "Secret", "metadata": {"name": "weft-identity", "namespace": "weft"},
+                         "stringData": {"tls.crt": new, "tls.key": "not a key"}}));
+        weft_e2e::eventually(std::time::Duration::from_secs(10), "the broken edit logged", || {
+            hook.control.logs().contains("kept the last good root").then_some(())
+        });
+        assert!(answers_with(&new_only));
+        assert!(bundle_of(api).is_some_and(|b| b.contains(new.trim())));
+        let _ = std::fs::remove_file(new_only);
     }
 }

@@ -45,6 +45,16 @@ pub struct Issued {
     pub not_after: time::OffsetDateTime,
 }
 
+/// The CA as it is now: a source that can change it (Kubernetes: its Secret edited) sends
+/// the new one; every use reads the latest.
+pub type Shared = tokio::sync::watch::Receiver<std::sync::Arc<Ca>>;
+
+/// A CA that never changes (the mesh file's, tests').
+pub fn fixed(ca: Ca) -> Shared {
+    // The sender is dropped: the receiver keeps the value, and `changed` never fires.
+    tokio::sync::watch::channel(std::sync::Arc::new(ca)).1
+}
+
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
@@ -85,6 +95,7 @@ impl Ca {
         extra_roots_pem: &str,
     ) -> Result<Ca, Error> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| Error::BadCa(format!("key: {e}")))?;
+        check_root(cert_pem, &key, time::OffsetDateTime::now_utc())?;
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| Error::BadCa(format!("certificate: {e}")))?;
         Ok(Ca {
@@ -101,6 +112,11 @@ impl Ca {
 
     pub fn trust_bundle_pem(&self) -> &str {
         &self.bundle_pem
+    }
+
+    /// Whether `other` signs with the same root and trusts the same bundle.
+    pub fn same_as(&self, other: &Ca) -> bool {
+        self.cert_pem == other.cert_pem && self.bundle_pem == other.bundle_pem
     }
 
     /// Signs `csr_pem` for `identity`, valid for `ttl`.
@@ -168,6 +184,33 @@ impl Ca {
         };
         Ok((issued, key.serialize_pem()))
     }
+}
+
+/// A root that signs nothing anyone accepts is refused up front: one outside its
+/// validity period, or a key that is not the certificate's.
+fn check_root(cert_pem: &str, key: &KeyPair, now: time::OffsetDateTime) -> Result<(), Error> {
+    use x509_parser::prelude::X509Certificate;
+    let der = pem_der(cert_pem).ok_or_else(|| Error::BadCa("certificate: not PEM".into()))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| Error::BadCa(format!("certificate: {e}")))?;
+    let validity = cert.validity();
+    if now > validity.not_after.to_datetime() {
+        return Err(Error::BadCa(format!(
+            "the certificate expired on {}: make a new root (weft install) and rotate to it",
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before.to_datetime() {
+        return Err(Error::BadCa(format!(
+            "the certificate is not valid before {}: check the clock of whoever made it",
+            validity.not_before
+        )));
+    }
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
+        return Err(Error::BadCa(
+            "the key is not the certificate's: give the key the root was made with".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_key_strength(csr_pem: &str) -> Result<(), Error> {
@@ -284,5 +327,21 @@ mod tests {
             Duration::from_secs(60),
         );
         assert!(matches!(err, Err(Error::BadCsr(_))));
+    }
+
+    #[test]
+    fn a_root_that_cannot_sign_is_refused_with_the_reason() {
+        let (cert, key) = Ca::new_root("weft.local", ::time::Duration::days(1)).unwrap();
+        assert!(Ca::from_pem("weft.local", &cert, &key, "").is_ok());
+        let (_, other_key) = Ca::new_root("weft.local", ::time::Duration::days(1)).unwrap();
+        let e = Ca::from_pem("weft.local", &cert, &other_key, "").err().unwrap().to_string();
+        assert!(e.contains("the key is not the certificate's"), "{e}");
+        let k = KeyPair::from_pem(&key).unwrap();
+        let in_two_days = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(2);
+        let e = check_root(&cert, &k, in_two_days).unwrap_err().to_string();
+        assert!(e.contains("expired on") && e.contains("rotate"), "{e}");
+        let e =
+            check_root(&cert, &k, ::time::OffsetDateTime::now_utc() - ::time::Duration::days(2)).unwrap_err();
+        assert!(e.to_string().contains("not valid before"), "{e}");
     }
 }

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tonic::{Request, Response, Status};
 use weft_api::v1::{identity_server::Identity, CertifyRequest, CertifyResponse};
 
-use crate::server::ca::{self, Ca, SpiffeId};
+use crate::server::ca::{self, SpiffeId};
 
 /// Who a token proves the caller is.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,7 +52,7 @@ impl Authenticator for MeshTokens {
 }
 
 pub struct IdentityService {
-    pub ca: Arc<Ca>,
+    pub ca: ca::Shared,
     pub tokens: Arc<dyn Authenticator>,
     /// Lifetime of issued leaves.
     pub ttl: Duration,
@@ -71,7 +71,8 @@ pub fn bearer<T>(req: &Request<T>) -> Result<&str, Status> {
 impl Identity for IdentityService {
     async fn certify(&self, req: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let identity = self.tokens.authenticate(bearer(&req)?).await?.identity;
-        match self.ca.sign(&req.get_ref().csr_pem, &identity, self.ttl) {
+        let ca = self.ca.borrow().clone();
+        match ca.sign(&req.get_ref().csr_pem, &identity, self.ttl) {
             Ok(issued) => {
                 tracing::info!(%identity, not_after = %issued.not_after, "issued certificate");
                 Ok(Response::new(CertifyResponse {
@@ -100,6 +101,7 @@ impl Identity for IdentityService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::ca::Ca;
     use rcgen::{CertificateParams, KeyPair, SanType};
     use weft_api::v1::{identity_client::IdentityClient, identity_server::IdentityServer};
 
@@ -111,14 +113,14 @@ mod tests {
 
     /// A real gRPC server on a real socket, and a real tonic client.
     async fn serve() -> IdentityClient<tonic::transport::Channel> {
+        serve_with(ca::fixed(Ca::generate("weft.local").unwrap())).await
+    }
+
+    async fn serve_with(ca: ca::Shared) -> IdentityClient<tonic::transport::Channel> {
         let frontend: SpiffeId = "spiffe://weft.local/ns/shop/sa/frontend".parse().unwrap();
         let caller = Caller { identity: frontend, namespace: "shop".into(), workload: "frontend".into() };
         let tokens = StaticTokens([("frontend-token".to_string(), caller)].into_iter().collect());
-        let svc = IdentityService {
-            ca: Arc::new(Ca::generate("weft.local").unwrap()),
-            tokens: Arc::new(tokens),
-            ttl: Duration::from_secs(600),
-        };
+        let svc = IdentityService { ca, tokens: Arc::new(tokens), ttl: Duration::from_secs(600) };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -163,5 +165,22 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         let status = client.certify(request(Some("frontend-token"), "garbage".into())).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_changed_ca_signs_from_the_next_request_on() {
+        let old = Ca::generate("weft.local").unwrap();
+        let old_bundle = old.trust_bundle_pem().to_string();
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(old));
+        let mut client = serve_with(rx).await;
+        let me = "spiffe://weft.local/ns/shop/sa/frontend";
+        let first = client.certify(request(Some("frontend-token"), csr(me))).await.unwrap().into_inner();
+        assert_eq!(first.trust_bundle_pem, old_bundle);
+        let new = Ca::generate("weft.local").unwrap();
+        let new_bundle = new.trust_bundle_pem().to_string();
+        tx.send_replace(Arc::new(new));
+        let next = client.certify(request(Some("frontend-token"), csr(me))).await.unwrap().into_inner();
+        assert_eq!(next.trust_bundle_pem, new_bundle);
+        assert_ne!(next.cert_chain_pem, first.cert_chain_pem);
     }
 }

@@ -149,7 +149,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// What the gRPC services are made from.
 struct Loaded {
     state: State,
-    ca: Arc<Ca>,
+    ca: ca::Shared,
     auth: Arc<dyn Authenticator>,
 }
 
@@ -182,7 +182,7 @@ fn load_file(path: &std::path::Path, opts: &Options, registry: &mut Registry) ->
         FileValid { valid, gauge: file_valid },
     );
     tokio::spawn(source.run());
-    Ok(Loaded { auth: Arc::new(MeshTokens(state.clone())), state, ca: Arc::new(ca) })
+    Ok(Loaded { auth: Arc::new(MeshTokens(state.clone())), state, ca: ca::fixed(ca) })
 }
 
 async fn load_kubernetes(
@@ -198,11 +198,11 @@ async fn load_kubernetes(
     let client = kubernetes::client().await?;
     kubernetes::tokens::check_permission(&client).await?;
     let from = kubernetes::ca::Source {
-        namespace: &k.namespace,
-        secret: &k.ca_secret,
-        bundle_config_map: k.trust_bundle_config_map.as_deref(),
+        namespace: k.namespace.clone(),
+        secret: k.ca_secret.clone(),
+        bundle_config_map: k.trust_bundle_config_map.clone(),
     };
-    let ca = kubernetes::ca::load(&client, &k.trust_domain, from).await?;
+    let ca = kubernetes::ca::shared(&client, &k.trust_domain, from).await?;
     let kopts =
         kubernetes::Options { trust_domain: k.trust_domain.clone(), settle: Duration::from_millis(20) };
     let state = kubernetes::start(client.clone(), kopts, stats).await?;
@@ -211,7 +211,7 @@ async fn load_kubernetes(
         k.token_audience.clone(),
         k.trust_domain.clone(),
     );
-    Ok((Loaded { state, ca: Arc::new(ca), auth: Arc::new(auth) }, client))
+    Ok((Loaded { state, ca, auth: Arc::new(auth) }, client))
 }
 
 /// The injector's webhook: its listener, the namespaces it reads opt-ins from, and the
@@ -219,7 +219,7 @@ async fn load_kubernetes(
 async fn start_webhook(
     w: &WebhookOptions,
     client: kube::Client,
-    ca: Arc<Ca>,
+    ca: ca::Shared,
     stats: &Arc<kubernetes::Stats>,
     refused: listen::Refused,
     expiry: Gauge,
@@ -234,12 +234,7 @@ async fn start_webhook(
         inject: w.inject.clone(),
         namespace_opted_in: Box::new(move |ns| kubernetes::opted_in(&namespaces, ns)),
     };
-    kubernetes::webhook_config::keep_ca_bundle(
-        client.clone(),
-        w.config.clone(),
-        ca.trust_bundle_pem().to_string(),
-    )
-    .await;
+    kubernetes::webhook_config::keep_ca_bundle(client.clone(), w.config.clone(), ca.clone()).await;
     tokio::spawn({
         let names = w.names.clone();
         async move {

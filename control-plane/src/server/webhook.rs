@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::ca::Ca;
+use super::ca::{self, Ca};
 use crate::inject::{self, Outcome};
 
 /// Lifetime of the serving certificate; renewed at 70 % of it.
@@ -125,7 +125,7 @@ fn certified(ca: &Ca, names: &[String]) -> Result<(Arc<CertifiedKey>, time::Offs
 /// Serves the webhook on `listener` until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    ca: Arc<Ca>,
+    ca: ca::Shared,
     names: Vec<String>,
     hook: Arc<Webhook>,
     refused: super::listen::Refused,
@@ -133,7 +133,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (cert, not_after) =
-        certified(&ca, &names).map_err(|e| anyhow::anyhow!("webhook certificate: {e}"))?;
+        certified(&ca.borrow(), &names).map_err(|e| anyhow::anyhow!("webhook certificate: {e}"))?;
     expiry.set(not_after.unix_timestamp());
     let current = Arc::new(Current(RwLock::new(cert)));
     tokio::spawn(renew(ca, names, current.clone(), not_after, expiry));
@@ -169,10 +169,11 @@ pub async fn serve(
     }
 }
 
-/// Renews the certificate at 70 % of its life; `expiry` shows when the one served ends
+/// Renews the certificate at 70 % of its life, and at once when the CA changes (the
+/// webhook configuration's caBundle follows it); `expiry` shows when the one served ends
 /// (`weft check` reads it).
 async fn renew(
-    ca: Arc<Ca>,
+    mut ca: ca::Shared,
     names: Vec<String>,
     current: Arc<Current>,
     mut not_after: time::OffsetDateTime,
@@ -182,8 +183,13 @@ async fn renew(
         let left = (not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let wait =
             Duration::try_from(left * 0.7).unwrap_or(Duration::from_secs(60)).max(Duration::from_secs(1));
-        tokio::time::sleep(wait).await;
-        match certified(&ca, &names) {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // A CA that never changes ends this branch for good.
+            Ok(()) = ca.changed() => {}
+        }
+        let signer = ca.borrow_and_update().clone();
+        match certified(&signer, &names) {
             Ok((cert, next)) => {
                 *current.0.write().unwrap_or_else(|e| e.into_inner()) = cert;
                 not_after = next;

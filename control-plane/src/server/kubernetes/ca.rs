@@ -1,12 +1,21 @@
 //! The CA's root from the cluster: a Secret with the root certificate and key
 //! (`tls.crt`, `tls.key`, as `kubectl create secret tls` writes them) and the trust bundle
 //! from the Secret's `ca.crt` or a ConfigMap's `ca-bundle.crt` (several roots during a
-//! rotation). Every replica loads the same root, so any of them can sign.
+//! rotation). Every replica loads the same root, so any of them can sign. Both objects
+//! are watched: an edit takes effect without a restart (new certificates, the webhook's
+//! and the proxies' at their next renewal, come from it), and an edit that does not load
+//! is logged and the last good root kept.
 
+use std::sync::Arc;
+
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::{Api, Client};
+use kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, Client,
+};
 
-use crate::server::ca::Ca;
+use crate::server::ca::{self, Ca};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,19 +47,61 @@ pub enum Error {
 }
 
 /// Where the root comes from.
-pub struct Source<'a> {
-    pub namespace: &'a str,
-    pub secret: &'a str,
+#[derive(Clone)]
+pub struct Source {
+    pub namespace: String,
+    pub secret: String,
     /// A ConfigMap with `ca-bundle.crt`; without it, the Secret's `ca.crt` if present.
-    pub bundle_config_map: Option<&'a str>,
+    pub bundle_config_map: Option<String>,
 }
 
-pub async fn load(client: &Client, trust_domain: &str, from: Source<'_>) -> Result<Ca, Error> {
-    let ns = from.namespace.to_string();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), from.namespace);
-    let name = from.secret.to_string();
+/// The CA from `from`, then kept current as its objects change.
+pub async fn shared(client: &Client, trust_domain: &str, from: Source) -> Result<ca::Shared, Error> {
+    let first = load(client, trust_domain, &from).await?;
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+    tokio::spawn(follow(client.clone(), trust_domain.to_string(), from, tx));
+    Ok(rx)
+}
+
+/// Loads the CA again whenever the Secret or the ConfigMap changes; sends it when it
+/// differs. RBAC grants list and watch of these names only, hence the field selectors.
+async fn follow(client: Client, trust_domain: String, from: Source, tx: tokio::sync::watch::Sender<Arc<Ca>>) {
+    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &from.namespace);
+    let secret =
+        watcher(secrets, by_name(&from.secret)).default_backoff().applied_objects().map(|e| e.map(drop));
+    let mut changes = match &from.bundle_config_map {
+        Some(cm) => {
+            let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &from.namespace);
+            let map = watcher(maps, by_name(cm)).default_backoff().applied_objects().map(|e| e.map(drop));
+            futures_util::stream::select(secret, map).boxed()
+        }
+        None => secret.boxed(),
+    };
+    while let Some(change) = changes.next().await {
+        if let Err(e) = change {
+            tracing::warn!("watching the CA's Secret or ConfigMap in {}: {e}", from.namespace);
+            continue;
+        }
+        match load(&client, &trust_domain, &from).await {
+            Ok(ca) if ca.same_as(&tx.borrow()) => {}
+            Ok(ca) => {
+                tracing::info!(secret = %from.secret, "CA root or trust bundle changed: signing with it now");
+                tx.send_replace(Arc::new(ca));
+            }
+            Err(e) => {
+                tracing::error!("the CA's objects changed but do not load; kept the last good root: {e}")
+            }
+        }
+    }
+}
+
+pub async fn load(client: &Client, trust_domain: &str, from: &Source) -> Result<Ca, Error> {
+    let ns = from.namespace.clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &from.namespace);
+    let name = from.secret.clone();
     let secret = secrets
-        .get_opt(from.secret)
+        .get_opt(&from.secret)
         .await
         .map_err(|source| Error::Read { what: "Secret", ns: ns.clone(), name: name.clone(), source })?
         .ok_or_else(|| Error::NoSecret { ns: ns.clone(), name: name.clone() })?;
@@ -61,9 +112,9 @@ pub async fn load(client: &Client, trust_domain: &str, from: Source<'_>) -> Resu
     let missing = |key| Error::MissingKey { ns: ns.clone(), name: name.clone(), key };
     let cert = text("tls.crt").ok_or_else(|| missing("tls.crt"))?;
     let key = text("tls.key").ok_or_else(|| missing("tls.key"))?;
-    let bundle = match from.bundle_config_map {
+    let bundle = match &from.bundle_config_map {
         Some(cm) => {
-            let maps: Api<ConfigMap> = Api::namespaced(client.clone(), from.namespace);
+            let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &from.namespace);
             let no_bundle = || Error::NoBundle { ns: ns.clone(), name: cm.to_string() };
             let map = maps
                 .get_opt(cm)

@@ -2,7 +2,8 @@
 //! or the API server cannot call the webhook and pods start without a sidecar
 //! (`failurePolicy: Ignore`). The control plane sets it at start and watches the one
 //! object, so a configuration applied later, re-applied or replaced without it (an
-//! upgrade, an uninstall and install while replicas run) is mended within moments.
+//! upgrade, an uninstall and install while replicas run) is mended within moments; and
+//! sets it again when the CA's trust bundle changes.
 
 use base64::Engine;
 use futures_util::StreamExt;
@@ -12,13 +13,16 @@ use kube::{
     Api, Client, ResourceExt,
 };
 
-/// Sets every webhook's `caBundle` in the configuration `name` to `bundle` (returning
-/// once it has tried), then watches it in a task of its own and sets it again whenever it
-/// differs.
-pub async fn keep_ca_bundle(client: Client, name: String, bundle: String) {
+use crate::server::ca;
+
+/// Sets every webhook's `caBundle` in the configuration `name` to the CA's bundle
+/// (returning once it has tried), then, in a task of its own, sets it again whenever the
+/// configuration differs or the CA changes.
+pub async fn keep_ca_bundle(client: Client, name: String, mut ca: ca::Shared) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let bundle = |ca: &ca::Shared| ca.borrow().trust_bundle_pem().to_string();
     match api.get_opt(&name).await {
-        Ok(Some(c)) if !holds(&c, &bundle) => set(&api, &c, &bundle).await,
+        Ok(Some(c)) if !holds(&c, &bundle(&ca)) => set(&api, &c, &bundle(&ca)).await,
         Ok(Some(_)) => {}
         Ok(None) => tracing::warn!(
             "MutatingWebhookConfiguration {name} not found: no pod is injected until it is applied (k8s/)"
@@ -29,11 +33,23 @@ pub async fn keep_ca_bundle(client: Client, name: String, bundle: String) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(api.clone(), config).default_backoff().applied_objects().boxed();
     tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(c) if c.name_any() == name && !holds(&c, &bundle) => set(&api, &c, &bundle).await,
-                Ok(_) => {}
-                Err(e) => tracing::warn!("watching MutatingWebhookConfiguration {name}: {e}"),
+        let mut last: Option<MutatingWebhookConfiguration> = None;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(c)) if c.name_any() == name => last = Some(c),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        tracing::warn!("watching MutatingWebhookConfiguration {name}: {e}");
+                        continue;
+                    }
+                    None => return,
+                },
+                // A CA that never changes ends this branch for good.
+                Ok(()) = ca.changed() => {}
+            }
+            if let Some(c) = last.as_ref().filter(|c| !holds(c, &bundle(&ca))) {
+                set(&api, c, &bundle(&ca)).await;
             }
         }
     });
