@@ -95,7 +95,7 @@ pub fn build(trust_domain: &str, objects: &Objects) -> (mesh::Mesh, Vec<Problem>
                 namespace: ns.clone(),
                 port: number,
                 aliases: ips.iter().map(|ip| SocketAddr::new(*ip, number).to_string()).collect(),
-                endpoints: endpoints(own_slices, port.name.as_deref().unwrap_or(""), &by_name),
+                endpoints: endpoints(own_slices, port.name.as_deref().unwrap_or(""), ips.first(), &by_name),
                 balancer: mesh::Balancer::default(),
                 outlier_detection: mesh::OutlierDetection::default(),
                 max_concurrent_requests: None,
@@ -191,15 +191,25 @@ fn pods(trust_domain: &str, pods: &[Arc<Pod>]) -> BTreeMap<IpAddr, mesh::Pod> {
     out
 }
 
-/// The endpoints of a Service port (`port_name`, "" when unnamed) over its slices.
+/// The endpoints of a Service port (`port_name`, "" when unnamed) over its slices. A
+/// dual-stack Service has a slice per family listing the same pods: only the family of
+/// its primary ClusterIP (`primary`) is taken, so each pod is one endpoint; a headless
+/// Service (no ClusterIP), or one whose primary family has no slice, takes all.
 fn endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
+    primary: Option<&IpAddr>,
     pods: &HashMap<(&str, &str), &mesh::Pod>,
 ) -> Vec<mesh::Endpoint> {
+    let family = primary.map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" });
+    let has_family = |f: &str| slices.iter().any(|s| s.address_type == f);
+    let wanted = |t: &str| match family.filter(|f| has_family(f)) {
+        Some(f) => t == f,
+        None => matches!(t, "IPv4" | "IPv6"),
+    };
     let (mut ready, mut serving) = (Vec::new(), Vec::new());
     for slice in slices {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        if !wanted(slice.address_type.as_str()) {
             continue;
         }
         let port = slice
@@ -276,7 +286,8 @@ mod tests {
         })
     }
 
-    /// words: two ports, dual-stack, four endpoints in two slices of which two are ready.
+    /// words: two ports, dual-stack, four endpoints in two IPv4 slices of which two are
+    /// ready, and an IPv6 slice of the same pods.
     fn cluster() -> Objects {
         let service = obj(json!({
             "metadata": {"name": "words", "namespace": "default"},
@@ -301,9 +312,16 @@ mod tests {
             "ports": [{"name": "http", "port": 8081}],
             "endpoints": [endpoint("10.0.0.4", "d", true, true, false)]
         }));
+        // The same pods over IPv6: not endpoints of a Service whose first ClusterIP is IPv4.
+        let v6 = obj(json!({
+            "metadata": {"name": "words-v6", "namespace": "default", "labels": {"kubernetes.io/service-name": "words"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8081}],
+            "endpoints": [endpoint("fd00::1", "a", true, true, false), endpoint("fd00::4", "d", true, true, false)]
+        }));
         Objects {
             services: vec![service],
-            slices: vec![v4, v4b],
+            slices: vec![v4, v4b, v6],
             pods: vec![
                 pod("a", "10.0.0.1", "words", true, json!({"app": "words"})),
                 pod("b", "10.0.0.2", "words", true, json!({"app": "words"})),
@@ -348,6 +366,15 @@ mod tests {
         assert!(set.known && !set.service && set.endpoints[0].meshed, "{set:?}");
         assert_eq!(set.endpoints[0].identity, "spiffe://cluster.local/ns/default/sa/web");
         assert!(!watch::endpoint_set(&mesh, "10.1.2.3:80", "default").known);
+        // IPv6 first: its slice's endpoints instead.
+        let mut v6_first = cluster();
+        let mut svc = (*v6_first.services[0]).clone();
+        svc.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
+        svc.spec.as_mut().unwrap().cluster_ip = Some("fd00::10".into());
+        v6_first.services = vec![Arc::new(svc)];
+        let (mesh, _) = build("cluster.local", &v6_first);
+        let set = watch::endpoint_set(&mesh, "10.96.0.10:8080", "default");
+        assert_eq!(addresses(&set), ["[fd00::1]:8081", "[fd00::4]:8081"]);
     }
 
     #[test]
