@@ -264,6 +264,7 @@ impl Shard {
             workload: self.workload.clone(),
             max_header_bytes: self.cfg.http.max_header_bytes,
             tcp: self.timeouts(),
+            probes: self.cfg.inbound_probes.clone(),
         }))
     }
 

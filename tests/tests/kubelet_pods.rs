@@ -3,8 +3,9 @@
 //! network-namespace pods, init containers in order, the native sidecar's startup probe
 //! polled before the app starts), against `weft control --source kubernetes` and a fake
 //! API server in the node namespace (no cluster or kubelet can run here). Meshed traffic
-//! flows over mTLS, and a Job-shaped pod completes: its app exits, the kubelet stops the
-//! sidecar, which exits with code 0 at once.
+//! flows over mTLS, the kubelet's readiness probe passes a strict policy that refuses
+//! every other plaintext request, and a Job-shaped pod completes: its app exits, the
+//! kubelet stops the sidecar, which exits with code 0 at once.
 
 use std::{
     process::Command,
@@ -30,7 +31,8 @@ spec:
           image: ghcr.io/weft-mesh/weft:v0.1.0
           args: [example-app, backend, --message, hello]
           env: [{name: LISTEN_ADDR, value: "0.0.0.0:8080"}, {name: WEFT_WORKLOAD, value: words}]
-          ports: [{containerPort: 8080}]
+          ports: [{containerPort: 8080, name: http}]
+          readinessProbe: {httpGet: {path: /healthz, port: http}}
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -114,6 +116,11 @@ fn the_injected_pods_run_meshed_and_a_job_completes() {
         "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
         "endpoints": [{"addresses": [ips[0]], "conditions": {"ready": true},
                        "targetRef": {"kind": "Pod", "name": "words-0", "namespace": "shop"}}]}));
+    // words' port is strict and open to web's service account only: the kubelet's probe
+    // (plaintext, no identity) must still reach the app, and nothing else of it.
+    api.apply(json!({"kind": "InboundPolicy", "metadata": {"name": "words", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "words"}}, "port": "http", "mode": "strict",
+                 "allow": {"serviceAccounts": [{"name": "web"}]}}}));
     let weft = bin("weft");
     let log = std::env::temp_dir().join(format!("{}-control.log", net.node));
     let kubeconfig = api.kubeconfig();
@@ -146,6 +153,17 @@ fn the_injected_pods_run_meshed_and_a_job_completes() {
     eventually(Duration::from_secs(10), "the words app", || {
         net.try_exec(0, &["curl", "-sf", "http://127.0.0.1:8080/"]).ok()
     });
+
+    // The kubelet probes from the node: its readiness path passes the strict policy (the
+    // injector told the proxy), any other path is refused.
+    let probe = |path: &str| {
+        let url = format!("http://{}:8080{path}", ips[0]);
+        net.node_try_exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &url])
+            .unwrap_or_default()
+    };
+    assert_eq!(probe("/healthz"), "200", "{}", kubelet.log("words-0", "weft-proxy"));
+    assert_eq!(probe("/"), "403");
+    assert_eq!(probe("/healthz?all=1"), "403");
 
     // Meshed traffic: the web pod calls the Service's ClusterIP; mTLS between the pods.
     let body = net.exec(1, &["curl", "-sS", "--fail", "--max-time", "5", "http://10.96.0.10/"]);

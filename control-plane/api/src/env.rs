@@ -16,9 +16,13 @@ pub const LOG: &str = "WEFT_LOG";
 pub const INBOUND_PORTS: &str = "WEFT_INBOUND_PORTS";
 pub const DEFAULT_INBOUND_POLICY: &str = "WEFT_DEFAULT_INBOUND_POLICY";
 pub const OPAQUE_PORTS: &str = "WEFT_OPAQUE_PORTS";
+pub const INBOUND_PROBES: &str = "WEFT_INBOUND_PROBES";
 pub const PROXY_UID: &str = "WEFT_PROXY_UID";
 pub const INIT_SKIP_INBOUND_PORTS: &str = "WEFT_INIT_SKIP_INBOUND_PORTS";
 pub const INIT_SKIP_OUTBOUND_PORTS: &str = "WEFT_INIT_SKIP_OUTBOUND_PORTS";
 pub const OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const OTEL_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
 pub const OTEL_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
+
+/// The path the kubelet's gRPC probes call.
+pub const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";

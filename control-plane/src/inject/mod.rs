@@ -11,11 +11,14 @@
 //!   app only once the proxy holds its certificate and its ports' policies, and stops it
 //!   after the app (so Jobs complete); uid 2102, no capabilities, read-only root;
 //! - a projected ServiceAccount token (audience `weft`) for the identity request;
+//! - the app's HTTP and gRPC probes, told to the proxy (`probes`) so the kubelet's
+//!   plaintext probes pass whatever the ports' policies;
 //! - the annotation `weft.dev/proxy-version`.
 //!
 //! Settings come from `weft.dev/*` annotations on the pod (see [`ANNOTATIONS`]).
 
 pub mod manifests;
+mod probes;
 
 use serde_json::{json, Map, Value};
 
@@ -168,7 +171,8 @@ pub fn pod(
         |key: &str| annotations.get(key).and_then(Value::as_str).map(str::trim).filter(|v| !v.is_empty());
     let app_ports = app_ports(&containers("containers"));
     let init = init_container(cfg, &setting)?;
-    let proxy = proxy_container(cfg, &setting, &app_ports)?;
+    let probes = probes::of(&containers("containers"));
+    let proxy = proxy_container(cfg, &setting, &app_ports, &probes)?;
 
     let spec = object(pod, "spec");
     let mut inits = vec![init, proxy];
@@ -258,7 +262,12 @@ fn init_container(cfg: &Config, setting: &Setting<'_>) -> Result<Value, Invalid>
     }))
 }
 
-fn proxy_container(cfg: &Config, setting: &Setting<'_>, app_ports: &[u16]) -> Result<Value, Invalid> {
+fn proxy_container(
+    cfg: &Config,
+    setting: &Setting<'_>,
+    app_ports: &[u16],
+    probes: &[String],
+) -> Result<Value, Invalid> {
     let mut envs = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -275,6 +284,9 @@ fn proxy_container(cfg: &Config, setting: &Setting<'_>, app_ports: &[u16]) -> Re
     if !app_ports.is_empty() {
         let list: Vec<String> = app_ports.iter().map(u16::to_string).collect();
         envs.push(env(weft_api::env::INBOUND_PORTS, list.join(",")));
+    }
+    if !probes.is_empty() {
+        envs.push(env(weft_api::env::INBOUND_PROBES, probes.join(",")));
     }
     if let Some(level) = setting("weft.dev/proxy-log-level") {
         envs.push(env(weft_api::env::LOG, level));

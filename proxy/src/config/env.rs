@@ -91,6 +91,22 @@ pub fn ports(env: &dyn Env, name: &'static str, default: &str) -> Result<BTreeSe
     Ok(out)
 }
 
+/// `port:path` pairs, comma-separated: `8080:/healthz,9090:/grpc.health.v1.Health/Check`.
+pub fn probe_paths(env: &dyn Env, name: &'static str) -> Result<BTreeSet<(u16, String)>, Error> {
+    const EXPECTED: &str = "comma-separated port:path pairs like 8080:/healthz,8080:/ready";
+    let value = env.get(name).unwrap_or_default();
+    let mut out = BTreeSet::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (port, path) = item.split_once(':').ok_or_else(|| err(name, &value, EXPECTED))?;
+        let port: u16 = port.trim().parse().map_err(|_| err(name, &value, EXPECTED))?;
+        if port == 0 || !path.starts_with('/') {
+            return Err(err(name, &value, EXPECTED));
+        }
+        out.insert((port, path.to_string()));
+    }
+    Ok(out)
+}
+
 pub fn flag(env: &dyn Env, name: &'static str) -> Result<bool, Error> {
     match env.get(name).as_deref().map(str::trim) {
         None | Some("") | Some("0") | Some("false") | Some("off") => Ok(false),

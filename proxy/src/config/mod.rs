@@ -21,8 +21,8 @@ pub use otel::*;
 // Set by `weft up` and the injector too, so named where both see them.
 pub use weft_api::env::{
     ACCESS_LOG, ADMIN_ADDR, APP_ADDR, CONTROL_ADDR, DEFAULT_INBOUND_POLICY, IDENTITY, INBOUND_ADDR,
-    INBOUND_PORTS, INIT_SKIP_INBOUND_PORTS, INIT_SKIP_OUTBOUND_PORTS, LOG, OPAQUE_PORTS, OUTBOUND_ADDR,
-    PROXY_UID, TOKEN, TOKEN_FILE, WORKLOAD,
+    INBOUND_PORTS, INBOUND_PROBES, INIT_SKIP_INBOUND_PORTS, INIT_SKIP_OUTBOUND_PORTS, LOG, OPAQUE_PORTS,
+    OUTBOUND_ADDR, PROXY_UID, TOKEN, TOKEN_FILE, WORKLOAD,
 };
 pub const DETECT_TIMEOUT: &str = "WEFT_DETECT_TIMEOUT";
 pub const MESH_NETWORKS: &str = "WEFT_MESH_NETWORKS";
@@ -68,6 +68,11 @@ pub struct Config {
     /// opaque TCP (server-speaks-first protocols must not stall).
     pub detect_timeout: Duration,
     pub opaque_ports: BTreeSet<u16>,
+    /// The kubelet's probes of the app (`WEFT_INBOUND_PROBES`, set by the injector from
+    /// the pod spec): plaintext GET/HEAD of exactly these (port, path) pairs (and gRPC
+    /// health checks where listed) reach the app whatever the port's policy, as the
+    /// kubelet has no mesh identity and an app that is never ready is an outage.
+    pub inbound_probes: BTreeSet<(u16, String)>,
     /// Networks whose pods run a weft-proxy inbound: HTTP/1 to them is carried over
     /// HTTP/2 between the proxies and restored by the peer.
     pub mesh_networks: Vec<IpNet>,
@@ -214,6 +219,7 @@ impl Config {
             control: control(env)?,
             detect_timeout: duration(env, DETECT_TIMEOUT, "100ms")?,
             opaque_ports: ports(env, OPAQUE_PORTS, DEFAULT_OPAQUE_PORTS)?,
+            inbound_probes: env::probe_paths(env, INBOUND_PROBES)?,
             mesh_networks: list(env, MESH_NETWORKS, "", "comma-separated CIDRs like 10.0.0.0/8")?,
             connect_timeout: duration(env, CONNECT_TIMEOUT, "1s")?,
             tcp_idle_timeout: duration(env, TCP_IDLE_TIMEOUT, "1h")?,
@@ -353,6 +359,14 @@ mod tests {
         assert!(cfg(&[(LOG_FORMAT, "xml")]).is_err());
         assert!(cfg(&[(ACCESS_LOG, "maybe")]).is_err());
         assert!(cfg(&[(MESH_NETWORKS, "10.0.0.0/99")]).is_err());
+        for bad in ["8080", "8080:healthz", "0:/x", "http:/x"] {
+            let e = cfg(&[(INBOUND_PROBES, bad)]).unwrap_err().to_string();
+            assert!(e.contains("WEFT_INBOUND_PROBES") && e.contains("port:path"), "{e}");
+        }
+        let probes =
+            cfg(&[(INBOUND_PROBES, "8080:/healthz?x=1, 9090:/grpc.health.v1.Health/Check")]).unwrap();
+        assert!(probes.inbound_probes.contains(&(8080, "/healthz?x=1".to_string())));
+        assert_eq!(probes.inbound_probes.len(), 2);
     }
 
     #[test]

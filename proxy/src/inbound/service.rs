@@ -2,7 +2,7 @@
 //! policy (taken when the connection was accepted) and rate limit first, then the head
 //! size, the request's deadline, and one attempt to the app through the forwarder.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Instant};
 
 use http::{HeaderValue, Request, Response};
 use weft_api::v1::InboundPolicy;
@@ -35,6 +35,8 @@ pub struct Inbound {
     pub workload: Option<HeaderValue>,
     pub max_header_bytes: usize,
     pub tcp: Timeouts,
+    /// The kubelet's probes of the app (see `Config::inbound_probes`).
+    pub probes: BTreeSet<(u16, String)>,
 }
 
 /// What an inbound connection knows before its first request.
@@ -69,7 +71,7 @@ impl Forward for Inbound {
         conn: &Conn<Meta>,
         ex: &mut Exchange,
     ) -> Result<Response<Body>, CauseError> {
-        self.admit(conn)?;
+        self.admit(conn, &req)?;
         headers::check_head_size(&req, self.max_header_bytes)?;
         let upgrade = upgrade::wanted(&req);
         let is_connect = req.method() == http::Method::CONNECT;
@@ -112,12 +114,16 @@ impl Forward for Inbound {
 }
 
 impl Inbound {
-    /// The port's policy for this client, then its rate limit.
-    fn admit(&self, conn: &Conn<Meta>) -> Result<(), CauseError> {
+    /// The port's policy for this client, then its rate limit; the kubelet's probes of
+    /// the app pass.
+    fn admit(&self, conn: &Conn<Meta>, req: &Request<Body>) -> Result<(), CauseError> {
         let (Some(policy), Some(policies)) = (conn.meta.policy.as_deref(), self.policies.as_deref()) else {
             return Ok(());
         };
         let peer = conn.meta.peer_identity.as_deref();
+        if peer.is_none() && self.is_probe(conn.meta.target.port(), req) {
+            return Ok(());
+        }
         if let Err(denied) = policy::check(policy, peer) {
             self.common.metrics.denied(conn.meta.peer_identity.clone(), "http");
             return Err(CauseError::new(Cause::Unauthorized, policy::refusal(policy, peer, denied)));
@@ -132,5 +138,20 @@ impl Inbound {
             policy.port, limiter.cfg.requests_per_second, limiter.cfg.per_identity
         );
         Err(CauseError::new(Cause::RateLimited, msg))
+    }
+
+    /// A kubelet probe: GET or HEAD of a probe path of `port`, or the gRPC health check
+    /// where it is one. Paths match exactly, query included, as the pod spec gives them.
+    fn is_probe(&self, port: u16, req: &Request<Body>) -> bool {
+        if self.probes.is_empty() {
+            return false;
+        }
+        let Some(path) = req.uri().path_and_query().map(|p| p.as_str()) else { return false };
+        let method_fits = match *req.method() {
+            http::Method::GET | http::Method::HEAD => true,
+            http::Method::POST => path == weft_api::env::GRPC_HEALTH_CHECK,
+            _ => false,
+        };
+        method_fits && self.probes.contains(&(port, path.to_string()))
     }
 }
