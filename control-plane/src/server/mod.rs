@@ -235,15 +235,7 @@ async fn start_webhook(
         namespace_opted_in: Box::new(move |ns| kubernetes::opted_in(&namespaces, ns)),
     };
     kubernetes::webhook_config::keep_ca_bundle(client.clone(), w.config.clone(), ca.clone()).await;
-    tokio::spawn({
-        let names = w.names.clone();
-        async move {
-            if let Err(e) = webhook::serve(listener, ca, names, Arc::new(hook), refused, expiry).await {
-                tracing::error!("the injector webhook stopped: {e:#}");
-            }
-        }
-    });
-    Ok(())
+    webhook::start(listener, ca, w.names.clone(), Arc::new(hook), refused, expiry)
 }
 
 async fn serve(

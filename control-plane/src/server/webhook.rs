@@ -122,8 +122,9 @@ fn certified(ca: &Ca, names: &[String]) -> Result<(Arc<CertifiedKey>, time::Offs
     Ok((Arc::new(CertifiedKey::new(chain, signing)), issued.not_after))
 }
 
-/// Serves the webhook on `listener` until the process ends.
-pub async fn serve(
+/// Issues the webhook's certificate (an error when the CA cannot), then serves the
+/// webhook on `listener` in a task of its own until the process ends.
+pub fn start(
     listener: tokio::net::TcpListener,
     ca: ca::Shared,
     names: Vec<String>,
@@ -140,6 +141,16 @@ pub async fn serve(
     let mut tls = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(current);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::spawn(serve(listener, acceptor, hook, refused));
+    Ok(())
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    hook: Arc<Webhook>,
+    refused: super::listen::Refused,
+) {
     let mut accepts = weft_api::accept::Acceptor::new("webhook");
     let cap = super::listen::Cap::new("webhook", MAX_CONNECTIONS, refused);
     loop {
