@@ -401,6 +401,12 @@ async fn handle(
             ),
         });
     }
+    if let (["namespaces", ns, plural, name, "status"], true) = (rest, method == Method::PATCH) {
+        let Some(kind) = KINDS.iter().find(|k| k.plural == *plural) else {
+            return Ok(json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", "no such resource")));
+        };
+        return Ok(patch(&state, &changed, kind, (ns, name), Patch::Status, body));
+    }
     let (plural, ns, name) = match rest {
         [plural] => (*plural, None, None),
         ["namespaces", ns, plural] => (*plural, Some(*ns), None),
@@ -417,7 +423,7 @@ async fn handle(
         ));
     };
     if let (Some(name), true) = (name, method == Method::PATCH) {
-        return Ok(patch(&state, &changed, kind, ns.unwrap_or(""), name, body));
+        return Ok(patch(&state, &changed, kind, (ns.unwrap_or(""), name), Patch::Json, body));
     }
     if let Some(name) = name {
         let st = state.lock().unwrap();
@@ -505,13 +511,24 @@ async fn pod_proxy(
     }
 }
 
-/// A JSON patch (RFC 6902) of one object, as `kubectl patch --type json` sends it.
+/// How a PATCH changes an object.
+#[derive(Clone, Copy, PartialEq)]
+enum Patch {
+    /// A JSON patch (RFC 6902) of the object, as `kubectl patch --type json` sends it.
+    Json,
+    /// A merge patch (RFC 7386) of its `status` subresource, as controllers write it:
+    /// only `status` changes, and a `metadata.resourceVersion` in the patch is a
+    /// precondition (409 Conflict when the object has moved on), as the API server does.
+    Status,
+}
+
+/// One stored object changed by `body`, as a new resourceVersion and a MODIFIED event.
 fn patch(
     state: &Arc<Mutex<State>>,
     changed: &watch::Sender<(u64, u64)>,
     kind: &'static Kind,
-    ns: &str,
-    name: &str,
+    (ns, name): (&str, &str),
+    how: Patch,
     body: Value,
 ) -> Response<Body> {
     let mut st = state.lock().unwrap();
@@ -519,11 +536,31 @@ fn patch(
     let Some(mut object) = st.objects.get(kind.plural).and_then(|o| o.get(&key)).cloned() else {
         return json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", &format!("{name} not found")));
     };
-    let Ok(ops) = serde_json::from_value::<json_patch::Patch>(body) else {
-        return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "not a JSON patch"));
-    };
-    if let Err(e) = json_patch::patch(&mut object, &ops) {
-        return json_response(StatusCode::UNPROCESSABLE_ENTITY, &status(422, "Invalid", &e.to_string()));
+    let refused =
+        |code: StatusCode, reason: &str, msg: &str| json_response(code, &status(code.as_u16(), reason, msg));
+    match how {
+        Patch::Json => {
+            let Ok(ops) = serde_json::from_value::<json_patch::Patch>(body) else {
+                return refused(StatusCode::BAD_REQUEST, "BadRequest", "not a JSON patch");
+            };
+            if let Err(e) = json_patch::patch(&mut object, &ops) {
+                return refused(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string());
+            }
+        }
+        Patch::Status => {
+            let wanted = &body["metadata"]["resourceVersion"];
+            if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
+                let msg = format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
+                    kind.plural
+                );
+                return refused(StatusCode::CONFLICT, "Conflict", &msg);
+            }
+            if object.get("status").is_none() {
+                object["status"] = json!({});
+            }
+            json_patch::merge(&mut object["status"], &body["status"]);
+        }
     }
     st.rv += 1;
     let rv = st.rv;

@@ -1,7 +1,8 @@
 //! `weft control --source kubernetes` end to end. No Kubernetes API server can be
 //! installed on these machines, so a fake one stands in for it (tests/harness/kube.rs: a
 //! loopback HTTP server that speaks list, watch with resourceVersions, bookmarks and 410
-//! Gone, TokenReview and SelfSubjectAccessReview as the real one does). Everything else
+//! Gone, status merge patches, TokenReview and SelfSubjectAccessReview as the real one
+//! does). Everything else
 //! is real: the `weft` and `weft-proxy` binaries, their sockets, mTLS and curl.
 
 use std::{net::SocketAddr, time::Duration};
@@ -380,4 +381,75 @@ fn a_draining_sidecar_still_listed_costs_no_request() {
     eprintln!("a sidecar draining while listed, under 200 req/s: {report}; rerouted {rerouted}");
     assert_eq!(report["errors"], 0, "{report}");
     assert!(report["ok"].as_u64().unwrap() >= 590, "{report}");
+}
+
+#[test]
+fn routes_get_a_status_that_says_whether_the_mesh_took_them() {
+    let api = api();
+    api.apply(service("words", "10.96.0.10", 80));
+    api.apply(service("words-v2", "10.96.0.11", 80));
+    let route = |name: &str, parent: &str, rules: Value| {
+        json!({"kind": "HTTPRoute", "metadata": {"name": name, "namespace": "default", "generation": 1},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80},
+                                        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}],
+                        "rules": rules}})
+    };
+    // A Gateway implementation's own entry, which the mesh must keep.
+    let mut good = route("canary", "words", json!([{"backendRefs": [{"name": "words-v2", "port": 80}]}]));
+    good["status"] = json!({"parents": [{"parentRef": {"name": "edge", "kind": "Gateway"},
+        "controllerName": "example.com/gateway", "conditions": []}]});
+    api.apply(good);
+    api.apply(route(
+        "regex",
+        "words",
+        json!([{"matches": [{"path": {"type": "RegularExpression", "value": "/x.*"}}]}]),
+    ));
+    api.apply(route("orphan", "nope", json!([{"backendRefs": [{"name": "words-v2", "port": 80}]}])));
+    api.apply(route("lost", "words", json!([{"backendRefs": [{"name": "words-v3", "port": 80}]}])));
+    let _control = Control::kubernetes(&api, &[]);
+
+    let conditions = |name: &str| -> Option<Vec<(String, String, String)>> {
+        let r = api.get("HTTPRoute", "default", name)?;
+        let mine = r["status"]["parents"]
+            .as_array()?
+            .iter()
+            .find(|p| p["controllerName"] == "weft.dev/mesh")?
+            .clone();
+        assert_eq!(mine["parentRef"]["kind"], "Service");
+        let cs = mine["conditions"].as_array()?;
+        Some(
+            cs.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+                    (s("type"), s("status"), s("reason"))
+                })
+                .collect(),
+        )
+    };
+    let c = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+    let want = [
+        ("canary", [c("Accepted", "True", "Accepted"), c("ResolvedRefs", "True", "ResolvedRefs")]),
+        ("regex", [c("Accepted", "False", "UnsupportedValue"), c("ResolvedRefs", "True", "ResolvedRefs")]),
+        ("orphan", [c("Accepted", "False", "NoMatchingParent"), c("ResolvedRefs", "True", "ResolvedRefs")]),
+        ("lost", [c("Accepted", "False", "UnsupportedValue"), c("ResolvedRefs", "False", "BackendNotFound")]),
+    ];
+    for (name, expected) in &want {
+        eventually(Duration::from_secs(10), &format!("{name}'s status"), || {
+            conditions(name).filter(|got| got.as_slice() == expected.as_slice())
+        });
+    }
+    let canary = api.get("HTTPRoute", "default", "canary").unwrap();
+    let parents = canary["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2, "the Gateway's entry is kept: {parents:?}");
+    assert_eq!(parents[1]["conditions"][0]["observedGeneration"], 1);
+    // Fixing the lost backend flips it to accepted.
+    api.apply(service("words-v3", "10.96.0.12", 80));
+    eventually(Duration::from_secs(10), "lost accepted once its backend exists", || {
+        conditions("lost").filter(|got| got[0].1 == "True" && got[1].1 == "True")
+    });
+    // Writes settle: one per route and one for the flip (and a refused retry where a
+    // read was stale), not a loop on the events the writes themselves cause.
+    let writes = api.requests("/status");
+    eprintln!("{writes} status writes");
+    assert!(writes <= 20, "{writes} status writes for 4 routes and one change");
 }

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod index;
 pub mod policy;
 pub mod resources;
+pub mod status;
 pub mod tokens;
 pub mod webhook_config;
 
@@ -200,6 +201,7 @@ pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<S
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
+            write_route_status(&client, &stores, &reported).await;
             changed.notified().await;
             tokio::time::sleep(opts.settle).await;
             let generation = tx.borrow().generation;
@@ -215,6 +217,14 @@ pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<S
         }
     });
     Ok(rx)
+}
+
+/// The routes' status after a new state (their writes come back as events, which find
+/// nothing more to write).
+async fn write_route_status(client: &Client, stores: &Stores, problems: &[String]) {
+    let http = stores.http_routes.as_ref().map(Store::state).unwrap_or_default();
+    let grpc = stores.grpc_routes.as_ref().map(Store::state).unwrap_or_default();
+    status::write(client, &http, &grpc, problems).await;
 }
 
 /// The mesh the stores hold now; problems are logged once, when they first appear.

@@ -13,7 +13,13 @@ use serde::{Deserialize, Serialize};
 // --- Gateway API (gateway.networking.k8s.io/v1), the GAMMA mesh profile -------------
 
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "HTTPRoute", namespaced)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    namespaced,
+    status = "RouteStatus"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     #[serde(default)]
@@ -23,13 +29,27 @@ pub struct HttpRouteSpec {
 }
 
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "GRPCRoute", namespaced)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GRPCRoute",
+    namespaced,
+    status = "RouteStatus"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct GrpcRouteSpec {
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
     #[serde(default)]
     pub rules: Vec<GrpcRouteRule>,
+}
+
+/// A route's status: an entry per parent, each written by the controller that serves it
+/// (`server::kubernetes::status` writes the mesh's), kept as the API holds them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+pub struct RouteStatus {
+    #[serde(default)]
+    pub parents: Vec<serde_json::Value>,
 }
 
 /// A route's parent; for mesh routes (GAMMA) a Service (`group: ""`, `kind: Service`).
