@@ -261,3 +261,37 @@ fn redirects_are_answered_by_the_proxy_and_rewrites_change_what_the_upstream_see
     assert_eq!(seen.headers.get("host").map(String::as_str), Some("internal.example"), "{seen:?}");
     assert!(head.to_ascii_lowercase().contains("x-rewritten: yes"), "{head}");
 }
+
+#[test]
+fn regular_expressions_match_whole_paths_headers_and_query_values() {
+    let (base, v1, v2) = (backend::http("base"), backend::http("v1"), backend::http("v2"));
+    let rules = "      - matches: [{path: {regex: \"/users/[0-9]+\"}}]
+        backends: [{service: api-v1}]
+      - matches: [{headerRegex: {x-tenant: \"team-(a|b)\"}}, {queryRegex: {v: \"[0-9]{2}\"}}]
+        backends: [{service: api-v2}]
+";
+    let control = Control::start(&mesh(base.addr, v1.addr, v2.addr, rules), &[]);
+    let web = control.sidecar("web", &[]);
+    let one = |path: &str, extra: &[&str]| {
+        // The backend that answered (the tally also counts statuses).
+        let got = send(&web, 1, 1, &format!("http://api:80{path}"), extra);
+        got.into_keys().find(|k| !k.starts_with("status ")).unwrap_or_default()
+    };
+    assert_eq!(one("/users/42", &[]), "v1");
+    // The whole path: neither a longer one nor one with the digits elsewhere.
+    assert_eq!(one("/users/42/orders", &[]), "base");
+    assert_eq!(one("/x/users/42", &[]), "base");
+    assert_eq!(one("/any", &["-H", "x-tenant: team-b"]), "v2");
+    assert_eq!(one("/any", &["-H", "x-tenant: team-bb"]), "base");
+    assert_eq!(one("/any?a=1&v=42", &[]), "v2");
+    assert_eq!(one("/any?v=420", &[]), "base");
+
+    // A pattern that does not compile is refused with its field named; the last good
+    // rules keep applying.
+    let bad = mesh(base.addr, v1.addr, v2.addr, "      - matches: [{path: {regex: \"/users/(\"}}]\n");
+    control.rewrite(&bad);
+    weft_e2e::eventually(Duration::from_secs(10), "the bad regex refused", || {
+        control.logs().contains("path.regex").then_some(())
+    });
+    assert_eq!(one("/users/7", &[]), "v1");
+}

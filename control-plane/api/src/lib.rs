@@ -12,6 +12,7 @@ pub mod accept;
 pub mod duration;
 pub mod env;
 pub mod otlp;
+pub mod pattern;
 pub mod spiffe;
 
 /// Metadata key carrying the workload's token: `authorization: Bearer <token>`.

@@ -5,10 +5,9 @@
 //! route. From the HTTPRoute spec, across all routes of the Service, a match ranks higher
 //! for, in turn:
 //!
-//! 1. an `Exact` path, 2. a longer `PathPrefix`, 3. a method, 4. more header matches,
-//! 5. more query matches;
-//!
-//! and ties keep the order they came in (oldest route first, then namespace/name, then
+//! an `Exact` path; a longer `PathPrefix`; a method; more header matches; more query
+//! matches (a `RegularExpression` path, whose place the spec leaves open, ranks after
+//! exact paths and before prefixes, as in Envoy Gateway); and ties keep the order they came in (oldest route first, then namespace/name, then
 //! the rule's place in its route), which is the order the source lists them. A GRPCRoute
 //! match is a path match: service and method is the exact path `/service/method`, a
 //! service alone the prefix `/service/`, which ranks them as the GRPCRoute spec does
@@ -40,7 +39,11 @@ pub fn sort(rules: Vec<api::Rule>) -> Vec<api::Rule> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Rank {
     exact: bool,
-    prefix_len: usize,
+    /// A `RegularExpression` path; the spec leaves its place to implementations: after
+    /// exact paths and before prefixes, longer patterns first, as Envoy Gateway does.
+    regex: bool,
+    /// Of the exact path, the pattern or the prefix.
+    len: usize,
     method: bool,
     headers: usize,
     query: usize,
@@ -48,22 +51,31 @@ struct Rank {
 
 impl Rank {
     /// A match without a path is `PathPrefix /` (the Gateway API's default).
-    const EVERYTHING: Rank = Rank { exact: false, prefix_len: 1, method: false, headers: 0, query: 0 };
+    const EVERYTHING: Rank = Rank { exact: false, regex: false, len: 1, method: false, headers: 0, query: 0 };
 }
 
 fn rank(m: &api::Match) -> Rank {
-    let (exact, prefix_len) = if !m.path_exact.is_empty() {
-        (true, m.path_exact.len())
+    let (exact, regex, len) = if !m.path_exact.is_empty() {
+        (true, false, m.path_exact.len())
     } else if !m.grpc_service.is_empty() && !m.grpc_method.is_empty() {
-        (true, m.grpc_service.len() + m.grpc_method.len() + 2)
+        (true, false, m.grpc_service.len() + m.grpc_method.len() + 2)
+    } else if !m.path_regex.is_empty() {
+        (false, true, m.path_regex.len())
     } else if !m.grpc_service.is_empty() {
-        (false, m.grpc_service.len() + 2)
+        (false, false, m.grpc_service.len() + 2)
     } else if !m.path_prefix.is_empty() {
-        (false, m.path_prefix.len())
+        (false, false, m.path_prefix.len())
     } else {
-        (false, 1)
+        (false, false, 1)
     };
-    Rank { exact, prefix_len, method: !m.method.is_empty(), headers: m.headers.len(), query: m.query.len() }
+    Rank {
+        exact,
+        regex,
+        len,
+        method: !m.method.is_empty(),
+        headers: m.headers.len() + m.header_regex.len(),
+        query: m.query.len() + m.query_regex.len(),
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +145,18 @@ mod tests {
         .map(|r| format!("{:?}", r.matches[0].method))
         .collect();
         assert_eq!(names, ["\"POST\"", "\"\""]);
+    }
+
+    #[test]
+    fn regular_expressions_rank_between_exact_paths_and_prefixes() {
+        let exact = api::Match { path_exact: "/users/me".into(), ..api::Match::default() };
+        let regex = api::Match { path_regex: "/users/[0-9]+".into(), ..api::Match::default() };
+        let got = order(vec![
+            rule("a/0", vec![prefix("/users")]),
+            rule("a/1", vec![regex]),
+            rule("a/2", vec![exact]),
+        ]);
+        assert_eq!(got, ["a/2 /users/me", "a/1 ", "a/0 /users"]);
     }
 
     #[test]

@@ -96,15 +96,21 @@ pub struct Match {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub query: BTreeMap<String, String>,
+    /// Headers and query parameters whose whole value must match a regular expression.
+    #[serde(default)]
+    pub header_regex: BTreeMap<String, String>,
+    #[serde(default)]
+    pub query_regex: BTreeMap<String, String>,
     pub grpc: Option<GrpcMatch>,
 }
 
-/// Exactly one of the two.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// Exactly one of the three; `regex` must match the whole path (RE2 syntax).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     pub exact: Option<String>,
     pub prefix: Option<String>,
+    pub regex: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -301,13 +307,17 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
         let at = format!("matches[{k}]");
         let mut out = api::Match::default();
         if let Some(path) = &m.path {
-            match (&path.exact, &path.prefix) {
-                (Some(p), None) | (None, Some(p)) if !p.starts_with('/') => {
+            match (&path.exact, &path.prefix, &path.regex) {
+                (Some(p), None, None) | (None, Some(p), None) if !p.starts_with('/') => {
                     return Err(format!("{at}.path: {p:?} must start with '/'"))
                 }
-                (Some(p), None) => out.path_exact = p.clone(),
-                (None, Some(p)) => out.path_prefix = p.clone(),
-                _ => return Err(format!("{at}.path: give exactly one of exact or prefix")),
+                (Some(p), None, None) => out.path_exact = p.clone(),
+                (None, Some(p), None) => out.path_prefix = p.clone(),
+                (None, None, Some(r)) => {
+                    weft_api::pattern::compile(r).map_err(|e| format!("{at}.path.regex: {e}"))?;
+                    out.path_regex = r.clone();
+                }
+                _ => return Err(format!("{at}.path: give exactly one of exact, prefix or regex")),
             }
         }
         if let Some(method) = &m.method {
@@ -321,6 +331,16 @@ fn convert_rule(services: Services<'_>, route: &Route, j: usize, rule: &Rule) ->
         out.headers = kv(&m.headers);
         out.query =
             m.query.iter().map(|(k, v)| api::KeyValue { name: k.clone(), value: v.clone() }).collect();
+        for (name, pattern) in &m.header_regex {
+            header_name(name).map_err(|e| format!("{at}.headerRegex: {e}"))?;
+            weft_api::pattern::compile(pattern).map_err(|e| format!("{at}.headerRegex[{name}]: {e}"))?;
+        }
+        for (name, pattern) in &m.query_regex {
+            weft_api::pattern::compile(pattern).map_err(|e| format!("{at}.queryRegex[{name}]: {e}"))?;
+        }
+        out.header_regex = kv(&m.header_regex);
+        out.query_regex =
+            m.query_regex.iter().map(|(k, v)| api::KeyValue { name: k.clone(), value: v.clone() }).collect();
         if let Some(g) = &m.grpc {
             if g.service.is_empty() || g.service.contains('/') {
                 return Err(format!(

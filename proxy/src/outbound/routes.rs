@@ -5,7 +5,8 @@
 use std::{collections::HashMap, sync::Arc};
 
 use http::Request;
-use weft_api::v1::{policy_client::PolicyClient, Backend, Match, RouteSet, Rule, WatchRequest};
+use regex::Regex;
+use weft_api::v1::{policy_client::PolicyClient, Backend, KeyValue, Match, RouteSet, Rule, WatchRequest};
 
 use crate::{
     config::ControlConfig,
@@ -20,13 +21,65 @@ pub struct Routes {
     pub set: RouteSet,
     pub names: Vec<Arc<str>>,
     index: PathIndex,
+    /// Each match's regular expressions, compiled: `[rule][match]`.
+    patterns: Vec<Vec<Patterns>>,
 }
 
 impl From<RouteSet> for Routes {
     fn from(set: RouteSet) -> Self {
         let names = set.rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         let index = PathIndex::new(&set);
-        Routes { set, names, index }
+        let patterns = set.rules.iter().map(|r| r.matches.iter().map(Patterns::of).collect()).collect();
+        Routes { set, names, index, patterns }
+    }
+}
+
+/// A match's regular expressions (`RegularExpression` matches), compiled once.
+#[derive(Default)]
+struct Patterns {
+    path: Option<Regex>,
+    headers: Vec<(String, Regex)>,
+    query: Vec<(String, Regex)>,
+    /// One did not compile (the control plane refuses such routes; this proxy then
+    /// lets the match fit nothing rather than more than it says).
+    broken: bool,
+}
+
+impl Patterns {
+    fn of(m: &Match) -> Patterns {
+        let mut p = Patterns::default();
+        let mut compile = |pattern: &str| match weft_api::pattern::compile(pattern) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("route match never fits: {e}");
+                p.broken = true;
+                None
+            }
+        };
+        let path = (!m.path_regex.is_empty()).then(|| compile(&m.path_regex)).flatten();
+        let pairs = |kvs: &[KeyValue], compile: &mut dyn FnMut(&str) -> Option<Regex>| {
+            kvs.iter().filter_map(|kv| Some((kv.name.clone(), compile(&kv.value)?))).collect::<Vec<_>>()
+        };
+        let headers = pairs(&m.header_regex, &mut compile);
+        let query = pairs(&m.query_regex, &mut compile);
+        Patterns { path, headers, query, ..p }
+    }
+
+    fn fit<B>(&self, req: &Request<B>) -> bool {
+        if self.broken {
+            return false;
+        }
+        if self.path.as_ref().is_some_and(|r| !r.is_match(req.uri().path())) {
+            return false;
+        }
+        let headers = self.headers.iter().all(|(name, r)| {
+            req.headers().get_all(name.as_str()).iter().any(|v| v.to_str().is_ok_and(|v| r.is_match(v)))
+        });
+        let query = req.uri().query().unwrap_or("");
+        headers
+            && self.query.iter().all(|(name, r)| {
+                query.split('&').filter_map(|kv| kv.split_once('=')).any(|(k, v)| k == name && r.is_match(v))
+            })
     }
 }
 
@@ -43,7 +96,7 @@ impl Routes {
                 if best.is_some_and(|b| b <= rule) {
                     return;
                 }
-                if m.is_none_or(|m| fits(&self.set.rules[rule].matches[m], req)) {
+                if m.is_none_or(|m| fits(&self.set.rules[rule].matches[m], &self.patterns[rule][m], req)) {
                     best = Some(rule);
                     return;
                 }
@@ -124,10 +177,12 @@ impl RouteWatch {
 /// The index of the first rule a request matches, checking every rule in order: the
 /// reference [`Routes::matching`] must agree with (tests and fuzzing compare them).
 pub fn matching<B>(set: &RouteSet, req: &Request<B>) -> Option<usize> {
-    set.rules.iter().position(|r| r.matches.is_empty() || r.matches.iter().any(|m| fits(m, req)))
+    set.rules
+        .iter()
+        .position(|r| r.matches.is_empty() || r.matches.iter().any(|m| fits(m, &Patterns::of(m), req)))
 }
 
-fn fits<B>(m: &Match, req: &Request<B>) -> bool {
+fn fits<B>(m: &Match, patterns: &Patterns, req: &Request<B>) -> bool {
     let path = req.uri().path();
     if !m.path_exact.is_empty() && path != m.path_exact {
         return false;
@@ -160,7 +215,7 @@ fn fits<B>(m: &Match, req: &Request<B>) -> bool {
             return false;
         }
     }
-    true
+    patterns.fit(req)
 }
 
 /// Gateway API prefix matching is by path segment: `/api` matches `/api` and `/api/x`,
@@ -203,6 +258,41 @@ mod tests {
 
     fn kv(name: &str, value: &str) -> KeyValue {
         KeyValue { name: name.into(), value: value.into() }
+    }
+
+    #[test]
+    fn regular_expressions_match_whole_values_and_the_index_agrees() {
+        let rule = |m: Match| Rule { matches: vec![m], ..Default::default() };
+        let set = RouteSet {
+            authority: "words:8080".into(),
+            rules: vec![
+                rule(Match { path_regex: "/users/[0-9]+".into(), ..Default::default() }),
+                rule(Match { header_regex: vec![kv("x-tenant", "team-(a|b)")], ..Default::default() }),
+                rule(Match {
+                    path_prefix: "/q".into(),
+                    query_regex: vec![kv("v", "[0-9]{2}")],
+                    ..Default::default()
+                }),
+                // Refused by the control plane; a proxy that gets it anyway fits nothing.
+                rule(Match { path_regex: "/broken(".into(), ..Default::default() }),
+            ],
+            generation: 1,
+        };
+        let indexed = Routes::from(set.clone());
+        for (uri, headers, want) in [
+            ("/users/42", &[][..], Some(0)),
+            ("/users/42/x", &[], None),
+            ("/x/users/42", &[], None),
+            ("/any", &[("x-tenant", "team-b")][..], Some(1)),
+            ("/any", &[("x-tenant", "team-bc")], None),
+            ("/q?a=1&v=42", &[], Some(2)),
+            ("/q?v=420", &[], None),
+            ("/broken(", &[], None),
+        ] {
+            let r = req("GET", uri, headers);
+            assert_eq!(matching(&set, &r), want, "{uri} {headers:?}");
+            assert_eq!(indexed.matching(&r), want, "index: {uri} {headers:?}");
+        }
     }
 
     #[test]

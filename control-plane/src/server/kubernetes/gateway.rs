@@ -85,10 +85,9 @@ pub fn grpc_route(r: &GRPCRoute, ports: Ports<'_>) -> Result<Vec<Route>, Problem
         let field = |f: String, m: String| at(format!("spec.rules[{i}].{f}"), m);
         let mut out = Rule::default();
         for (k, m) in rule.matches.iter().enumerate() {
-            let mut matched = Match {
-                headers: headers(&m.headers).map_err(|e| field(format!("matches[{k}].headers"), e))?,
-                ..Match::default()
-            };
+            let (headers, header_regex) =
+                header_values(&m.headers).map_err(|e| field(format!("matches[{k}].headers"), e))?;
+            let mut matched = Match { headers, header_regex, ..Match::default() };
             if let Some(method) = &m.method {
                 if method.kind.as_deref().is_some_and(|t| t != "Exact") {
                     return Err(field(format!("matches[{k}].method.type"), "only Exact is supported".into()));
@@ -128,20 +127,31 @@ fn http_rule(rule: &HttpRouteRule, ns: &str, ports: Ports<'_>) -> Result<Rule, B
             Some(p) => {
                 let value = p.value.clone().unwrap_or_else(|| "/".into());
                 match p.kind.as_deref().unwrap_or("PathPrefix") {
-                    "Exact" => Some(PathMatch { exact: Some(value), prefix: None }),
-                    "PathPrefix" => Some(PathMatch { exact: None, prefix: Some(value) }),
+                    "Exact" => Some(PathMatch { exact: Some(value), ..PathMatch::default() }),
+                    "PathPrefix" => Some(PathMatch { prefix: Some(value), ..PathMatch::default() }),
+                    "RegularExpression" => Some(PathMatch { regex: Some(value), ..PathMatch::default() }),
                     other => {
                         return Err((
                             f("path.type"),
-                            format!("{other} is not supported; use Exact or PathPrefix"),
+                            format!(
+                            "{other} is not a path match type; use Exact, PathPrefix or RegularExpression"
+                        ),
                         ))
                     }
                 }
             }
         };
-        let query = exact(&m.query_params).map_err(|e| (f("queryParams"), e))?;
-        let headers = headers(&m.headers).map_err(|e| (f("headers"), e))?;
-        out.matches.push(Match { path, method: m.method.clone(), headers, query, grpc: None });
+        let (query, query_regex) = values(&m.query_params).map_err(|e| (f("queryParams"), e))?;
+        let (headers, header_regex) = header_values(&m.headers).map_err(|e| (f("headers"), e))?;
+        out.matches.push(Match {
+            path,
+            method: m.method.clone(),
+            headers,
+            query,
+            header_regex,
+            query_regex,
+            grpc: None,
+        });
     }
     filters(&rule.filters, &mut out)?;
     out.backends = backends(&rule.backend_refs, ns, ports)?;
@@ -174,19 +184,32 @@ fn http_rule(rule: &HttpRouteRule, ns: &str, ports: Ports<'_>) -> Result<Rule, B
     Ok(out)
 }
 
-fn exact(values: &[ValueMatch]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for v in values {
-        if v.kind.as_deref().is_some_and(|t| t != "Exact") {
-            return Err(format!("{}: only Exact matches are supported", v.name));
-        }
-        out.insert(v.name.clone(), v.value.clone());
+type Values = BTreeMap<String, String>;
+
+/// Header or query matches: (exact ones, regular-expression ones), by name.
+fn values(matches: &[ValueMatch]) -> Result<(Values, Values), String> {
+    let (mut exact, mut regex) = (BTreeMap::new(), BTreeMap::new());
+    for v in matches {
+        let into = match v.kind.as_deref().unwrap_or("Exact") {
+            "Exact" => &mut exact,
+            "RegularExpression" => &mut regex,
+            other => {
+                return Err(format!(
+                    "{}: {other} is not a match type; use Exact or RegularExpression",
+                    v.name
+                ))
+            }
+        };
+        into.insert(v.name.clone(), v.value.clone());
     }
-    Ok(out)
+    Ok((exact, regex))
 }
 
-fn headers(values: &[ValueMatch]) -> Result<BTreeMap<String, String>, String> {
-    Ok(exact(values)?.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect())
+/// Header names are case-insensitive: lowercased.
+fn header_values(matches: &[ValueMatch]) -> Result<(Values, Values), String> {
+    let lower = |m: Values| m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    let (exact, regex) = values(matches)?;
+    Ok((lower(exact), lower(regex)))
 }
 
 fn filters(filters: &[Filter], out: &mut Rule) -> Result<(), Bad> {

@@ -431,7 +431,23 @@ mod tests {
                 "regex",
                 json!({
                     "parentRefs": parent,
-                    "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/x.*"}}]}]
+                    "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/x("}}]}]
+                }),
+            ),
+            http_route(
+                "default",
+                "mixed",
+                json!({
+                    "parentRefs": parent,
+                    "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v"}, "headers": [{"name": "x-v", "value": "1"}, {"name": "X-Tenant", "type": "RegularExpression", "value": "team-.*"}]}]}]
+                }),
+            ),
+            http_route(
+                "default",
+                "bad-type",
+                json!({
+                    "parentRefs": parent,
+                    "rules": [{"matches": [{"path": {"type": "Suffix", "value": "/x"}}]}]
                 }),
             ),
             // A consumer route: the `shop` namespace's clients only.
@@ -445,14 +461,27 @@ mod tests {
             ),
         ];
         let (mesh, problems) = build("cluster.local", &objects);
-        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
-            problems[0].contains("HTTPRoute default/regex")
-                && problems[0].contains("spec.rules[0].matches[0].path.type"),
+            problems[0].contains("HTTPRoute default/bad-type")
+                && problems[0]
+                    .contains("spec.rules[0].matches[0].path.type: Suffix is not a path match type"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("route default/regex")
+                && problems[1].contains("matches[0].path.regex: \"/x(\""),
             "{problems:?}"
         );
         let set = mesh.route_set("10.96.0.10:8080", "default");
-        assert_eq!(set.rules.len(), 1, "{set:?}");
+        assert_eq!(set.rules.len(), 2, "{set:?}");
+        // `/api` plus one header outranks `/v` plus two (a longer prefix first).
+        let mixed = &set.rules[1].matches[0];
+        assert_eq!(
+            (mixed.headers[0].name.as_str(), mixed.header_regex[0].name.as_str()),
+            ("x-v", "x-tenant")
+        );
+        assert_eq!(mixed.header_regex[0].value, "team-.*");
         let rule = &set.rules[0];
         assert_eq!(rule.name, "default/split/0");
         assert_eq!(rule.matches[0].path_prefix, "/api");
