@@ -199,9 +199,18 @@ pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<S
         "initial lists complete"
     );
     let (tx, rx) = watch::channel(Arc::new(first));
+    // Route status is written by a task of its own, so that writing many (a first start
+    // among thousands of routes) never holds back the next state for the proxies.
+    let (problems_tx, problems) = watch::channel(reported.clone());
+    tokio::spawn(write_route_status(
+        client,
+        stores.http_routes.clone(),
+        stores.grpc_routes.clone(),
+        problems,
+    ));
     tokio::spawn(async move {
         loop {
-            write_route_status(&client, &stores, &reported).await;
+            problems_tx.send_replace(reported.clone());
             changed.notified().await;
             tokio::time::sleep(opts.settle).await;
             let generation = tx.borrow().generation;
@@ -219,12 +228,23 @@ pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<S
     Ok(rx)
 }
 
-/// The routes' status after a new state (their writes come back as events, which find
-/// nothing more to write).
-async fn write_route_status(client: &Client, stores: &Stores, problems: &[String]) {
-    let http = stores.http_routes.as_ref().map(Store::state).unwrap_or_default();
-    let grpc = stores.grpc_routes.as_ref().map(Store::state).unwrap_or_default();
-    status::write(client, &http, &grpc, problems).await;
+/// The routes' status after each new state (their writes come back as events, which
+/// find nothing more to write).
+async fn write_route_status(
+    client: Client,
+    http: Option<Store<HTTPRoute>>,
+    grpc: Option<Store<GRPCRoute>>,
+    mut problems: watch::Receiver<Vec<String>>,
+) {
+    loop {
+        let current = problems.borrow_and_update().clone();
+        let http = http.as_ref().map(Store::state).unwrap_or_default();
+        let grpc = grpc.as_ref().map(Store::state).unwrap_or_default();
+        status::write(&client, &http, &grpc, &current).await;
+        if problems.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The mesh the stores hold now; problems are logged once, when they first appear.
