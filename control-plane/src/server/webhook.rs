@@ -20,14 +20,13 @@ use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
     DynamicObject,
 };
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 use serde_json::Value;
-
-use prometheus_client::metrics::gauge::Gauge;
 
 use super::ca::{self, Ca};
 use crate::inject::{self, Outcome};
