@@ -70,7 +70,26 @@ fn check(api: &FakeApi, args: &[&str]) -> (bool, String) {
 #[test]
 fn a_healthy_mesh_passes() {
     let Mesh { api, _control } = healthy();
+    // A route the mesh cannot take (a pattern that does not compile): a warning, from
+    // the status the control plane writes; the good one beside it is not named.
+    api.apply(json!({"kind": "Service", "metadata": {"name": "words", "namespace": "shop"},
+                     "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}}));
+    for (name, path) in [
+        ("good", json!({"type": "PathPrefix", "value": "/"})),
+        ("bad", json!({"type": "RegularExpression", "value": "/x("})),
+    ] {
+        api.apply(json!({"kind": "HTTPRoute", "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "words", "port": 80}],
+                     "rules": [{"matches": [{"path": path}]}]}}));
+    }
+    weft_e2e::eventually(std::time::Duration::from_secs(10), "the routes' status", || {
+        let written =
+            |n: &str| api.get("HTTPRoute", "shop", n).is_some_and(|r| r["status"]["parents"].is_array());
+        (written("good") && written("bad")).then_some(())
+    });
     let (ok, out) = check(&api, &[]);
+    assert!(out.contains("‼ HTTPRoute shop/bad is not applied by the mesh (UnsupportedValue)"), "{out}");
+    assert!(out.contains("path.regex") && !out.contains("shop/good"), "{out}");
     assert!(ok, "{out}");
     for line in [
         "√ Kubernetes 1.33",

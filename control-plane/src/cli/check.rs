@@ -136,6 +136,43 @@ async fn gateway_api(client: &Client, r: &mut Report) {
             "not installed: routes are off; install the Gateway API's standard channel",
         ),
     }
+    if http && grpc {
+        routes_taken(client, r).await;
+    }
+}
+
+/// Routes the mesh did not take, as their status says (the control plane writes it).
+async fn routes_taken(client: &Client, r: &mut Report) {
+    let lp = ListParams::default();
+    let http = Api::<HTTPRoute>::all(client.clone()).list(&lp).await.map(|l| l.items).unwrap_or_default();
+    let grpc = Api::<GRPCRoute>::all(client.clone()).list(&lp).await.map(|l| l.items).unwrap_or_default();
+    let routes = http
+        .iter()
+        .map(|x| ("HTTPRoute", &x.metadata, x.status.as_ref()))
+        .chain(grpc.iter().map(|x| ("GRPCRoute", &x.metadata, x.status.as_ref())));
+    let mut refused = 0;
+    for (kind, meta, status) in routes {
+        let entries = status.into_iter().flat_map(|s| &s.parents);
+        let mine = entries.filter(|p| p["controllerName"] == kubernetes::status::CONTROLLER);
+        let not_accepted = mine
+            .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+            .find(|c| c["type"] == "Accepted" && c["status"] == "False");
+        if let Some(c) = not_accepted {
+            refused += 1;
+            let name = format!(
+                "{kind} {}/{}",
+                meta.namespace.as_deref().unwrap_or(""),
+                meta.name.as_deref().unwrap_or("")
+            );
+            r.warn(
+                &format!("{name} is not applied by the mesh ({})", c["reason"].as_str().unwrap_or("")),
+                &format!("{}; fix the field it names", c["message"].as_str().unwrap_or("")),
+            );
+        }
+    }
+    if refused == 0 {
+        r.ok("every route with a Service parent is applied by the mesh");
+    }
 }
 
 async fn installed(client: &Client, ns: &str, r: &mut Report) {
