@@ -10,10 +10,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::{
-    runtime::{watcher, WatchStreamExt},
-    Api, Client,
-};
+use kube::{Api, Client};
 
 use crate::server::ca::{self, Ca};
 
@@ -64,16 +61,14 @@ pub async fn shared(client: &Client, trust_domain: &str, from: Source) -> Result
 }
 
 /// Loads the CA again whenever the Secret or the ConfigMap changes; sends it when it
-/// differs. RBAC grants list and watch of these names only, hence the field selectors.
+/// differs.
 async fn follow(client: Client, trust_domain: String, from: Source, tx: tokio::sync::watch::Sender<Arc<Ca>>) {
-    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &from.namespace);
-    let secret =
-        watcher(secrets, by_name(&from.secret)).default_backoff().applied_objects().map(|e| e.map(drop));
+    let secret = super::watch_named(secrets, &from.secret).map(|e| e.map(drop));
     let mut changes = match &from.bundle_config_map {
         Some(cm) => {
             let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &from.namespace);
-            let map = watcher(maps, by_name(cm)).default_backoff().applied_objects().map(|e| e.map(drop));
+            let map = super::watch_named(maps, cm).map(|e| e.map(drop));
             futures_util::stream::select(secret, map).boxed()
         }
         None => secret.boxed(),

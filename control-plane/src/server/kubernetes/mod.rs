@@ -228,6 +228,16 @@ pub async fn start(client: Client, opts: Options, stats: Arc<Stats>) -> Result<S
     Ok(rx)
 }
 
+/// One object, by name, as it changes: RBAC that grants list and watch of a name only
+/// (the CA's Secret, the webhook configuration) needs the field selector.
+pub fn watch_named<K>(api: Api<K>, name: &str) -> impl futures_util::Stream<Item = Result<K, watcher::Error>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config).default_backoff().applied_objects()
+}
+
 /// The routes' status after each new state (their writes come back as events, which
 /// find nothing more to write).
 async fn write_route_status(
@@ -236,11 +246,24 @@ async fn write_route_status(
     grpc: Option<Store<GRPCRoute>>,
     mut problems: watch::Receiver<Vec<String>>,
 ) {
+    // What the entries are made from: the problems and each route's version. Most new
+    // states change neither (an endpoint moved), and then no entry is rebuilt.
+    let mut last: Option<(Vec<String>, Vec<Option<String>>)> = None;
     loop {
         let current = problems.borrow_and_update().clone();
         let http = http.as_ref().map(Store::state).unwrap_or_default();
         let grpc = grpc.as_ref().map(Store::state).unwrap_or_default();
-        status::write(&client, &http, &grpc, &current).await;
+        // Sorted: a store lists its objects in no set order.
+        let mut versions: Vec<Option<String>> = http
+            .iter()
+            .map(|r| r.metadata.resource_version.clone())
+            .chain(grpc.iter().map(|r| r.metadata.resource_version.clone()))
+            .collect();
+        versions.sort();
+        if last.as_ref().is_none_or(|(p, v)| *p != current || *v != versions) {
+            status::write(&client, &http, &grpc, &current).await;
+            last = Some((current, versions));
+        }
         if problems.changed().await.is_err() {
             return;
         }

@@ -8,10 +8,7 @@
 use base64::Engine;
 use futures_util::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use kube::{
-    runtime::{watcher, WatchStreamExt},
-    Api, Client, ResourceExt,
-};
+use kube::{Api, Client, ResourceExt};
 
 use crate::server::ca;
 
@@ -29,9 +26,7 @@ pub async fn keep_ca_bundle(client: Client, name: String, mut ca: ca::Shared) {
         ),
         Err(e) => tracing::warn!("cannot read MutatingWebhookConfiguration {name}: {e}"),
     }
-    // RBAC grants list and watch of this one name, which needs the field selector.
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api.clone(), config).default_backoff().applied_objects().boxed();
+    let mut events = super::watch_named(api.clone(), &name).boxed();
     tokio::spawn(async move {
         let mut last: Option<MutatingWebhookConfiguration> = None;
         loop {
